@@ -1,0 +1,1 @@
+"""EfficientNet training and inference suite, faithful to NVIDIA's ConvNets for PyTorch."""

@@ -1,0 +1,131 @@
+"""The one place that decides device, precision, memory format and process group.
+
+Everything else (models, data pipelines, the training loop) receives an
+`ExecutionContext` and never asks `torch.cuda` itself.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class ExecutionContext:
+    """Device, numeric precision, memory format and distributed placement of a run."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    amp: bool = False
+    memory_format: torch.memory_format = torch.contiguous_format
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        """fp16 on GPU (with loss scaling), bf16 on CPU (no scaling needed); None without --amp."""
+        if not self.amp:
+            return None
+        return torch.float16 if self.is_cuda else torch.bfloat16
+
+    @property
+    def channels_last(self) -> bool:
+        return self.memory_format == torch.channels_last
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast for the forward pass, or a no-op context without --amp."""
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def grad_scaler(self, init_scale: float = 1.0) -> torch.amp.GradScaler:
+        """The reference's loss scaler; enabled only where fp16 needs it (AMP on GPU)."""
+        return torch.amp.GradScaler(
+            self.device.type,
+            init_scale=init_scale,
+            growth_factor=2.0,
+            backoff_factor=0.5,
+            growth_interval=100,
+            enabled=self.amp and self.is_cuda,
+        )
+
+    def synchronize(self) -> None:
+        """Wait for queued device work; only for timing at print frequency, never per step."""
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+
+    def pin_memory(self) -> bool:
+        """Pinned host memory only pays off when batches are copied to a GPU."""
+        return self.is_cuda
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Asynchronous host-to-device copy."""
+        return tensor.to(self.device, non_blocking=self.is_cuda)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def memory_format_from_name(name: str) -> torch.memory_format:
+    """Map the reference's --memory-format value (nchw|nhwc) to a torch memory format."""
+    formats = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+    if name not in formats:
+        raise ValueError(f"--memory-format must be one of {sorted(formats)}, got {name!r}")
+    return formats[name]
+
+
+def select_device(requested: str | None = None) -> torch.device:
+    """CUDA when present, otherwise CPU; `requested` ('cpu', 'cuda', 'cuda:1') overrides."""
+    if requested in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {requested} was asked for, but this machine has no usable CUDA GPU")
+    return device
+
+
+def create_context(
+    device: str | None = None,
+    amp: bool = False,
+    memory_format: str = "nchw",
+    allow_tf32: bool = True,
+) -> ExecutionContext:
+    """Build the context from CLI-level choices, joining the process group when launched distributed."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = select_device(device)
+    if dev.type == "cuda":
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+        # TF32 matmuls/convs on Ampere and newer, as the reference's TF32 precision mode assumes.
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+        torch.backends.cudnn.allow_tf32 = allow_tf32
+        torch.backends.cudnn.benchmark = True
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", init_method="env://")
+    return ExecutionContext(
+        device=dev,
+        amp=amp,
+        memory_format=memory_format_from_name(memory_format),
+        rank=rank,
+        local_rank=local_rank,
+        world_size=world_size,
+    )

@@ -1,0 +1,37 @@
+"""Model registry: `available_models()` maps each arch name to an `EntryPoint`.
+
+    >>> from image_classification.models import available_models, efficientnet_b0
+    >>> model = efficientnet_b0(pretrained=False, num_classes=10)
+"""
+from __future__ import annotations
+
+from .efficientnet import EfficientNet, EfficientNetArch, efficientnet_specs
+from .entrypoints import EntryPoint
+from .weights import WeightsError, load_weights
+
+_REGISTRY: dict[str, EntryPoint] = {name: EntryPoint(name, spec) for name, spec in efficientnet_specs().items()}
+
+
+def register(name: str, entry: EntryPoint) -> EntryPoint:
+    """Add an entry point (model families living in other modules register themselves here)."""
+    _REGISTRY[name] = entry
+    return entry
+
+
+def available_models() -> dict[str, EntryPoint]:
+    """Every registered arch name with its entry point."""
+    return dict(_REGISTRY)
+
+
+def get_entry(arch: str) -> EntryPoint:
+    """The entry point of `arch`, or a ValueError listing the valid names."""
+    if arch not in _REGISTRY:
+        raise ValueError(f"unknown --arch {arch!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[arch]
+
+
+# Module-level entry points: efficientnet_b0 … efficientnet_b7, efficientnet_widese_b0 … b7.
+globals().update({entry.__name__: entry for entry in _REGISTRY.values()})
+
+__all__ = ["EfficientNet", "EfficientNetArch", "EntryPoint", "WeightsError", "available_models", "get_entry",
+           "load_weights", "register"] + [entry.__name__ for entry in _REGISTRY.values()]

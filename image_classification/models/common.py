@@ -1,0 +1,97 @@
+"""Building blocks shared by the model families: layer construction, squeeze-excitation, stochastic depth."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """Settings that every conv/BN of a model shares (the reference's LayerBuilder config)."""
+
+    conv_init: str = "fan_in"
+    bn_momentum: float = 0.01
+    bn_epsilon: float = 1e-3
+
+
+class LayerBuilder:
+    """Creates conv/BN/activation layers so that init and BN settings live in one place."""
+
+    def __init__(self, config: LayerConfig):
+        if config.conv_init not in ("fan_in", "fan_out"):
+            raise ValueError(f"--conv_init must be fan_in or fan_out, got {config.conv_init!r}")
+        self.config = config
+
+    def conv(self, kernel_size: int, in_channels: int, out_channels: int, stride: int = 1,
+             groups: int = 1, act: bool = True) -> nn.Sequential:
+        """conv (no bias, symmetric (k-1)//2 padding as the reference) → BN → optional SiLU."""
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
+                         padding=(kernel_size - 1) // 2, groups=groups, bias=False)
+        nn.init.kaiming_normal_(conv.weight, mode=self.config.conv_init, nonlinearity="relu")
+        layers = [("conv", conv), ("bn", self.batchnorm(out_channels))]
+        if act:
+            layers.append(("activation", self.activation()))
+        return nn.Sequential(OrderedDict(layers))
+
+    def batchnorm(self, channels: int) -> nn.BatchNorm2d:
+        bn = nn.BatchNorm2d(channels, momentum=self.config.bn_momentum, eps=self.config.bn_epsilon)
+        nn.init.ones_(bn.weight)
+        nn.init.zeros_(bn.bias)
+        return bn
+
+    @staticmethod
+    def activation() -> nn.Module:
+        return nn.SiLU(inplace=True)
+
+
+class SqueezeExcitation(nn.Module):
+    """Channel attention: mean over H,W → squeeze → SiLU → expand → sigmoid → scale the input.
+
+    With `trt=True` the squeeze/expand layers are 1×1 convolutions after an AdaptiveAvgPool2d,
+    the form TensorRT fuses (weights [out, in, 1, 1] instead of [out, in]); both compute the same.
+    """
+
+    def __init__(self, channels: int, squeeze_channels: int, trt: bool = False):
+        super().__init__()
+        self.trt = trt
+        if trt:
+            self.pooling = nn.AdaptiveAvgPool2d(1)
+            self.squeeze = nn.Conv2d(channels, squeeze_channels, 1)
+            self.expand = nn.Conv2d(squeeze_channels, channels, 1)
+        else:
+            self.squeeze = nn.Linear(channels, squeeze_channels)
+            self.expand = nn.Linear(squeeze_channels, channels)
+        self.activation = nn.SiLU(inplace=True)
+        self.sigmoid = nn.Sigmoid()
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-channel weights in (0, 1), shaped [N, C, 1, 1]."""
+        s = self.pooling(x) if self.trt else x.mean((2, 3))
+        s = self.sigmoid(self.expand(self.activation(self.squeeze(s))))
+        return s if self.trt else s[:, :, None, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.attention(x)
+
+
+def stochastic_depth(x: torch.Tensor, survival_prob: float, training: bool) -> torch.Tensor:
+    """Drop whole samples of a residual branch with probability 1 - survival_prob, rescaling the rest.
+
+    Identity in eval mode and at survival_prob 1, so inference equals the reference exactly.
+    """
+    if not training or survival_prob >= 1.0:
+        return x
+    keep = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device)
+    keep.bernoulli_(survival_prob).div_(survival_prob)
+    return x * keep
+
+
+def make_divisible(channels: float, divisor: int = 8) -> int:
+    """Round to the nearest multiple of `divisor` (at least `divisor`), adding one step if that lost >10%."""
+    rounded = max(divisor, int(channels + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * channels:
+        rounded += divisor
+    return int(rounded)

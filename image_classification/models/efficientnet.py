@@ -1,0 +1,228 @@
+"""EfficientNet B0…B7 and WideSE B0…B7 as one architecture table scaled per member.
+
+Module names and state-dict keys equal NVIDIA's reference (`stem`, `layers.<stage>.block<j>.
+{expand,depsep,se,proj}`, `features`, `classifier.fc`) so its published weights load unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from .common import LayerBuilder, LayerConfig, SqueezeExcitation, make_divisible, stochastic_depth
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of identical blocks: the first may change stride and channels, the rest keep them."""
+
+    kernel: int
+    stride: int
+    num_repeat: int
+    expansion: int
+    channels: int
+
+
+@dataclass(frozen=True)
+class EfficientNetArch:
+    """An architecture table; `scale` derives the larger family members from the base one."""
+
+    stages: tuple[StageSpec, ...]
+    stem_channels: int = 32
+    feature_channels: int = 1280
+    default_image_size: int = 224
+    squeeze_excitation_ratio: float = 0.25
+    # WideSE: the SE bottleneck is a quarter of the block's hidden (expanded) width instead of its input.
+    squeeze_hidden: bool = False
+
+    def scale(self, width: float, depth: float, resolution: int) -> "EfficientNetArch":
+        """Compound scaling: channels × width (rounded to 8), repeats × depth (ceil), new input size."""
+        stages = tuple(
+            replace(s, channels=make_divisible(s.channels * width), num_repeat=int(math.ceil(s.num_repeat * depth)))
+            for s in self.stages
+        )
+        return replace(
+            self,
+            stages=stages,
+            stem_channels=make_divisible(self.stem_channels * width),
+            feature_channels=make_divisible(self.feature_channels * width),
+            default_image_size=resolution,
+        )
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(s.num_repeat for s in self.stages)
+
+
+# Stage table of B0 (kernel, stride, repeats, expansion, out channels), from the paper and the reference.
+EFFICIENTNET_B0 = EfficientNetArch(stages=tuple(StageSpec(*row) for row in (
+    (3, 1, 1, 1, 16),
+    (3, 2, 2, 6, 24),
+    (5, 2, 2, 6, 40),
+    (3, 2, 3, 6, 80),
+    (5, 1, 3, 6, 112),
+    (5, 2, 4, 6, 192),
+    (3, 1, 1, 6, 320),
+)))
+
+# Member: (width, depth, resolution, dropout, survival_prob). Dropout and resolution follow the paper;
+# the reference publishes survival_prob 1.0 for b0 and 0.8 for b4, and we extend that to b0-b3 / b4-b7.
+SCALING = {
+    "b0": (1.0, 1.0, 224, 0.2, 1.0),
+    "b1": (1.0, 1.1, 240, 0.2, 1.0),
+    "b2": (1.1, 1.2, 260, 0.3, 1.0),
+    "b3": (1.2, 1.4, 300, 0.3, 1.0),
+    "b4": (1.4, 1.8, 380, 0.4, 0.8),
+    "b5": (1.6, 2.2, 456, 0.4, 0.8),
+    "b6": (1.8, 2.6, 528, 0.5, 0.8),
+    "b7": (2.0, 3.1, 600, 0.5, 0.8),
+}
+
+
+def str2bool(value: str | bool) -> bool:
+    """Parse the reference's `--trt True|False` style values."""
+    if isinstance(value, bool):
+        return value
+    lowered = value.lower()
+    if lowered in ("true", "1", "yes", "y"):
+        return True
+    if lowered in ("false", "0", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+@dataclass
+class EfficientNetParams:
+    """Model flags a user may change per run; defaults are the member's."""
+
+    dropout: float
+    survival_prob: float = 1.0
+    num_classes: int = 1000
+    conv_init: str = "fan_in"
+    bn_momentum: float = 0.01
+    bn_epsilon: float = 1e-3
+    trt: bool = False
+
+    def parser(self, name: str) -> argparse.ArgumentParser:
+        """Argparse parser of the model flags, with the reference's underscored names."""
+        p = argparse.ArgumentParser(description=f"{name} arguments", add_help=False, usage=argparse.SUPPRESS)
+        p.add_argument("--num_classes", "--num-classes", dest="num_classes", type=int, default=self.num_classes,
+                       metavar="N", help="number of output classes (default: %(default)s)")
+        p.add_argument("--conv_init", default=self.conv_init, choices=("fan_in", "fan_out"),
+                       help="kaiming_normal mode of the conv initialisation (default: %(default)s)")
+        p.add_argument("--bn_momentum", type=float, default=self.bn_momentum, metavar="M",
+                       help="BatchNorm momentum, PyTorch convention (default: %(default)s)")
+        p.add_argument("--bn_epsilon", type=float, default=self.bn_epsilon, metavar="E",
+                       help="BatchNorm epsilon (default: %(default)s)")
+        p.add_argument("--survival_prob", type=float, default=self.survival_prob, metavar="P",
+                       help="stochastic depth survival probability of the last block (default: %(default)s)")
+        p.add_argument("--dropout", type=float, default=self.dropout, metavar="P",
+                       help="dropout before the classifier (default: %(default)s)")
+        p.add_argument("--trt", type=str2bool, nargs="?", const=True, default=self.trt, metavar="True|False",
+                       help="TensorRT-friendly squeeze-excitation with 1x1 convs (default: %(default)s)")
+        return p
+
+
+class MBConvBlock(nn.Module):
+    """Inverted residual: 1×1 expand → k×k depthwise → squeeze-excitation → 1×1 projection (+ residual)."""
+
+    def __init__(self, builder: LayerBuilder, kernel: int, in_channels: int, out_channels: int, expansion: int,
+                 stride: int, squeeze_channels: int, survival_prob: float = 1.0, trt: bool = False):
+        super().__init__()
+        hidden = in_channels * expansion
+        self.expand = None if expansion == 1 else builder.conv(1, in_channels, hidden)
+        self.depsep = builder.conv(kernel, hidden, hidden, stride=stride, groups=hidden)
+        self.se = SqueezeExcitation(hidden, squeeze_channels, trt=trt)
+        self.proj = builder.conv(1, hidden, out_channels, act=False)
+        self.residual = stride == 1 and in_channels == out_channels
+        self.survival_prob = survival_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x if self.expand is None else self.expand(x)
+        out = self.proj(self.se(self.depsep(out)))
+        if not self.residual:
+            return out
+        return x + stochastic_depth(out, self.survival_prob, self.training)
+
+
+class EfficientNet(nn.Module):
+    """EfficientNet built from an `EfficientNetArch` table."""
+
+    def __init__(self, arch: EfficientNetArch, dropout: float, survival_prob: float = 1.0, num_classes: int = 1000,
+                 conv_init: str = "fan_in", bn_momentum: float = 0.01, bn_epsilon: float = 1e-3, trt: bool = False):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"--num_classes must be positive, got {num_classes}")
+        if not 0.0 < survival_prob <= 1.0:
+            raise ValueError(f"--survival_prob must be in (0, 1], got {survival_prob}")
+        self.arch = arch
+        builder = LayerBuilder(LayerConfig(conv_init=conv_init, bn_momentum=bn_momentum, bn_epsilon=bn_epsilon))
+        self.stem = builder.conv(3, 3, arch.stem_channels, stride=2)
+        self.layers = self._make_layers(builder, arch, survival_prob, trt)
+        last_channels = arch.stages[-1].channels
+        self.features = builder.conv(1, last_channels, arch.feature_channels)
+        self.classifier = nn.Sequential(OrderedDict([
+            ("pooling", nn.AdaptiveAvgPool2d(1)),
+            ("squeeze", nn.Flatten()),
+            ("dropout", nn.Dropout(dropout)),
+            ("fc", nn.Linear(arch.feature_channels, num_classes)),
+        ]))
+
+    @staticmethod
+    def _make_layers(builder: LayerBuilder, arch: EfficientNetArch, survival_prob: float, trt: bool) -> nn.Sequential:
+        stages = []
+        in_channels, index = arch.stem_channels, 0
+        for spec in arch.stages:
+            blocks = OrderedDict()
+            for j in range(spec.num_repeat):
+                stride = spec.stride if j == 0 else 1
+                hidden = in_channels * spec.expansion
+                squeeze_base = hidden if arch.squeeze_hidden else in_channels
+                squeeze = max(1, int(squeeze_base * arch.squeeze_excitation_ratio))
+                # Linear decay over all blocks of the network, from 1 at the first to survival_prob at the end.
+                block_survival = 1.0 - (1.0 - survival_prob) * index / arch.num_blocks
+                blocks[f"block{j}"] = MBConvBlock(builder, spec.kernel, in_channels, spec.channels, spec.expansion,
+                                                  stride, squeeze, block_survival, trt)
+                in_channels, index = spec.channels, index + 1
+            stages.append(nn.Sequential(blocks))
+        return nn.Sequential(*stages)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(self.layers(self.stem(x))))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registry entry's recipe: how to build the module and with which default params."""
+
+    arch: EfficientNetArch
+    params: EfficientNetParams
+    build: type[nn.Module] = EfficientNet
+    pretrained_url: str | None = None
+
+
+NGC = "https://api.ngc.nvidia.com/v2/models/nvidia"
+PRETRAINED_URLS = {
+    "efficientnet-b0": f"{NGC}/efficientnet_b0_pyt_amp/versions/20.12.0/files/nvidia_efficientnet-b0_210412.pth",
+    "efficientnet-b4": f"{NGC}/efficientnet_b4_pyt_amp/versions/20.12.0/files/nvidia_efficientnet-b4_210412.pth",
+    "efficientnet-widese-b0":
+        f"{NGC}/efficientnet_widese_b0_pyt_amp/versions/20.12.0/files/nvidia_efficientnet-widese-b0_210412.pth",
+    "efficientnet-widese-b4":
+        f"{NGC}/efficientnet_widese_b4_pyt_amp/versions/20.12.0/files/nvidia_efficientnet-widese-b4_210412.pth",
+}
+
+
+def efficientnet_specs() -> dict[str, ModelSpec]:
+    """Every float EfficientNet member: efficientnet-b0…b7 and efficientnet-widese-b0…b7."""
+    specs = {}
+    for member, (width, depth, resolution, dropout, survival) in SCALING.items():
+        arch = EFFICIENTNET_B0.scale(width, depth, resolution)
+        params = EfficientNetParams(dropout=dropout, survival_prob=survival)
+        for prefix, member_arch in (("efficientnet", arch), ("efficientnet-widese", replace(arch, squeeze_hidden=True))):
+            name = f"{prefix}-{member}"
+            specs[name] = ModelSpec(member_arch, params, pretrained_url=PRETRAINED_URLS.get(name))
+    return specs

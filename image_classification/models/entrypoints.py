@@ -1,0 +1,60 @@
+"""Registry entry points: build a named model, optionally with NGC or local weights, and its CLI parser."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+
+from torch import nn
+
+from .efficientnet import ModelSpec
+from .weights import load_pretrained, load_weights
+
+
+class EntryPoint:
+    """Callable that builds one registered architecture: `entry(pretrained=False, pretrained_from_file=None, **params)`."""
+
+    def __init__(self, name: str, spec: ModelSpec):
+        self.name = name
+        self.spec = spec
+        # Public so a deployment (or a test) can point --pretrained at a mirror of the NGC file.
+        self.pretrained_url = spec.pretrained_url
+        self.__name__ = name.replace("-", "_")
+        self.__doc__ = f"Build {name} (default input {spec.arch.default_image_size}px)."
+
+    @property
+    def default_image_size(self) -> int:
+        return self.spec.arch.default_image_size
+
+    def __call__(self, pretrained: bool = False, pretrained_from_file: str | None = None,
+                 reset_classifier: bool = False, **model_params) -> nn.Module:
+        params = asdict(self.spec.params)
+        unknown = sorted(set(model_params) - set(params))
+        if unknown:
+            raise TypeError(f"{self.name}: unknown model parameters {unknown}; valid: {sorted(params)}")
+        params.update(model_params)
+        model = self.spec.build(self.spec.arch, **params)
+        if pretrained and pretrained_from_file:
+            raise ValueError("give either --pretrained or --pretrained-from-file, not both")
+        if pretrained:
+            if self.pretrained_url is None:
+                raise ValueError(f"{self.name} has no published NGC weights; use --pretrained-from-file")
+            load_pretrained(model, self.pretrained_url, reset_classifier=reset_classifier)
+        elif pretrained_from_file:
+            load_weights(model, pretrained_from_file, reset_classifier=reset_classifier)
+        return model
+
+    def parser(self) -> argparse.ArgumentParser:
+        """The model flags (reference names), plus the weight-loading flags."""
+        p = self.spec.params.parser(self.name)
+        p.add_argument("--pretrained-from-file", default=None, metavar="PATH",
+                       help="load weights from a state dict or a training checkpoint")
+        if self.pretrained_url is not None:
+            p.add_argument("--pretrained", action="store_true",
+                           help="load NVIDIA's published weights (downloaded once to the torch hub cache)")
+        p.add_argument("--reset-classifier", action="store_true",
+                       help="with pretrained weights for another class count: keep all but classifier.fc, "
+                            "which is freshly initialised (fine-tuning)")
+        return p
+
+    def __repr__(self) -> str:
+        return f"EntryPoint({self.name!r})"

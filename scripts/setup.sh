@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create .venv at the project root and install pinned requirements into it.
+# Usage: scripts/setup.sh [requirements.txt|requirements-dev.txt]. Re-running is a no-op
+# unless a requirements file changed.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+req=${1:-requirements.txt}
+venv="$root/.venv"
+if [ ! -x "$venv/bin/python" ]; then
+  echo "setup: creating $venv"
+  python3 -m venv "$venv"
+fi
+stamp="$venv/.installed-$(basename "$req" .txt)"
+digest=$(cat "$root/requirements.txt" "$root/$req" | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null || true)" != "$digest" ]; then
+  echo "setup: installing $req into .venv (one to two minutes on a fresh machine)"
+  "$venv/bin/python" -m pip install --disable-pip-version-check -q -r "$root/$req"
+  # torchvision's compiled ops must match torch's build; fail here rather than mid-run.
+  "$venv/bin/python" -c "import torch, torchvision.ops"
+  echo "$digest" > "$stamp"
+fi
