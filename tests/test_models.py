@@ -17,7 +17,7 @@ from image_classification.models.weights import load_file
 SPEC = Path(__file__).resolve().parents[2] / "shared" / "spec"
 MANIFEST = json.loads((SPEC / "state_dict_manifest.json").read_text()) if SPEC.exists() else {}
 PARAM_COUNTS = json.loads((SPEC / "param_counts.json").read_text()) if SPEC.exists() else {}
-FLOAT_ARCHS = [name for name in available_models() if re.fullmatch(r"efficientnet-(widese-)?b\d", name)]
+FLOAT_ARCHS = [name for name in available_models() if not name.startswith("efficientnet-quant-")]
 
 
 def small_input(batch: int = 2, size: int = 32) -> torch.Tensor:
@@ -239,3 +239,22 @@ def test_corrupt_and_missing_files_are_clear_errors(tmp_path):
         load_file(broken)
     with pytest.raises(WeightsError, match="no such file"):
         load_file(tmp_path / "absent.pth")
+
+
+def test_efficientnet_v2_s_matches_the_paper_layout():
+    model = get_entry("efficientnet-v2-s")()
+    # The same count as timm's tf_efficientnetv2_s and torchvision's efficientnet_v2_s.
+    assert sum(p.numel() for p in model.parameters()) == 21_458_488
+    assert (model.arch.default_image_size, model.arch.default_eval_image_size) == (300, 384)
+    assert model.stem.conv.out_channels == 24 and model.features.conv.out_channels == 1280
+    assert [len(stage) for stage in model.layers] == [2, 4, 4, 6, 9, 15]
+    for stage, spec in zip(model.layers, model.arch.stages):
+        for block in stage:
+            depthwise = [m for m in block.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+            assert bool(depthwise) != spec.fused  # fused blocks have no depthwise conv, MBConv blocks one
+            assert (block.se is not None) != spec.fused
+
+
+def test_v1_eval_size_defaults_to_train_size():
+    arch = get_entry("efficientnet-b4")().arch
+    assert arch.default_eval_image_size == arch.default_image_size == 380

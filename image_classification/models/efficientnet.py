@@ -1,4 +1,4 @@
-"""EfficientNet B0…B7 and WideSE B0…B7 as one architecture table scaled per member.
+"""EfficientNet B0…B7, WideSE B0…B7 and EfficientNetV2 S/M/L as architecture tables scaled per member.
 
 Module names and state-dict keys equal NVIDIA's reference (`stem`, `layers.<stage>.block<j>.
 {expand,depsep,se,proj}`, `features`, `classifier.fc`) so its published weights load unchanged.
@@ -25,6 +25,9 @@ class StageSpec:
     num_repeat: int
     expansion: int
     channels: int
+    # EfficientNetV2's Fused-MBConv: one k×k conv replaces the 1×1 expand + depthwise pair.
+    fused: bool = False
+    squeeze_excitation: bool = True
 
 
 @dataclass(frozen=True)
@@ -35,11 +38,14 @@ class EfficientNetArch:
     stem_channels: int = 32
     feature_channels: int = 1280
     default_image_size: int = 224
+    # Evaluation resolution when it differs from training (EfficientNetV2 trains at 300, evaluates at 384).
+    eval_image_size: int | None = None
     squeeze_excitation_ratio: float = 0.25
     # WideSE: the SE bottleneck is a quarter of the block's hidden (expanded) width instead of its input.
     squeeze_hidden: bool = False
 
-    def scale(self, width: float, depth: float, resolution: int) -> "EfficientNetArch":
+    def scale(self, width: float, depth: float, resolution: int, eval_resolution: int | None = None
+              ) -> "EfficientNetArch":
         """Compound scaling: channels × width (rounded to 8), repeats × depth (ceil), new input size."""
         stages = tuple(
             replace(s, channels=make_divisible(s.channels * width), num_repeat=int(math.ceil(s.num_repeat * depth)))
@@ -51,7 +57,12 @@ class EfficientNetArch:
             stem_channels=make_divisible(self.stem_channels * width),
             feature_channels=make_divisible(self.feature_channels * width),
             default_image_size=resolution,
+            eval_image_size=eval_resolution,
         )
+
+    @property
+    def default_eval_image_size(self) -> int:
+        return self.eval_image_size or self.default_image_size
 
     @property
     def num_blocks(self) -> int:
@@ -68,6 +79,31 @@ EFFICIENTNET_B0 = EfficientNetArch(stages=tuple(StageSpec(*row) for row in (
     (5, 2, 4, 6, 192),
     (3, 1, 1, 6, 320),
 )))
+
+# EfficientNetV2-S (Tan & Le, 2021, table 4): three Fused-MBConv stages without SE, then MBConv with SE 0.25.
+EFFICIENTNET_V2_S = EfficientNetArch(
+    stages=tuple(StageSpec(*row[:5], fused=row[5], squeeze_excitation=not row[5]) for row in (
+        (3, 1, 2, 1, 24, True),
+        (3, 2, 4, 4, 48, True),
+        (3, 2, 4, 4, 64, True),
+        (3, 2, 6, 4, 128, False),
+        (3, 1, 9, 6, 160, False),
+        (3, 2, 15, 6, 256, False),
+    )),
+    stem_channels=24,
+    feature_channels=1280,
+    default_image_size=300,
+    eval_image_size=384,
+)
+
+# V2 member: (width, depth, train resolution, eval resolution, dropout, survival_prob). S is the paper's
+# network (21,458,488 parameters, the same as timm and torchvision); M and L scale its table (the paper's
+# M/L tables differ in detail) to 54.3M and 116.9M parameters, close to the paper's 54M and 120M.
+V2_SCALING = {
+    "s": (1.0, 1.0, 300, 384, 0.2, 0.8),
+    "m": (1.2, 1.8, 384, 480, 0.3, 0.8),
+    "l": (1.6, 2.2, 384, 480, 0.4, 0.8),
+}
 
 # Member: (width, depth, resolution, dropout, survival_prob). Dropout and resolution follow the paper;
 # the reference publishes survival_prob 1.0 for b0 and 0.8 for b4, and we extend that to b0-b3 / b4-b7.
@@ -149,6 +185,34 @@ class MBConvBlock(nn.Module):
         return x + stochastic_depth(out, self.survival_prob, self.training)
 
 
+class FusedMBConvBlock(nn.Module):
+    """EfficientNetV2's Fused-MBConv: k×k expand conv (→ 1×1 projection when expanding), no depthwise conv."""
+
+    def __init__(self, builder: LayerBuilder, kernel: int, in_channels: int, out_channels: int, expansion: int,
+                 stride: int, squeeze_channels: int | None, survival_prob: float = 1.0, trt: bool = False):
+        super().__init__()
+        hidden = in_channels * expansion
+        if expansion == 1:
+            # Without expansion the single k×k conv is the projection, and keeps its activation (as in the paper).
+            self.expand = None
+            self.proj = builder.conv(kernel, in_channels, out_channels, stride=stride)
+        else:
+            self.expand = builder.conv(kernel, in_channels, hidden, stride=stride)
+            self.proj = builder.conv(1, hidden, out_channels, act=False)
+        self.se = None if squeeze_channels is None else SqueezeExcitation(hidden, squeeze_channels, trt=trt)
+        self.residual = stride == 1 and in_channels == out_channels
+        self.survival_prob = survival_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x if self.expand is None else self.expand(x)
+        if self.se is not None:
+            out = self.se(out)
+        out = self.proj(out)
+        if not self.residual:
+            return out
+        return x + stochastic_depth(out, self.survival_prob, self.training)
+
+
 class EfficientNet(nn.Module):
     """EfficientNet built from an `EfficientNetArch` table."""
 
@@ -185,8 +249,13 @@ class EfficientNet(nn.Module):
                 squeeze = max(1, int(squeeze_base * arch.squeeze_excitation_ratio))
                 # Linear decay over all blocks of the network, from 1 at the first to survival_prob at the end.
                 block_survival = 1.0 - (1.0 - survival_prob) * index / arch.num_blocks
-                blocks[f"block{j}"] = MBConvBlock(builder, spec.kernel, in_channels, spec.channels, spec.expansion,
-                                                  stride, squeeze, block_survival, trt)
+                if spec.fused:
+                    blocks[f"block{j}"] = FusedMBConvBlock(
+                        builder, spec.kernel, in_channels, spec.channels, spec.expansion, stride,
+                        squeeze if spec.squeeze_excitation else None, block_survival, trt)
+                else:
+                    blocks[f"block{j}"] = MBConvBlock(builder, spec.kernel, in_channels, spec.channels,
+                                                      spec.expansion, stride, squeeze, block_survival, trt)
                 in_channels, index = spec.channels, index + 1
             stages.append(nn.Sequential(blocks))
         return nn.Sequential(*stages)
@@ -217,7 +286,7 @@ PRETRAINED_URLS = {
 
 
 def efficientnet_specs() -> dict[str, ModelSpec]:
-    """Every float EfficientNet member: efficientnet-b0…b7 and efficientnet-widese-b0…b7."""
+    """Every float EfficientNet member: efficientnet-b0…b7, efficientnet-widese-b0…b7, efficientnet-v2-s/m/l."""
     specs = {}
     for member, (width, depth, resolution, dropout, survival) in SCALING.items():
         arch = EFFICIENTNET_B0.scale(width, depth, resolution)
@@ -225,4 +294,7 @@ def efficientnet_specs() -> dict[str, ModelSpec]:
         for prefix, member_arch in (("efficientnet", arch), ("efficientnet-widese", replace(arch, squeeze_hidden=True))):
             name = f"{prefix}-{member}"
             specs[name] = ModelSpec(member_arch, params, pretrained_url=PRETRAINED_URLS.get(name))
+    for member, (width, depth, resolution, eval_resolution, dropout, survival) in V2_SCALING.items():
+        arch = EFFICIENTNET_V2_S.scale(width, depth, resolution, eval_resolution)
+        specs[f"efficientnet-v2-{member}"] = ModelSpec(arch, EfficientNetParams(dropout=dropout, survival_prob=survival))
     return specs
