@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from .efficientnet import EfficientNet, EfficientNetArch, efficientnet_specs
 from .entrypoints import EntryPoint
+from .quantized import quantized_specs
 from .weights import WeightsError, load_weights
 
-_REGISTRY: dict[str, EntryPoint] = {name: EntryPoint(name, spec) for name, spec in efficientnet_specs().items()}
+_REGISTRY: dict[str, EntryPoint] = {name: EntryPoint(name, spec)
+                                  for name, spec in {**efficientnet_specs(), **quantized_specs()}.items()}
 
 
 def register(name: str, entry: EntryPoint) -> EntryPoint:
@@ -30,7 +32,7 @@ def get_entry(arch: str) -> EntryPoint:
     return _REGISTRY[arch]
 
 
-# Module-level entry points: efficientnet_b0 … efficientnet_b7, efficientnet_widese_b0 … b7.
+# Module-level entry points: efficientnet_b0 … efficientnet_b7, efficientnet_widese_b0 … b7, efficientnet_quant_b0 … b7.
 globals().update({entry.__name__: entry for entry in _REGISTRY.values()})
 
 __all__ = ["EfficientNet", "EfficientNetArch", "EntryPoint", "WeightsError", "available_models", "get_entry",

@@ -79,6 +79,10 @@ def fit_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], sou
                    reset_classifier: bool = False) -> dict[str, torch.Tensor]:
     """Return `state_dict` adapted to `model`, or raise WeightsError describing exactly what differs."""
     fitted = remap_reference_keys(state_dict)
+    # Families with state of their own (quantizer ranges of efficientnet-quant-*) adapt the dict first.
+    adapt = getattr(model, "adapt_state_dict", None)
+    if adapt is not None:
+        fitted = adapt(fitted, source=source)
     expected = model.state_dict()
     _fit_se_shapes(fitted, expected)
     classifier = [k for k in expected if k.startswith("classifier.fc.")]

@@ -1,0 +1,169 @@
+"""Calibration, the QAT hook of quant_main.py and INT8 ONNX export, all through NVIDIA Model Optimizer.
+
+    model = get_entry("efficientnet-quant-b0")(pretrained_from_file="float.pth")
+    stats = calibrate(model, loader, num_batches=10)          # ranges for every quantizer
+    ...train as usual (fake-quant with straight-through gradients)...
+    export_onnx_quantized(model, "b0.onnx", image_size=224)  # QuantizeLinear/DequantizeLinear, opset 13
+
+The quantizers are placed by models.quantized; this module never fake-quantizes by itself.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .models.quantized import CALIBRATORS, QuantEfficientNet, modelopt_quantization, quant_config, quantizers, \
+    require_ranges
+
+DEFAULT_PERCENTILE = 99.99
+# KL-divergence search over the 2048-bin histogram in steps of 16 bins: TensorRT's entropy calibration
+# at a granularity of 0.8 % of the range, about 16x faster than bin by bin (minutes → seconds on a CPU).
+ENTROPY_STRIDE = 16
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """True for efficientnet-quant-* models (also when wrapped by DDP)."""
+    return isinstance(getattr(model, "module", model), QuantEfficientNet)
+
+
+def _images(batch) -> torch.Tensor:
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable, num_batches: int = 10, calibrator: str = "histogram",
+              percentile: float = DEFAULT_PERCENTILE, synchronize: Callable[[], None] | None = None
+              ) -> dict[str, float]:
+    """Set the range of every quantizer from `num_batches` batches; return calib.* throughput metrics.
+
+    Weights: per-channel absolute max. Inputs: `max` (running absolute max, Model Optimizer's max
+    calibration), `histogram` (the KL-divergence optimal clip of the collected histogram, TensorRT's
+    entropy calibration) or `percentile` (the `percentile`-th percentile of it; the reference's
+    calibration was histogram + 99.99th percentile).
+    """
+    if calibrator not in CALIBRATORS:
+        raise ValueError(f"unknown --calibrator {calibrator!r}; choose from {', '.join(CALIBRATORS)}")
+    if num_batches < 1:
+        raise ValueError(f"--calibration-batches must be at least 1, got {num_batches}")
+    if not 0.0 < percentile <= 100.0:
+        raise ValueError(f"--calibration-percentile must be in (0, 100], got {percentile}")
+    mtq = modelopt_quantization()
+    # Re-applying the placement with this run's calibrator type also drops ranges of an earlier calibration.
+    mtq.set_quantizer_by_cfg(model, quant_config(calibrator)["quant_cfg"])
+    stats = {"images": 0, "data_time": 0.0, "compute_time": 0.0, "batches": 0}
+
+    def forward_loop(m: nn.Module) -> None:
+        iterator = iter(batches)
+        end = time.perf_counter()
+        for _ in range(num_batches):
+            try:
+                images = _images(next(iterator))
+            except StopIteration:
+                break
+            start = time.perf_counter()
+            m(images)
+            if synchronize is not None:
+                synchronize()
+            now = time.perf_counter()
+            stats["data_time"] += start - end
+            stats["compute_time"] += now - start
+            stats["images"] += images.shape[0]
+            stats["batches"] += 1
+            end = now
+
+    if calibrator == "max":
+        mtq.calibrate(model, algorithm="max", forward_loop=forward_loop)
+    else:
+        was_training = model.training
+        model.eval()
+        mtq.model_calib.enable_stats_collection(model)
+        forward_loop(model)
+        for quantizer in quantizers(model).values():
+            if isinstance(quantizer._calibrator, mtq.calib.HistogramCalibrator):
+                if calibrator == "percentile":
+                    quantizer.load_calib_amax("percentile", percentile=percentile)
+                else:
+                    quantizer.load_calib_amax("entropy", stride=ENTROPY_STRIDE)
+            else:
+                quantizer.load_calib_amax()  # weights: per-channel max
+            quantizer.enable_quant()
+            quantizer.disable_calib()
+        model.train(was_training)
+    if stats["batches"] == 0:
+        raise ValueError("calibration saw no data: the training loader is empty")
+    require_ranges(model, source="calibration")
+    total = stats["data_time"] + stats["compute_time"]
+    return {
+        "calib.total_ips": stats["images"] / total if total > 0 else 0.0,
+        "calib.data_time": stats["data_time"] / stats["batches"],
+        "calib.compute_latency": stats["compute_time"] / stats["batches"],
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """quant_main.py's flags on top of main.py's."""
+    group = parser.add_argument_group("quantization")
+    group.add_argument("--skip-calibration", action="store_true",
+                       help="do not calibrate: the weights (e.g. an NGC QAT file) already carry quantizer ranges")
+    group.add_argument("--calibration-batches", type=int, default=10, metavar="N",
+                       help="training batches used for calibration (default: %(default)s)")
+    group.add_argument("--calibrator", default="histogram", choices=CALIBRATORS,
+                       help="how input ranges are chosen: histogram (KL-optimal clip), max, or percentile "
+                            "(default: %(default)s)")
+    group.add_argument("--calibration-percentile", type=float, default=DEFAULT_PERCENTILE, metavar="P",
+                       help="percentile of |x| taken as the range with --calibrator percentile "
+                            "(default: %(default)s)")
+    return parser
+
+
+def calibration_hook(args: argparse.Namespace, model: nn.Module, train_loader: Iterable, ctx, logger
+                     ) -> nn.Module:
+    """training.main's prepare_model for quant_main.py: calibrate a fresh run, else insist on ranges.
+
+    --resume brings the ranges with the checkpoint (loaded after this hook), --evaluate and
+    --skip-calibration take them from the loaded weights.
+    """
+    if not is_quantized(model):
+        raise ValueError(f"quant_main.py trains efficientnet-quant-* models; --arch {args.arch} is a float model "
+                         f"(use main.py)")
+    if getattr(args, "resume", None):
+        return model
+    if args.evaluate or args.skip_calibration:
+        require_ranges(model, source=getattr(args, "pretrained_from_file", None) or "loaded weights")
+        return model
+    stats = calibrate(model, train_loader, num_batches=args.calibration_batches, calibrator=args.calibrator,
+                      percentile=args.calibration_percentile,
+                      synchronize=getattr(ctx, "synchronize", None))
+    if logger is not None:
+        logger.log((), stats)
+    return model
+
+
+def export_onnx_quantized(model: nn.Module, output: str | Path, *, image_size: int, batch_size: int = 1,
+                          opset: int = 13, device: str | torch.device = "cpu",
+                          input_names: tuple[str, ...] = ("input",), output_names: tuple[str, ...] = ("output",),
+                          dynamic_batch: bool = True) -> Path:
+    """Write a fake-quantized model as ONNX with QuantizeLinear/DequantizeLinear pairs (for TensorRT).
+
+    Model Optimizer's quantizers have ONNX symbolics for the TorchScript-based exporter only, hence
+    `dynamo=False`; per-channel Q/DQ needs opset 13 or later.
+    """
+    if opset < 13:
+        raise ValueError(f"INT8 Q/DQ export needs opset 13 or later (per-channel scales), got {opset}")
+    require_ranges(model, source="export")
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    example = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    dynamic_axes = {input_names[0]: {0: "batch"}, output_names[0]: {0: "batch"}} if dynamic_batch else None
+    with torch.no_grad():
+        torch.onnx.export(model, (example,), str(output), opset_version=opset, dynamo=False,
+                          input_names=list(input_names), output_names=list(output_names), dynamic_axes=dynamic_axes)
+    model.train(was_training)
+    return output
