@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -162,7 +163,9 @@ def export_onnx_quantized(model: nn.Module, output: str | Path, *, image_size: i
     model.eval()
     example = torch.randn(batch_size, 3, image_size, image_size, device=device)
     dynamic_axes = {input_names[0]: {0: "batch"}, output_names[0]: {0: "batch"}} if dynamic_batch else None
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # The tracer notes that the ranges become constants of the graph, which is the point of calibration.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         torch.onnx.export(model, (example,), str(output), opset_version=opset, dynamo=False,
                           input_names=list(input_names), output_names=list(output_names), dynamic_axes=dynamic_axes)
     model.train(was_training)

@@ -1,0 +1,209 @@
+"""efficientnet-quant-*: quantizer placement, calibration, QAT, weights in and out, INT8 ONNX, quant_main.py."""
+from __future__ import annotations
+
+import copy
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from image_classification.models import WeightsError, get_entry
+from image_classification.models.quantized import QUANT_PRETRAINED_URLS, from_pytorch_quantization, \
+    missing_ranges, quantizers, require_ranges, to_pytorch_quantization
+from image_classification.quantization import calibrate, export_onnx_quantized
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE, CLASSES = 32, 4
+
+
+def batches(n: int = 2, batch_size: int = 4, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch_size, 3, SIZE, SIZE, generator=g), torch.randint(0, CLASSES, (batch_size,), generator=g))
+            for _ in range(n)]
+
+
+def build(**kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return get_entry("efficientnet-quant-b0")(num_classes=CLASSES, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    """b0 calibrated the default way (histogram) on two random batches."""
+    model = build()
+    calibrate(model, batches(), num_batches=2)
+    return model.eval()
+
+
+def block_quantizers(model, prefix: str) -> set[str]:
+    return {name[len(prefix):] for name in quantizers(model) if name.startswith(prefix)}
+
+
+CONV = {"conv.input_quantizer", "conv.weight_quantizer"}
+SE = {"se.squeeze.input_quantizer", "se.squeeze.weight_quantizer", "se.expand.input_quantizer",
+      "se.expand.weight_quantizer", "se.mul_a_quantizer", "se.mul_b_quantizer"}
+
+
+def test_quantizer_placement_on_b0():
+    model = build()
+    names = quantizers(model)
+    # 81 convs and 1 linear (input + weight each), 16 SE multiplies (2 each), 9 residual adds.
+    assert len(names) == 82 * 2 + 16 * 2 + 9 == 205
+    assert block_quantizers(model, "stem.") == CONV
+    assert block_quantizers(model, "features.") == CONV
+    assert block_quantizers(model, "classifier.") == {"fc.input_quantizer", "fc.weight_quantizer"}
+    depsep_proj = {f"{layer}.{q}" for layer in ("depsep", "proj") for q in CONV}
+    expand = {f"expand.{q}" for q in CONV}
+    # No expansion (stage 0), expanding stage head (stride or width change), residual block.
+    assert block_quantizers(model, "layers.0.block0.") == depsep_proj | SE
+    assert block_quantizers(model, "layers.1.block0.") == expand | depsep_proj | SE
+    assert block_quantizers(model, "layers.1.block1.") == expand | depsep_proj | SE | {"residual_quantizer"}
+    assert sum(name.endswith("residual_quantizer") for name in names) == 9
+    for name, q in names.items():
+        assert q.num_bits == 8
+        assert q.axis == (0 if name.endswith("weight_quantizer") else None), name
+    # BatchNorm and pooling stay float, as in the reference.
+    assert not any(".bn." in name or "pooling" in name for name in names)
+    assert model.layers[0].block0.se.squeeze.weight.dim() == 4  # TensorRT SE form
+    with pytest.raises(ValueError, match="TensorRT form"):
+        build(trt=False)
+
+
+def test_uncalibrated_model_has_no_ranges():
+    model = build()
+    assert len(missing_ranges(model)) == 205
+    with pytest.raises(WeightsError, match="stem.conv.input_quantizer"):
+        require_ranges(model)
+
+
+def test_default_calibration_sets_finite_positive_ranges(calibrated):
+    assert missing_ranges(calibrated) == []
+    for name, q in quantizers(calibrated).items():
+        assert torch.isfinite(q.amax).all() and (q.amax > 0).all(), name
+    assert calibrated.stem.conv.weight_quantizer.amax.shape == (32, 1, 1, 1)
+    assert calibrated.classifier.fc.weight_quantizer.amax.shape == (CLASSES, 1)
+    assert calibrated.stem.conv.input_quantizer.amax.shape == ()
+    # The attention operand of the SE multiply is a sigmoid output.
+    assert calibrated.layers[0].block0.se.mul_a_quantizer.amax <= 1.0
+
+
+@pytest.mark.parametrize("calibrator", ["max", "percentile"])
+def test_other_calibrators(calibrator):
+    model = build()
+    data = batches()
+    stats = calibrate(model, data, num_batches=2, calibrator=calibrator, percentile=99.0)
+    assert set(stats) == {"calib.total_ips", "calib.data_time", "calib.compute_latency"}
+    assert stats["calib.total_ips"] > 0
+    observed = data[0][0].abs().max().item()
+    stem = model.stem.conv.input_quantizer.amax.item()
+    if calibrator == "max":
+        assert stem == pytest.approx(max(x.abs().max().item() for x, _ in data))
+    else:
+        assert 0 < stem < observed  # the 99th percentile clips the tail
+
+
+def test_qat_step_changes_weights_and_keeps_ranges(calibrated):
+    model = copy.deepcopy(calibrated).train()
+    ranges = {name: q.amax.clone() for name, q in quantizers(model).items()}
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    images, targets = batches(1, seed=1)[0]
+    loss = torch.nn.functional.cross_entropy(model(images), targets)
+    loss.backward()
+    # Straight-through gradients reach the weights behind the fake-quantizers.
+    assert model.stem.conv.weight.grad.abs().sum() > 0
+    optimizer.step()
+    changed = [name for name, p in model.named_parameters() if not torch.equal(p, weights[name])]
+    assert "stem.conv.weight" in changed and "classifier.fc.weight" in changed
+    for name, q in quantizers(model).items():
+        assert torch.equal(q.amax, ranges[name]), name
+
+
+def test_checkpoint_round_trip_through_checkpoint2model(calibrated, tmp_path):
+    state = {f"module.{k}": v for k, v in calibrated.state_dict().items()}
+    assert sum(k.endswith("._amax") for k in state) == 205
+    checkpoint = tmp_path / "quantized_checkpoint.pth.tar"
+    torch.save({"epoch": 1, "best_prec1": 12.5, "state_dict": state, "optimizer": {}}, checkpoint)
+    weights = tmp_path / "quant.pth"
+    result = subprocess.run([sys.executable, str(ROOT / "checkpoint2model.py"), "--checkpoint-path", str(checkpoint),
+                             "--weight-path", str(weights)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    loaded = get_entry("efficientnet-quant-b0")(num_classes=CLASSES, pretrained_from_file=str(weights)).eval()
+    assert missing_ranges(loaded) == []
+    x = batches(1, seed=2)[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), calibrated(x), rtol=0, atol=0)
+    # A resumed run loads the checkpoint into a freshly built (uncalibrated) model with load_state_dict.
+    fresh = build()
+    fresh.load_state_dict(calibrated.state_dict())
+    assert missing_ranges(fresh) == []
+
+
+def test_checkpoint_missing_ranges_is_a_clear_error(calibrated, tmp_path):
+    state = calibrated.state_dict()
+    dropped = ["layers.1.block1.residual_quantizer._amax", "layers.0.block0.se.mul_b_quantizer._amax"]
+    for key in dropped:
+        del state[key]
+    path = tmp_path / "partial.pth"
+    torch.save(state, path)
+    with pytest.raises(WeightsError, match="missing for 2 of 205") as err:
+        get_entry("efficientnet-quant-b0")(num_classes=CLASSES, pretrained_from_file=str(path))
+    for key in dropped:
+        assert key[: -len("._amax")] in str(err.value)
+    # Float weights carry no ranges at all: accepted, to be calibrated.
+    float_path = tmp_path / "float.pth"
+    torch.save(get_entry("efficientnet-b0")(num_classes=CLASSES, trt=True).state_dict(), float_path)
+    model = get_entry("efficientnet-quant-b0")(num_classes=CLASSES, pretrained_from_file=str(float_path))
+    assert len(missing_ranges(model)) == 205
+
+
+def ngc_qat_style(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """NVIDIA's 21.03.0 QAT layout: pytorch-quantization names, `module.layer<N>.`, [1]-shaped input ranges."""
+    out = {}
+    for key, value in to_pytorch_quantization(state_dict).items():
+        key = re.sub(r"^layers\.(\d+)\.", lambda m: f"layer{int(m.group(1)) + 1}.", key)
+        if key.endswith("_amax") and value.dim() == 0:
+            value = value.reshape(1)
+        out[f"module.{key}"] = value.clone()
+    return out
+
+
+def test_ngc_qat_keys_map_onto_model_optimizer(calibrated, tmp_path):
+    reference = ngc_qat_style(calibrated.state_dict())
+    for key in ("module.stem.conv._input_quantizer._amax", "module.layer1.block0.depsep.conv._weight_quantizer._amax",
+                "module.layer2.block1.residual_quantizer._amax", "module.layer1.block0.se.mul_a_quantizer._amax",
+                "module.layer1.block0.se.squeeze._weight_quantizer._amax", "module.classifier.fc._input_quantizer._amax"):
+        assert key in reference, key
+    assert reference["module.layer1.block0.depsep.conv._weight_quantizer._amax"].shape == (32, 1, 1, 1)
+    assert from_pytorch_quantization(to_pytorch_quantization(calibrated.state_dict())).keys() == \
+        calibrated.state_dict().keys()
+    path = tmp_path / "nvidia-efficientnet-quant-b0-130421.pth"
+    torch.save(reference, path)
+    model = get_entry("efficientnet-quant-b0")(num_classes=CLASSES, pretrained_from_file=str(path)).eval()
+    x = batches(1, seed=3)[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), calibrated(x), rtol=0, atol=0)
+    assert get_entry("efficientnet-quant-b0").pretrained_url == QUANT_PRETRAINED_URLS["efficientnet-quant-b0"]
+    assert get_entry("efficientnet-quant-b4").pretrained_url.endswith("nvidia-efficientnet-quant-b4-130421.pth")
+
+
+def test_onnx_export_has_qdq_and_onnxruntime_agrees(calibrated, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    path = export_onnx_quantized(calibrated, tmp_path / "b0.onnx", image_size=SIZE, opset=13)
+    graph = onnx.load(str(path))
+    ops = [node.op_type for node in graph.graph.node]
+    assert ops.count("QuantizeLinear") == ops.count("DequantizeLinear") == 205
+    assert graph.opset_import[0].version >= 13
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = batches(1, batch_size=3, seed=4)[0][0]
+    with torch.no_grad():
+        expected = calibrated(x).numpy()
+    (got,) = session.run(None, {"input": x.numpy()})
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+    with pytest.raises(WeightsError, match="no ranges"):
+        export_onnx_quantized(build(), tmp_path / "uncalibrated.onnx", image_size=SIZE)
