@@ -1,0 +1,44 @@
+#!/usr/bin/env python3
+"""Quantization-aware training of efficientnet-quant-*: main.py's flags, plus calibration before training.
+
+Float weights in, INT8 fake-quantized (Model Optimizer) training, checkpoints named quantized_<name>:
+
+    python quant_main.py /imagenet --arch efficientnet-quant-b0 --pretrained-from-file b0.pth \\
+        --epochs 10 --optimizer sgd -b 128 --lr 0.0125 --lr-schedule cosine
+    python quant_main.py /imagenet --arch efficientnet-quant-b0 --pretrained --evaluate    # NGC QAT weights
+
+Calibration (--calibration-batches training batches, --calibrator histogram|max|percentile) runs
+unless --resume, --evaluate or --skip-calibration; those take the ranges from the loaded weights.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from image_classification.quantization import add_arguments
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """main.py's arguments (and the arch's model flags) together with the quantization flags."""
+    from image_classification.arguments import parse_args as parse_main_args
+    argv = list(sys.argv[1:] if argv is None else argv)
+    quant_parser = add_arguments(argparse.ArgumentParser(prog="quant_main.py", add_help=False, allow_abbrev=False))
+    if "-h" in argv or "--help" in argv:
+        quant_parser.print_help()
+        print()
+    quant_args, rest = quant_parser.parse_known_args(argv)
+    args = parse_main_args(rest)
+    for name, value in vars(quant_args).items():
+        setattr(args, name, value)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse, then train/evaluate with calibration as training.main's prepare_model step."""
+    from image_classification.quantization import calibration_hook
+    from image_classification.training import main as run
+    return run(parse_args(argv), prepare_model=calibration_hook, checkpoint_prefix="quantized_")
+
+
+if __name__ == "__main__":
+    main()
