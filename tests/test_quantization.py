@@ -207,3 +207,46 @@ def test_onnx_export_has_qdq_and_onnxruntime_agrees(calibrated, tmp_path):
     np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
     with pytest.raises(WeightsError, match="no ranges"):
         export_onnx_quantized(build(), tmp_path / "uncalibrated.onnx", image_size=SIZE)
+
+
+def image_folder(root: Path, classes: int = 2, per_class: int = 4) -> Path:
+    """A tiny ImageFolder tree (train/ and val/) of solid-colour-per-class PNGs."""
+    from PIL import Image
+    g = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = np.clip(g.normal(60 + 120 * c, 30, (40, 40, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def test_quant_main_calibrates_trains_evaluates_and_resumes(tmp_path):
+    pytest.importorskip("image_classification.training")
+    import quant_main
+    data = image_folder(tmp_path / "data")
+    float_weights = tmp_path / "float.pth"
+    torch.save(get_entry("efficientnet-b0")(num_classes=2).state_dict(), float_weights)
+    common = [str(data), "--arch", "efficientnet-quant-b0", "--num_classes", "2", "--data-backend", "pytorch",
+              "--image-size", str(SIZE), "-b", "2", "-j", "0", "--optimizer", "sgd", "--lr", "0.001",
+              "--workspace", str(tmp_path / "run"), "--print-freq", "1"]
+    quant_main.main(common + ["--epochs", "1", "--pretrained-from-file", str(float_weights),
+                              "--calibration-batches", "2", "--calibrator", "max"])
+    checkpoint = tmp_path / "run" / "quantized_checkpoint.pth.tar"
+    assert checkpoint.is_file()
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert saved["epoch"] == 1
+    assert sum(k.endswith("._amax") for k in saved["state_dict"]) == 205
+    report = (tmp_path / "run" / "experiment_raport.json").read_text()
+    assert "calib.total_ips" in report and "calib.compute_latency" in report
+
+    # --resume: the ranges come with the checkpoint, no calibration.
+    quant_main.main(common + ["--epochs", "2", "--resume", str(checkpoint)])
+    assert torch.load(checkpoint, map_location="cpu", weights_only=True)["epoch"] == 2
+
+    # --evaluate on the QAT weights; on float weights it names the quantizers without ranges.
+    quant_main.main(common + ["--epochs", "1", "--evaluate", "--pretrained-from-file", str(checkpoint)])
+    with pytest.raises(WeightsError, match="stem.conv.input_quantizer"):
+        quant_main.main(common + ["--epochs", "1", "--evaluate", "--pretrained-from-file", str(float_weights)])
