@@ -1,0 +1,218 @@
+"""main.py's command line: the reference's flags (names, defaults, dests), then the chosen arch's model flags.
+
+Parsing happens in two passes, as in the reference: the main flags first (unknown ones are kept aside),
+then the leftovers against `get_entry(args.arch).parser()`. Whatever is still left is an error that
+lists every valid flag.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .models import available_models, get_entry
+
+DEFAULT_ARCH = "resnet50"  # the reference's default; not a model of this suite, so -h falls back below
+HELP_ARCH = "efficientnet-b0"
+
+DESCRIPTION = """Train or evaluate an image classifier (NVIDIA ConvNets main.py flags).
+
+  python main.py /imagenet --arch efficientnet-b0 --epochs 400 -b 256 --amp          # one process
+  python multiproc.py --nproc_per_node 8 main.py /imagenet --arch efficientnet-b0 ...  # one per GPU
+  torchrun --nproc_per_node 8 main.py /imagenet --arch efficientnet-b0 ...             # the same
+
+On a machine without a GPU the same command lines run on CPU (--amp then means bf16 autocast)."""
+
+
+def _arch(name: str) -> str:
+    # Validated after parsing so the error lists the registry and -h still works with a bad --arch.
+    return name
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The main flags of spec §1 plus this suite's additions (--device, --no-tf32, --jit compile, ...)."""
+    p = argparse.ArgumentParser(prog="main.py", description=DESCRIPTION, add_help=False, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-h", "--help", action="store_true", help="show this help (main and model flags) and exit")
+    p.add_argument("data", metavar="DIR", nargs="?", default=None,
+                   help="dataset folder with train/<class>/* and val/<class>/* (not needed with --data-backend "
+                        "synthetic)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-backend", default="dali-cpu", choices=("pytorch", "synthetic", "dali-cpu", "dali-gpu"),
+                   help="input pipeline (default: %(default)s)")
+    g.add_argument("--interpolation", default="bilinear", choices=("bilinear", "bicubic", "triangular"),
+                   help="resize interpolation of the data pipeline (default: %(default)s)")
+    g.add_argument("-j", "--workers", type=int, default=5, metavar="N",
+                   help="data loading workers per process (default: %(default)s)")
+    g.add_argument("--prefetch", type=int, default=2, metavar="N",
+                   help="batches prefetched per worker (default: %(default)s)")
+    g.add_argument("--image-size", type=int, default=None, metavar="N",
+                   help="training/validation image size (default: the arch's own size)")
+    g.add_argument("--augmentation", type=str, default=None, choices=(None, "autoaugment"),
+                   help="extra training augmentation (default: none)")
+
+    g = p.add_argument_group("model")
+    g.add_argument("-a", "--arch", type=_arch, default=DEFAULT_ARCH, metavar="ARCH",
+                   help="model architecture, one of: " + ", ".join(sorted(available_models()))
+                        + " (default: %(default)s, the reference's default, which this suite does not provide: "
+                          "pass --arch)")
+    g.add_argument("--jit", default="no", choices=("no", "script", "compile"),
+                   help="compile the model: torch.jit.script (script) or torch.compile (compile; on CPU it needs "
+                        "a C++ compiler) (default: %(default)s)")
+    g.add_argument("--memory-format", default="nchw", choices=("nchw", "nhwc"),
+                   help="tensor layout; nhwc is channels_last, faster with AMP on tensor cores "
+                        "(default: %(default)s)")
+
+    g = p.add_argument_group("schedule")
+    g.add_argument("--epochs", type=int, default=90, metavar="N", help="total epochs of the run (default: %(default)s)")
+    g.add_argument("--run-epochs", type=int, default=-1, metavar="N",
+                   help="run at most N epochs in this invocation, then save and exit (-1: all) (default: %(default)s)")
+    g.add_argument("--early-stopping-patience", type=int, default=-1, metavar="N",
+                   help="stop after N epochs without a better val top-1 (-1: never) (default: %(default)s)")
+    g.add_argument("-b", "--batch-size", type=int, default=256, metavar="N",
+                   help="batch size per process (GPU) (default: %(default)s)")
+    g.add_argument("--optimizer-batch-size", type=int, default=-1, metavar="N",
+                   help="global batch per optimizer step, reached by gradient accumulation; must be a multiple "
+                        "of world size x batch size (-1: no accumulation) (default: %(default)s)")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=0.1, metavar="LR", help="base learning rate (default: %(default)s)")
+    g.add_argument("--lr-schedule", default="step", choices=("step", "linear", "cosine", "exponential"),
+                   help="per-epoch LR schedule after warmup: step (x0.1 at 30, 60, 80), linear (to 0), cosine "
+                        "(to --end-lr), exponential (x --lr-decay every epoch) (default: %(default)s)")
+    g.add_argument("--end-lr", type=float, default=0.0, metavar="LR",
+                   help="final LR of the cosine schedule (default: %(default)s)")
+    g.add_argument("--lr-decay", type=float, default=0.97, metavar="GAMMA",
+                   help="per-epoch factor of --lr-schedule exponential (not in the reference) (default: %(default)s)")
+    g.add_argument("--warmup", type=int, default=0, metavar="E",
+                   help="linear LR warmup epochs (default: %(default)s)")
+    g.add_argument("--label-smoothing", type=float, default=0.0, metavar="S",
+                   help="label smoothing (default: %(default)s)")
+    g.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
+                   help="mixup alpha, 0 disables (default: %(default)s)")
+    g.add_argument("--optimizer", default="sgd", choices=("sgd", "rmsprop"), help="optimizer (default: %(default)s)")
+    g.add_argument("--momentum", type=float, default=0.9, metavar="M", help="momentum (default: %(default)s)")
+    g.add_argument("--weight-decay", "--wd", type=float, default=1e-4, metavar="W",
+                   help="weight decay (default: %(default)s)")
+    g.add_argument("--bn-weight-decay", action="store_true",
+                   help="apply weight decay to BatchNorm parameters too (default: they get 0)")
+    g.add_argument("--rmsprop-alpha", type=float, default=0.9, metavar="A",
+                   help="RMSprop smoothing constant (default: %(default)s)")
+    g.add_argument("--rmsprop-eps", type=float, default=1e-3, metavar="EPS",
+                   help="RMSprop epsilon (default: %(default)s)")
+    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD only)")
+    g.add_argument("--use-ema", type=float, default=None, metavar="DECAY",
+                   help="keep an exponential moving average of the weights with this decay, validated as val_ema "
+                        "(default: off)")
+
+    g = p.add_argument_group("precision and device")
+    g.add_argument("--amp", action="store_true",
+                   help="mixed precision: fp16 autocast + loss scaling on GPU, bf16 autocast on CPU")
+    g.add_argument("--static-loss-scale", type=float, default=1.0, metavar="S",
+                   help="initial loss scale of the GradScaler (AMP on GPU only) (default: %(default)s)")
+    g.add_argument("--device", default="auto", metavar="auto|cpu|cuda[:N]",
+                   help="where to run; auto is CUDA when present, else CPU (not in the reference) "
+                        "(default: %(default)s)")
+    g.add_argument("--no-tf32", dest="tf32", action="store_false",
+                   help="disable TF32 matmuls/convolutions on Ampere and newer GPUs (not in the reference)")
+    g.add_argument("--gpu-affinity", default="none",
+                   choices=("none", "socket", "single", "single_unique", "socket_unique_interleaved",
+                            "socket_unique_contiguous"),
+                   help="pin each process to the CPU cores near its GPU (GPU runs only) (default: %(default)s)")
+
+    g = p.add_argument_group("run control")
+    g.add_argument("-p", "--print-freq", type=int, default=10, metavar="N",
+                   help="print and log every N iterations (default: %(default)s)")
+    g.add_argument("--prof", type=int, default=-1, metavar="N",
+                   help="stop each phase (train, val) after N iterations; for benchmarks (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=None, metavar="S", help="random seed (default: none)")
+    g.add_argument("--evaluate", action="store_true", help="only validate the model (no training)")
+    g.add_argument("--training-only", action="store_true", help="do not validate during training")
+    g.add_argument("--topk", type=int, default=5, metavar="K",
+                   help="the second accuracy reported beside top-1 (logged as top5) (default: %(default)s)")
+
+    g = p.add_argument_group("checkpoints and reports")
+    g.add_argument("--workspace", type=str, default="./", metavar="DIR",
+                   help="folder for checkpoints and the report (default: %(default)s)")
+    g.add_argument("--resume", type=str, default=None, metavar="PATH",
+                   help="continue exactly from this training checkpoint")
+    g.add_argument("--no-checkpoints", dest="save_checkpoints", action="store_false",
+                   help="do not write checkpoints")
+    g.add_argument("--checkpoint-filename", default="checkpoint.pth.tar", metavar="NAME",
+                   help="name of the latest checkpoint in the workspace (default: %(default)s)")
+    g.add_argument("--gather-checkpoints", type=int, default=0, metavar="N",
+                   help="also keep the last N per-epoch checkpoints checkpoint_<epoch:04>.pth.tar; with 0 only the "
+                        "latest and the best checkpoint are stored, as in the reference (default: %(default)s)")
+    g.add_argument("--raport-file", type=str, default="experiment_raport.json", metavar="NAME",
+                   help="JSON-lines (DLLogger) report, relative to --workspace (default: %(default)s)")
+    return p
+
+
+def _model_parser(arch: str) -> argparse.ArgumentParser:
+    return get_entry(arch).parser()
+
+
+def _option_strings(*parsers: argparse.ArgumentParser) -> list[str]:
+    return sorted({opt for parser in parsers for action in parser._actions for opt in action.option_strings})
+
+
+def _apply_defaults(main: argparse.ArgumentParser, model: argparse.ArgumentParser | None,
+                    defaults: dict) -> None:
+    main_dests = {a.dest for a in main._actions}
+    model_dests = {a.dest for a in model._actions} if model is not None else set()
+    unknown = sorted(set(defaults) - main_dests - model_dests)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {', '.join(unknown)}: not a main.py or model flag "
+                         f"(valid: {', '.join(sorted((main_dests | model_dests) - {'help'}))})")
+    main.set_defaults(**{k: v for k, v in defaults.items() if k in main_dests})
+    if model is not None:
+        model.set_defaults(**{k: v for k, v in defaults.items() if k in model_dests})
+
+
+def print_help(arch: str | None, main: argparse.ArgumentParser | None = None, file=None) -> None:
+    """Main flags, then the model flags of `arch` (or of efficientnet-b0 when arch is not a registered model)."""
+    main = main or build_parser()
+    file = file or sys.stdout
+    main.print_help(file)
+    if arch not in available_models():
+        arch = HELP_ARCH
+    print(f"\nmodel flags of {arch} (each arch has the same set; defaults differ):", file=file)
+    help_text = _model_parser(arch).format_help()
+    print("\n".join(line for line in help_text.splitlines() if line.strip() and "arguments:" not in line
+                    and not line.startswith("options")), file=file)
+
+
+def parse_args(argv: list[str] | None = None, defaults: dict | None = None) -> argparse.Namespace:
+    """Parse main.py's flags, then the arch's model flags; `args.model_args` holds the latter.
+
+    `defaults` (dest -> value, e.g. from configs.yml) become parser defaults before parsing.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    defaults = dict(defaults or {})
+    # The arch decides which model flags exist: find it first.
+    probe = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    probe.add_argument("-a", "--arch", default=defaults.get("arch", DEFAULT_ARCH))
+    probe.add_argument("-h", "--help", action="store_true")
+    known, _ = probe.parse_known_args(argv)
+    main = build_parser()
+    registered = known.arch in available_models()
+    model = _model_parser(known.arch if registered else HELP_ARCH)
+    _apply_defaults(main, model, defaults)
+    if known.help:
+        print_help(known.arch, main)
+        raise SystemExit(0)
+    if not registered:
+        main.error(f"unknown --arch {known.arch!r}; available: {', '.join(sorted(available_models()))}")
+    # One combined parser, so model flags may come anywhere (also before the data folder).
+    combined = argparse.ArgumentParser(prog="main.py", parents=[main, model], add_help=False, allow_abbrev=False)
+    parsed, rest = combined.parse_known_args(argv)
+    if rest:
+        combined.error(f"unrecognized arguments: {' '.join(rest)}\nvalid flags: "
+                       + " ".join(_option_strings(main, model)))
+    main_dests = {a.dest for a in main._actions} - {"help"}
+    model_dests = {a.dest for a in model._actions}
+    args = argparse.Namespace(**{k: v for k, v in vars(parsed).items() if k in main_dests})
+    args.model_args = argparse.Namespace(**{k: v for k, v in vars(parsed).items() if k in model_dests})
+    if args.data is None and args.data_backend != "synthetic":
+        combined.error(f"the data folder (DIR) is required with --data-backend {args.data_backend}")
+    return args

@@ -1,0 +1,212 @@
+"""The run's report and console output, in the reference's DLLogger formats.
+
+JSON lines (the `--raport-file`): every line is `DLLL ` followed by one JSON object
+
+    DLLL {"timestamp": "1712.3", "datetime": "2024-...", "elapsedtime": "12.5", "type": "LOG",
+          "step": [0, 10], "data": {"train.loss": 2.3}}
+
+with step "PARAMETER" for the run's parameters, [epoch] for epoch summaries, [epoch, it] and
+[epoch, it, val_it] for iterations and [] for the run summary. METADATA lines describe a metric
+(`"metric"`, `"metadata"` as DLLogger writes them, and the same under "data").
+The dllogger package is not on the registry, so this module writes the format itself.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, Any
+
+# Metric metadata of the reference (unit and print format), by metric name without its prefix.
+METRIC_METADATA: dict[str, dict[str, str]] = {
+    "loss": {"unit": None, "format": ":.5f"},
+    "top1": {"unit": "%", "format": ":.2f"},
+    "top5": {"unit": "%", "format": ":.2f"},
+    "total_ips": {"unit": "images/s", "format": ":.2f"},
+    "compute_ips": {"unit": "images/s", "format": ":.2f"},
+    "data_time": {"unit": "s", "format": ":.5f"},
+    "compute_time": {"unit": "s", "format": ":.5f"},
+    "compute_latency": {"unit": "s", "format": ":.5f"},
+    "compute_latency_at100": {"unit": "s", "format": ":.5f"},
+    "compute_latency_at99": {"unit": "s", "format": ":.5f"},
+    "compute_latency_at95": {"unit": "s", "format": ":.5f"},
+    "compute_latency_at90": {"unit": "s", "format": ":.5f"},
+    "lr": {"unit": None, "format": ":.5f"},
+    "grad_scale": {"unit": None, "format": ":.1f"},
+}
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON values: tensors and numpy scalars become numbers, NaN/inf become strings as DLLogger does."""
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def format_step(step) -> str:
+    """The stdout backend's rendering of a step, as the reference prints it."""
+    if isinstance(step, str):
+        return step
+    if len(step) == 0:
+        return "Summary:"
+    parts = [f"Epoch: {step[0]}"]
+    if len(step) > 1:
+        parts.append(f"Iteration: {step[1]}")
+    if len(step) > 2:
+        parts.append(f"Validation Iteration: {step[2]}")
+    return " ".join(parts)
+
+
+def format_value(name: str, value: Any) -> str:
+    meta = METRIC_METADATA.get(name.split(".")[-1])
+    if meta and isinstance(value, (int, float)) and not isinstance(value, bool):
+        text = ("{" + meta["format"] + "}").format(value)
+        return f"{name} : {text}" + (f" {meta['unit']}" if meta["unit"] else "")
+    return f"{name} : {value}"
+
+
+class Logger:
+    """DLLogger-format JSON-lines report plus a readable stdout log; only the main process writes anything.
+
+    `.log(step, data)`, `.metadata(name, meta)`, `.flush()`, `.close()`. Steps: "PARAMETER", (), (epoch,),
+    (epoch, it) or (epoch, it, val_it).
+    """
+
+    def __init__(self, json_path: str | Path | None = None, *, enabled: bool = True, stdout: IO | None = None,
+                 print_stdout: bool = True, append: bool = False):
+        self.enabled = enabled
+        self.start = time.time()
+        self.stdout = stdout if stdout is not None else sys.stdout
+        self.print_stdout = print_stdout and enabled
+        self.file: IO | None = None
+        if enabled and json_path is not None:
+            path = Path(json_path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Line-buffered: every record reaches the file as it is written.
+            self.file = open(path, "a" if append else "w", buffering=1, encoding="utf-8")
+
+    def _record(self, kind: str, step, data: dict, extra: dict | None = None) -> None:
+        now = _dt.datetime.now()
+        record = {
+            "timestamp": str(now.timestamp()),
+            "datetime": str(now),
+            "elapsedtime": str(time.time() - self.start),
+            "type": kind,
+            "step": step if isinstance(step, str) else list(step),
+            "data": _jsonable(data),
+        }
+        if extra:
+            record.update(_jsonable(extra))
+        self.file.write("DLLL " + json.dumps(record) + "\n")
+
+    def log(self, step, data: Mapping[str, Any], verbose: bool = True) -> None:
+        """Write one LOG record (and, when `verbose`, a stdout line)."""
+        if not self.enabled:
+            return
+        data = dict(data)
+        if self.file is not None:
+            self._record("LOG", step, data)
+        if self.print_stdout and verbose:
+            values = " ".join(format_value(k, _jsonable(v)) for k, v in data.items())
+            # On a terminal, clear a progress line first; the progress display redraws itself below.
+            clear = "\r\x1b[K" if _isatty(self.stdout) else ""
+            print(f"{clear}DLL {_dt.datetime.now():%Y-%m-%d %H:%M:%S} - {format_step(step)} {values}",
+                  file=self.stdout, flush=True)
+
+    def metadata(self, name: str, meta: Mapping[str, Any]) -> None:
+        """Describe metric `name` (unit, format, ...) with a METADATA record."""
+        if not self.enabled or self.file is None:
+            return
+        self._record("METADATA", "PARAMETER", {name: dict(meta)}, extra={"metric": name, "metadata": dict(meta)})
+
+    def register_metrics(self, prefix: str, names: list[str]) -> None:
+        """METADATA records for `prefix.name` of each of `names` (the reference registers metrics up front)."""
+        for name in names:
+            meta = METRIC_METADATA.get(name, {"unit": None, "format": ""})
+            self.metadata(f"{prefix}.{name}", meta)
+
+    def print(self, text: str) -> None:
+        """A plain stdout line from the main process."""
+        if self.print_stdout:
+            print(text, file=self.stdout, flush=True)
+
+    def flush(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+        if self.print_stdout:
+            self.stdout.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def __enter__(self) -> "Logger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Progress:
+    """A one-line progress display (iteration, throughput, time remaining) redrawn on a terminal.
+
+    Silent when stdout is not a terminal (the periodic log lines cover that case).
+    """
+
+    def __init__(self, name: str, total: int, *, enabled: bool = True, stream: IO | None = None):
+        self.stream = stream if stream is not None else sys.stdout
+        self.enabled = enabled and total > 0 and _isatty(self.stream)
+        self.name = name
+        self.total = total
+        self.start = time.perf_counter()
+        self.images = 0
+        self.last_draw = 0.0
+
+    def update(self, iteration: int, batch_size: int, extra: str = "") -> None:
+        """Record one finished iteration (0-based) of `batch_size` images; redraw at most a few times a second."""
+        if not self.enabled:
+            return
+        self.images += batch_size
+        now = time.perf_counter()
+        elapsed = now - self.start
+        done = iteration + 1
+        if now - self.last_draw < 0.2 and done < self.total:
+            return
+        self.last_draw = now
+        rate = self.images / elapsed if elapsed > 0 else 0.0
+        remaining = elapsed / done * (self.total - done)
+        width = 24
+        filled = int(width * done / self.total)
+        bar = "#" * filled + "." * (width - filled)
+        self.stream.write(f"\r{self.name} [{bar}] {done}/{self.total} {rate:8.1f} img/s "
+                          f"eta {_duration(remaining)} {extra}")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _isatty(stream) -> bool:
+    return bool(getattr(stream, "isatty", None) and stream.isatty())
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"

@@ -1,0 +1,50 @@
+"""Training losses of the reference: cross-entropy, label smoothing, and the soft-target NLL used with mixup.
+
+In eval mode every loss is plain cross-entropy on integer labels, as the reference validates.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LabelSmoothing(nn.Module):
+    """(1-s)·NLL(target) + s·mean(-log p) over classes, for integer targets."""
+
+    def __init__(self, smoothing: float = 0.0):
+        super().__init__()
+        self.smoothing = smoothing
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return F.cross_entropy(logits, target)
+        logprobs = F.log_softmax(logits.float(), dim=-1)
+        nll = -logprobs.gather(-1, target.unsqueeze(1)).squeeze(1)
+        smooth = -logprobs.mean(dim=-1)
+        return ((1.0 - self.smoothing) * nll + self.smoothing * smooth).mean()
+
+
+class SoftTargetCrossEntropy(nn.Module):
+    """NLL against soft (e.g. mixed one-hot) targets, with label smoothing: the reference's NLLMultiLabelSmooth."""
+
+    def __init__(self, smoothing: float = 0.0):
+        super().__init__()
+        self.smoothing = smoothing
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return F.cross_entropy(logits, target)
+        logprobs = F.log_softmax(logits.float(), dim=-1)
+        nll = -(logprobs * target.float()).sum(dim=-1)
+        smooth = -logprobs.mean(dim=-1)
+        return ((1.0 - self.smoothing) * nll + self.smoothing * smooth).mean()
+
+
+def build_loss(label_smoothing: float = 0.0, mixup: float = 0.0) -> nn.Module:
+    """The loss the reference picks for these flags."""
+    if mixup > 0.0:
+        return SoftTargetCrossEntropy(label_smoothing)
+    if label_smoothing > 0.0:
+        return LabelSmoothing(label_smoothing)
+    return nn.CrossEntropyLoss()

@@ -1,0 +1,561 @@
+"""The training engine behind main.py: build everything from the flags, then train/validate epoch by epoch.
+
+    main(args)                    the whole job; returns the run summary
+      setup_run                   context, seeds, report, model, loaders, resume
+      train_one_epoch             forward, loss, backward, (accumulated) optimizer step, EMA, log
+      validate                    loss, top-1/top-k, throughput and latency percentiles
+      save                        the reference's checkpoint files, atomically
+
+Device, precision and memory format come from one `ExecutionContext`; the loop never asks torch.cuda.
+Per step nothing waits for the device: metrics stay tensors until print frequency.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint as ckpt
+from .context import ExecutionContext, create_context
+from .ema import EMA
+from .gpu_affinity import set_affinity
+from .logger import Logger, Progress
+from .losses import build_loss
+from .lr_schedule import schedule_from_args, set_lr
+from .metrics import SumMeter, all_reduce_sum, percentile, topk_correct
+from .mixup import Mixup
+from .models import get_entry
+from .models.weights import fit_state_dict
+from .optimizers import optimizer_from_args
+
+TRAIN_METRICS = ["loss", "total_ips", "compute_ips", "data_time", "compute_time", "lr", "grad_scale"]
+VAL_METRICS = ["loss", "top1", "top5", "total_ips", "compute_ips", "data_time", "compute_latency",
+               "compute_latency_at100", "compute_latency_at99", "compute_latency_at95", "compute_latency_at90"]
+# How a metric is summarised over epochs in the run summary (step []), as DLLogger's aggregators.
+SUMMARY_BEST = {"top1": max, "top5": max, "loss": min}
+SIGNAL_CHECK_EVERY = 20  # distributed runs agree on a stop request every N iterations (the reference's bound)
+
+PrepareModel = Callable[[argparse.Namespace, nn.Module, object, ExecutionContext, Logger], object]
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and returns. A second SIGINT aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous: dict[int, object] = {}
+
+    def _handler(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> "StopRequest":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self, ctx: ExecutionContext) -> bool:
+        """Whether any process was asked to stop (a collective in distributed runs)."""
+        if not ctx.distributed:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=ctx.device)
+        return bool(all_reduce_sum(flag).item() > 0)
+
+
+@dataclass
+class RunState:
+    """What the loop carries from epoch to epoch and what a checkpoint restores."""
+
+    epoch: int = 0                   # next epoch to run
+    iteration: int = 0               # next batch of `epoch` (non-zero only after a mid-epoch stop)
+    best_prec1: float = 0.0
+    optimizer_steps: int = 0         # EMA warm-up counts these
+    epochs_without_improvement: int = 0
+    data_seed: int = 0
+    history: list = field(default_factory=list)
+
+
+@dataclass
+class Engine:
+    """The model and what trains it."""
+
+    ctx: ExecutionContext
+    model: nn.Module                 # unwrapped (what checkpoints hold)
+    train_model: nn.Module           # scripted/compiled/DDP-wrapped view used in the loop
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer | None = None
+    scaler: torch.amp.GradScaler | None = None
+    ema: EMA | None = None
+    mixup: Mixup | None = None
+    accumulation: int = 1
+
+
+# --- setup ----------------------------------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def shared_seed(ctx: ExecutionContext, seed: int | None) -> int:
+    """`seed`, or one random seed agreed by all processes (the data order must be the same on every rank)."""
+    if seed is not None:
+        return seed
+    value = torch.tensor([int.from_bytes(os.urandom(4), "little") if ctx.is_main_process else 0],
+                         dtype=torch.int64, device=ctx.device)
+    return int(all_reduce_sum(value).item())
+
+
+def accumulation_steps(optimizer_batch_size: int, batch_size: int, world_size: int) -> int:
+    """Iterations per optimizer step to reach --optimizer-batch-size; a clear error when it does not divide."""
+    if optimizer_batch_size in (-1, None):
+        return 1
+    per_iteration = batch_size * world_size
+    if optimizer_batch_size <= 0 or optimizer_batch_size % per_iteration:
+        raise ValueError(f"--optimizer-batch-size {optimizer_batch_size} must be a positive multiple of "
+                         f"world size x batch size = {world_size} x {batch_size} = {per_iteration}")
+    return optimizer_batch_size // per_iteration
+
+
+def build_loaders(args, ctx: ExecutionContext, image_size: int, seed: int):
+    """(train loader or None with --evaluate, val loader or None with --training-only)."""
+    from .data import build_train_loader, build_val_loader
+    common = dict(image_size=image_size, batch_size=args.batch_size, ctx=ctx,
+                  num_classes=args.model_args.num_classes, workers=args.workers, prefetch=args.prefetch,
+                  interpolation=args.interpolation, seed=seed)
+    train = None if args.evaluate else build_train_loader(args.data_backend, args.data,
+                                                          augmentation=args.augmentation, **common)
+    val = None if args.training_only and not args.evaluate else build_val_loader(args.data_backend, args.data,
+                                                                                  **common)
+    return train, val
+
+
+def compile_model(model: nn.Module, jit: str) -> nn.Module:
+    """--jit: torch.jit.script or torch.compile; a clear error when the model cannot be scripted."""
+    if jit == "no":
+        return model
+    if jit == "script":
+        try:
+            return torch.jit.script(model)
+        except Exception as err:  # TorchScript reports many error types
+            raise ValueError(f"--jit script: this model cannot be scripted ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0]}); use --jit compile or --jit no") from None
+    if jit == "compile":
+        return torch.compile(model)
+    raise ValueError(f"--jit must be no, script or compile, got {jit!r}")
+
+
+def wrap_distributed(model: nn.Module, ctx: ExecutionContext) -> nn.Module:
+    if not ctx.distributed:
+        return model
+    device_ids = [ctx.device.index] if ctx.is_cuda else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def log_parameters(logger: Logger, args) -> None:
+    params = ckpt.plain_args(args)
+    model_params = params.pop("model_args", {})
+    logger.log("PARAMETER", {**params, **{f"model.{k}": v for k, v in model_params.items()}}, verbose=False)
+    for prefix, names in (("train", TRAIN_METRICS), ("val", VAL_METRICS), ("val_ema", VAL_METRICS)):
+        logger.register_metrics(prefix, names)
+
+
+def read_resume_checkpoint(path: str, args) -> dict:
+    """The --resume checkpoint, refused (as the reference) when it has already run --epochs epochs."""
+    saved = ckpt.load_checkpoint(path)
+    if saved["epoch"] >= args.epochs and not args.evaluate:
+        raise ckpt.CheckpointError(f"--resume {path}: the checkpoint has already run {saved['epoch']} epochs, "
+                                   f"--epochs is {args.epochs}; nothing left to train (raise --epochs)")
+    return saved
+
+
+def resume_from(saved: dict, path: str, engine: Engine, state: RunState, logger: Logger) -> None:
+    """Restore model, optimizer, scaler, EMA, RNG and run state from a training checkpoint."""
+    engine.model.load_state_dict(fit_state_dict(engine.model, saved["state_dict"], source=str(path)))
+    if engine.optimizer is not None and saved.get("optimizer"):
+        engine.optimizer.load_state_dict(saved["optimizer"])
+    if engine.scaler is not None and saved.get("scaler"):
+        engine.scaler.load_state_dict(saved["scaler"])
+    if engine.ema is not None:
+        source = saved.get("state_dict_ema") or saved["state_dict"]
+        engine.ema.load_state_dict(fit_state_dict(engine.ema.module, source, source=f"{path} (EMA)"))
+    state.epoch = int(saved["epoch"])
+    state.iteration = int(saved.get("iteration", 0))
+    state.best_prec1 = float(saved["best_prec1"])
+    state.optimizer_steps = int(saved.get("optimizer_steps", 0))
+    state.epochs_without_improvement = int(saved.get("epochs_without_improvement", 0))
+    state.data_seed = int(saved.get("data_seed", state.data_seed))
+    if "rng" in saved and saved.get("world_size", 1) == engine.ctx.world_size:
+        rng = saved["rng"]
+        rng = rng[engine.ctx.rank] if isinstance(rng, list) else rng
+        ckpt.restore_rng_state(rng, engine.ctx)
+    logger.print(f"=> resumed from {path}: epoch {state.epoch}"
+                 + (f", iteration {state.iteration}" if state.iteration else "")
+                 + f", best top-1 {state.best_prec1:.2f}")
+
+
+def checkpoint_state(engine: Engine, state: RunState, args) -> dict:
+    """The checkpoint dict (reference keys first). RNG states of every rank are gathered by the caller."""
+    out = {
+        "epoch": state.epoch,
+        "best_prec1": state.best_prec1,
+        "state_dict": engine.model.state_dict(),
+        "optimizer": engine.optimizer.state_dict() if engine.optimizer is not None else {},
+    }
+    if engine.ema is not None:
+        out["state_dict_ema"] = engine.ema.state_dict()
+    out.update({
+        "scaler": engine.scaler.state_dict() if engine.scaler is not None else {},
+        "iteration": state.iteration,
+        "optimizer_steps": state.optimizer_steps,
+        "epochs_without_improvement": state.epochs_without_improvement,
+        "data_seed": state.data_seed,
+        "world_size": engine.ctx.world_size,
+        "arch": args.arch,
+        "args": ckpt.plain_args(args),
+    })
+    return out
+
+
+def gather_rng_states(ctx: ExecutionContext) -> dict | list:
+    """This rank's RNG state, or every rank's (a list, rank order) in distributed runs."""
+    mine = ckpt.capture_rng_state(ctx)
+    if not ctx.distributed:
+        return mine
+    import torch.distributed as dist
+    everyone: list = [None] * ctx.world_size
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+# --- the loops ------------------------------------------------------------------------------------------------
+
+def _batch_size(images) -> int:
+    return images.shape[0]
+
+
+def train_one_epoch(engine: Engine, loader, epoch: int, state: RunState, logger: Logger, args,
+                    stop: StopRequest, lr: float) -> dict[str, float]:
+    """One epoch (from `state.iteration` on); returns its averaged train.* metrics."""
+    ctx = engine.ctx
+    model, optimizer, scaler = engine.train_model, engine.optimizer, engine.scaler
+    model.train()
+    engine.criterion.train()
+    start_iteration = state.iteration
+    loader.set_epoch(epoch, skip_batches=start_iteration)
+    length = len(loader)
+    if args.prof > 0:
+        length = min(length, args.prof)
+    optimizer.zero_grad(set_to_none=True)  # an accumulation never spans two epochs
+    epoch_meter = SumMeter(["loss"], ctx.device)
+    interval_meter = SumMeter(["loss"], ctx.device)
+    progress = Progress(f"train {epoch}", length, enabled=ctx.is_main_process)
+    epoch_images = interval_images = 0
+    epoch_data_time = interval_data_time = 0.0
+    epoch_start = interval_start = time.perf_counter()
+    interval_iterations = iterations = 0
+    stopped = False
+    data_start = time.perf_counter()
+    for iteration, (images, target) in enumerate(loader, start=start_iteration):
+        if iteration >= length:
+            break
+        data_time = time.perf_counter() - data_start
+        batch = _batch_size(images)
+        optimizer_step = (iteration + 1) % engine.accumulation == 0
+        loss = train_step(engine, images, target, optimizer_step)
+        if optimizer_step:
+            state.optimizer_steps += 1
+            if engine.ema is not None:
+                engine.ema.update(engine.model, state.optimizer_steps)
+        weighted = (loss.detach() * batch).view(1)
+        epoch_meter.add(weighted, batch)
+        interval_meter.add(weighted, batch)
+        epoch_images += batch
+        interval_images += batch
+        epoch_data_time += data_time
+        interval_data_time += data_time
+        interval_iterations += 1
+        iterations += 1
+        progress.update(iteration - start_iteration, batch)
+
+        if (iteration + 1) % args.print_freq == 0 or iteration + 1 == length:
+            ctx.synchronize()
+            elapsed = time.perf_counter() - interval_start
+            logger.log((epoch, iteration + 1), {
+                "train.loss": interval_meter.averages(ctx.distributed)["loss"],
+                **_throughput("train", interval_images * ctx.world_size, interval_iterations, elapsed,
+                              interval_data_time),
+                "train.lr": lr,
+                "train.grad_scale": scaler.get_scale() if scaler.is_enabled() else 1.0,
+            })
+            interval_meter.reset()
+            interval_images, interval_iterations, interval_data_time = 0, 0, 0.0
+            interval_start = time.perf_counter()
+
+        if optimizer_step and iteration + 1 < length and _should_check_stop(ctx, state.optimizer_steps, engine):
+            if stop.agreed(ctx):
+                stopped = True
+                break
+        data_start = time.perf_counter()
+    progress.close()
+    state.iteration = iteration + 1 if stopped else 0
+    ctx.synchronize()
+    elapsed = time.perf_counter() - epoch_start
+    return {
+        "train.loss": epoch_meter.averages(ctx.distributed)["loss"],
+        **_throughput("train", epoch_images * ctx.world_size, iterations, elapsed, epoch_data_time),
+        "train.lr": lr,
+        "train.grad_scale": scaler.get_scale() if scaler.is_enabled() else 1.0,
+    }
+
+
+def _should_check_stop(ctx: ExecutionContext, optimizer_steps: int, engine: Engine) -> bool:
+    if not ctx.distributed:
+        return True
+    return optimizer_steps % max(1, SIGNAL_CHECK_EVERY // engine.accumulation) == 0
+
+
+def _throughput(prefix: str, images: int, iterations: int, elapsed: float, data_time: float) -> dict[str, float]:
+    compute = max(elapsed - data_time, 1e-12)
+    return {
+        f"{prefix}.total_ips": images / elapsed if elapsed > 0 else 0.0,
+        f"{prefix}.compute_ips": images / compute,
+        f"{prefix}.data_time": data_time / max(iterations, 1),
+        f"{prefix}.compute_time": compute / max(iterations, 1),
+    }
+
+
+def train_step(engine: Engine, images: torch.Tensor, target: torch.Tensor, optimizer_step: bool) -> torch.Tensor:
+    """Forward and backward of one batch; the optimizer steps when `optimizer_step` (end of an accumulation)."""
+    if engine.mixup is not None:
+        images, target = engine.mixup(images, target)
+    # DDP skips the gradient all-reduce on iterations that only accumulate.
+    sync = contextlib.nullcontext() if optimizer_step or not hasattr(engine.train_model, "no_sync") \
+        else engine.train_model.no_sync()
+    with sync:
+        with engine.ctx.autocast():
+            output = engine.train_model(images)
+            loss = engine.criterion(output, target)
+        engine.scaler.scale(loss / engine.accumulation).backward()
+    if optimizer_step:
+        engine.scaler.step(engine.optimizer)
+        engine.scaler.update()
+        engine.optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+@torch.no_grad()
+def validate(model: nn.Module, loader, ctx: ExecutionContext, logger: Logger, args, *, prefix: str = "val",
+             step: tuple[int, ...] = (0, 0)) -> dict[str, float]:
+    """Loss, top-1 and top-k (all-reduced), throughput and per-batch compute latency (mean and percentiles)."""
+    model.eval()
+    loader.set_epoch(step[0])
+    length = len(loader) if args.prof <= 0 else min(len(loader), args.prof)
+    meter = SumMeter(["loss", "top1", "top5"], ctx.device)
+    latencies: list[float] = []
+    images_seen = 0
+    data_time_sum = 0.0
+    progress = Progress(prefix, length, enabled=ctx.is_main_process)
+    start = data_start = time.perf_counter()
+    for i, (images, target) in enumerate(loader):
+        if i >= length:
+            break
+        data_time_sum += time.perf_counter() - data_start
+        compute_start = time.perf_counter()
+        with ctx.autocast():
+            output = model(images)
+        loss = F.cross_entropy(output.float(), target, reduction="sum")
+        correct = topk_correct(output, target, (1, args.topk))
+        meter.add(torch.cat([loss.view(1).double(), correct.double()]), images.shape[0])
+        ctx.synchronize()  # latency is the thing measured here
+        latencies.append(time.perf_counter() - compute_start)
+        images_seen += images.shape[0]
+        progress.update(i, images.shape[0])
+        if (i + 1) % args.print_freq == 0:
+            logger.log((*step, i + 1), {f"{prefix}.compute_latency": latencies[-1]}, verbose=True)
+        data_start = time.perf_counter()
+    progress.close()
+    elapsed = time.perf_counter() - start
+    averages = meter.averages(ctx.distributed)
+    ordered = sorted(latencies)
+    compute = sum(latencies)
+    result = {
+        f"{prefix}.loss": averages["loss"],
+        f"{prefix}.top1": 100.0 * averages["top1"],
+        f"{prefix}.top5": 100.0 * averages["top5"],
+        f"{prefix}.total_ips": images_seen * ctx.world_size / elapsed if elapsed > 0 else 0.0,
+        f"{prefix}.compute_ips": images_seen * ctx.world_size / compute if compute > 0 else 0.0,
+        f"{prefix}.data_time": data_time_sum / max(len(latencies), 1),
+        f"{prefix}.compute_latency": compute / max(len(latencies), 1),
+    }
+    for q in (100, 99, 95, 90):
+        result[f"{prefix}.compute_latency_at{q}"] = percentile(ordered, q)
+    return result
+
+
+# --- the job --------------------------------------------------------------------------------------------------
+
+def _summary(history: list[dict]) -> dict[str, float]:
+    """Run summary over the epoch records: best top-1/top-5, lowest loss, mean throughput/times, last LR."""
+    summary: dict[str, float] = {}
+    for key in dict.fromkeys(k for record in history for k in record):
+        values = [r[key] for r in history if key in r and isinstance(r[key], (int, float))
+                  and not (isinstance(r[key], float) and math.isnan(r[key]))]
+        if not values:
+            continue
+        name = key.split(".")[-1]
+        if name in SUMMARY_BEST:
+            summary[key] = SUMMARY_BEST[name](values)
+        elif name in ("lr", "grad_scale"):
+            summary[key] = values[-1]
+        else:
+            summary[key] = sum(values) / len(values)
+    return summary
+
+
+def main(args: argparse.Namespace, *, prepare_model: PrepareModel | None = None, checkpoint_prefix: str = ""
+         ) -> dict:
+    """Run the job main.py describes (train + validate, or --evaluate) and return the summary metrics."""
+    ctx = create_context(device=None if args.device == "auto" else args.device, amp=args.amp,
+                         memory_format=args.memory_format, allow_tf32=args.tf32)
+    try:
+        return _run(args, ctx, prepare_model, checkpoint_prefix)
+    finally:
+        if ctx.distributed:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _run(args, ctx: ExecutionContext, prepare_model, checkpoint_prefix: str) -> dict:
+    set_affinity(args.gpu_affinity, ctx)
+    if args.seed is not None:
+        seed_everything(args.seed + ctx.local_rank)
+    saved = read_resume_checkpoint(args.resume, args) if args.resume else None
+    accumulation = accumulation_steps(args.optimizer_batch_size, args.batch_size, ctx.world_size)
+    if args.use_ema is not None and not 0.0 < args.use_ema < 1.0:
+        raise ValueError(f"--use-ema decay must be in (0, 1), got {args.use_ema}")
+    if args.print_freq <= 0:
+        raise ValueError(f"--print-freq must be positive, got {args.print_freq}")
+    if args.topk < 1:
+        raise ValueError(f"--topk must be at least 1, got {args.topk}")
+
+    workspace = Path(args.workspace)
+    if ctx.is_main_process:
+        workspace.mkdir(parents=True, exist_ok=True)
+    logger = Logger(workspace / args.raport_file, enabled=ctx.is_main_process, append=bool(args.resume))
+    with logger, StopRequest() as stop:
+        log_parameters(logger, args)
+        entry = get_entry(args.arch)
+        model = entry(**vars(args.model_args))
+        image_size = args.image_size or entry.default_image_size
+        state = RunState(data_seed=shared_seed(ctx, args.seed))
+        if saved is not None:
+            # The data order of a resumed run comes from the checkpoint: its seed is needed by the loaders.
+            state.data_seed = int(saved.get("data_seed", state.data_seed))
+        train_loader, val_loader = build_loaders(args, ctx, image_size, state.data_seed)
+        model = model.to(ctx.device, memory_format=ctx.memory_format)
+        if prepare_model is not None:
+            prepare_model(args, model, train_loader, ctx, logger)
+        train_model = wrap_distributed(compile_model(model, args.jit), ctx)
+        engine = Engine(ctx=ctx, model=model, train_model=train_model,
+                        criterion=build_loss(args.label_smoothing, args.mixup).to(ctx.device),
+                        scaler=ctx.grad_scaler(args.static_loss_scale), accumulation=accumulation,
+                        mixup=Mixup(args.mixup, args.model_args.num_classes) if args.mixup > 0 else None)
+        if not args.evaluate:
+            engine.optimizer = optimizer_from_args(model, args)
+        if args.use_ema is not None:
+            engine.ema = EMA(model, args.use_ema)
+        if saved is not None:
+            resume_from(saved, args.resume, engine, state, logger)
+            del saved
+
+        writer = ckpt.CheckpointWriter(workspace, prefix=checkpoint_prefix, filename=args.checkpoint_filename,
+                                       keep_last=args.gather_checkpoints)
+        save = args.save_checkpoints and ctx.is_main_process and not args.evaluate
+        if save and (train_loader or val_loader) is not None:
+            ckpt.write_class_names(workspace, list((train_loader or val_loader).classes))
+
+        if args.evaluate:
+            record = validate(engine.train_model, val_loader, ctx, logger, args, step=(state.epoch, 0))
+            if engine.ema is not None:
+                record.update(validate(engine.ema.module, val_loader, ctx, logger, args, prefix="val_ema",
+                                       step=(state.epoch, 0)))
+            logger.log((state.epoch,), record)
+            summary = _summary([record])
+            logger.log((), summary)
+            return summary
+
+        lr_of = schedule_from_args(args)
+        last_epoch = args.epochs if args.run_epochs < 0 else min(args.epochs, state.epoch + args.run_epochs)
+        interrupted = False
+        while state.epoch < last_epoch:
+            epoch = state.epoch
+            lr = lr_of(epoch)
+            set_lr(engine.optimizer, lr)
+            record = train_one_epoch(engine, train_loader, epoch, state, logger, args, stop, lr)
+            if state.iteration:  # stopped mid-epoch by a signal: save where we are and leave
+                interrupted = True
+                if args.save_checkpoints:
+                    rng = gather_rng_states(ctx)  # a collective: every rank takes part
+                    if save:
+                        writer.save({**checkpoint_state(engine, state, args), "rng": rng}, is_best=False)
+                logger.log((epoch,), record)
+                logger.print(f"=> stopped by signal at epoch {epoch} iteration {state.iteration}; "
+                             + (f"saved {writer.latest}" if save else "no checkpoint (--no-checkpoints)"))
+                state.history.append(record)
+                break
+            is_best = False
+            if val_loader is not None:
+                record.update(validate(engine.train_model, val_loader, ctx, logger, args,
+                                       step=(epoch, len(train_loader))))
+                if engine.ema is not None:
+                    record.update(validate(engine.ema.module, val_loader, ctx, logger, args, prefix="val_ema",
+                                           step=(epoch, len(train_loader))))
+                is_best = record["val.top1"] > state.best_prec1
+                if is_best:
+                    state.best_prec1 = record["val.top1"]
+                    state.epochs_without_improvement = 0
+                else:
+                    state.epochs_without_improvement += 1
+            logger.log((epoch,), record)
+            state.history.append(record)
+            state.epoch = epoch + 1
+            if args.save_checkpoints:
+                rng = gather_rng_states(ctx)
+                if save:
+                    writer.save({**checkpoint_state(engine, state, args), "rng": rng}, is_best=is_best)
+            logger.flush()
+            if (args.early_stopping_patience > 0 and val_loader is not None
+                    and state.epochs_without_improvement >= args.early_stopping_patience):
+                logger.print(f"=> early stopping: no better val top-1 for {state.epochs_without_improvement} "
+                             "epochs")
+                break
+            if stop.agreed(ctx):
+                interrupted = True
+                logger.print(f"=> stopped by signal after epoch {epoch}")
+                break
+        summary = _summary(state.history)
+        logger.log((), summary)
+        return {**summary, "best_prec1": state.best_prec1, "epoch": state.epoch, "interrupted": interrupted}
