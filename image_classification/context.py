@@ -81,6 +81,25 @@ class ExecutionContext:
         if self.distributed:
             dist.barrier()
 
+    def device_rng_state(self) -> torch.Tensor | None:
+        """The accelerator's RNG state (for exact resume), or None on CPU."""
+        return torch.cuda.get_rng_state(self.device) if self.is_cuda else None
+
+    def set_device_rng_state(self, state: torch.Tensor | None) -> None:
+        """Restore what `device_rng_state` returned (ignored on CPU or when None)."""
+        if self.is_cuda and state is not None:
+            torch.cuda.set_rng_state(state.cpu(), self.device)
+
+    def pci_bus_ids(self) -> list[str]:
+        """PCI addresses (sysfs form, e.g. 0000:07:00.0) of the visible GPUs, for CPU affinity; [] without CUDA."""
+        if not torch.cuda.is_available():
+            return []
+        ids = []
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            ids.append(f"{props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0")
+        return ids
+
 
 def memory_format_from_name(name: str) -> torch.memory_format:
     """Map the reference's --memory-format value (nchw|nhwc) to a torch memory format."""
