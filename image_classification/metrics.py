@@ -5,6 +5,7 @@ are turned into numbers, all-reduced across ranks, at print frequency and at the
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -68,9 +69,8 @@ class SumMeter:
         return {name: (value / count if count else float("nan")) for name, value in zip(self.names, values[:-1])}
 
 
-def percentile(sorted_values: list[float], q: float) -> float:
-    """The q-th percentile (0..100) by nearest rank, the way the reference reads latency tables."""
-    if not sorted_values:
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation (numpy's default), NaN when empty."""
+    if not values:
         return float("nan")
-    index = min(len(sorted_values) - 1, max(0, int(round(q / 100.0 * len(sorted_values) + 0.5)) - 1))
-    return sorted_values[index]
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
