@@ -1,0 +1,193 @@
+"""main.py's command line: the reference's flags and defaults, model flags, errors, -h, and every recipe."""
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from image_classification.arguments import build_parser, parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Spec §1: dest -> default.
+REFERENCE_DEFAULTS = {
+    "data_backend": "dali-cpu", "interpolation": "bilinear", "arch": "resnet50", "workers": 5, "prefetch": 2,
+    "epochs": 90, "run_epochs": -1, "early_stopping_patience": -1, "image_size": None, "batch_size": 256,
+    "optimizer_batch_size": -1, "lr": 0.1, "lr_schedule": "step", "end_lr": 0.0, "warmup": 0,
+    "label_smoothing": 0.0, "mixup": 0.0, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 1e-4,
+    "bn_weight_decay": False, "rmsprop_alpha": 0.9, "rmsprop_eps": 1e-3, "nesterov": False, "print_freq": 10,
+    "resume": None, "static_loss_scale": 1.0, "prof": -1, "amp": False, "seed": None, "gather_checkpoints": 0,
+    "raport_file": "experiment_raport.json", "evaluate": False, "training_only": False, "save_checkpoints": True,
+    "jit": "no", "checkpoint_filename": "checkpoint.pth.tar", "workspace": "./", "memory_format": "nchw",
+    "use_ema": None, "augmentation": None, "gpu_affinity": "none", "topk": 5,
+}
+MODEL_DEFAULTS_B0 = {"num_classes": 1000, "conv_init": "fan_in", "bn_momentum": 0.01, "bn_epsilon": 1e-3,
+                     "trt": False, "pretrained_from_file": None}
+
+
+def test_reference_defaults_and_dests():
+    defaults = vars(build_parser().parse_args([]))
+    for dest, value in REFERENCE_DEFAULTS.items():
+        assert defaults[dest] == value, dest
+    args = parse_args(["/data", "-a", "efficientnet-b0"])
+    for dest, value in MODEL_DEFAULTS_B0.items():
+        assert getattr(args.model_args, dest) == value, dest
+    assert args.device == "auto" and args.tf32 is True
+
+
+def test_short_and_alias_spellings():
+    args = parse_args(["-a", "efficientnet-b4", "-j", "3", "-b", "8", "-p", "7", "--wd", "5e-6", "--num-classes", "10",
+                       "--no-checkpoints", "--jit", "compile", "--lr-schedule", "exponential", "/data"])
+    assert (args.arch, args.workers, args.batch_size, args.print_freq, args.weight_decay) == \
+        ("efficientnet-b4", 3, 8, 7, 5e-6)
+    assert args.model_args.num_classes == 10 and args.save_checkpoints is False
+    assert args.model_args.survival_prob == pytest.approx(0.8)  # b4's own default
+    assert parse_args(["/d", "-a", "efficientnet-b0", "--num_classes", "3"]).model_args.num_classes == 3
+
+
+def test_model_flags_may_precede_the_data_folder():
+    args = parse_args(["--arch", "efficientnet-b0", "--num_classes", "10", "--trt", "True", "/data"])
+    assert args.data == "/data" and args.model_args.num_classes == 10 and args.model_args.trt is True
+
+
+def test_unknown_flag_lists_valid_flags(capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["/data", "-a", "efficientnet-b0", "--bogus-flag", "1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--bogus-flag" in err and "valid flags:" in err and "--raport-file" in err and "--bn_momentum" in err
+
+
+def test_unknown_arch_lists_models(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["/data", "--arch", "resnet50"])
+    assert "efficientnet-b0" in capsys.readouterr().err
+
+
+def test_defaults_dict_is_applied_and_checked():
+    args = parse_args(["/data"], defaults={"arch": "efficientnet-b0", "data_backend": "pytorch", "num_classes": 7,
+                                           "static_loss_scale": 128, "training_only": True})
+    assert args.arch == "efficientnet-b0" and args.data_backend == "pytorch" and args.static_loss_scale == 128
+    assert args.training_only and args.model_args.num_classes == 7
+    assert parse_args(["/data", "--num_classes", "3"], defaults={"arch": "efficientnet-b0", "num_classes": 7}
+                      ).model_args.num_classes == 3  # the command line wins
+    with pytest.raises(ValueError, match="not_a_flag"):
+        parse_args(["/data"], defaults={"arch": "efficientnet-b0", "not_a_flag": 1})
+
+
+def test_help_documents_main_and_model_flags():
+    result = subprocess.run([sys.executable, "main.py", "-h"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    for flag in ("--data-backend", "--raport-file", "--jit", "--lr-decay", "--device", "--no-tf32", "--num_classes",
+                 "--survival_prob", "--pretrained-from-file", "compile", "exponential"):
+        assert flag in result.stdout, flag
+
+
+def test_cpu_run_refuses_gpu_affinity(tmp_path):
+    result = subprocess.run([sys.executable, "main.py", "--arch", "efficientnet-b0", "--data-backend", "synthetic",
+                             "--image-size", "32", "-b", "2", "--num_classes", "2", "--device", "cpu",
+                             "--gpu-affinity", "socket", "--workspace", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("main.py: error: --gpu-affinity socket")
+
+
+def test_jit_modes():
+    from image_classification.training import compile_model
+    tiny = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    x = torch.randn(2, 3, 8, 8)
+    assert compile_model(tiny, "no") is tiny
+    scripted = compile_model(tiny, "script")
+    torch.testing.assert_close(scripted(x), tiny(x))
+    from image_classification.models import get_entry
+    b0 = get_entry("efficientnet-b0")(num_classes=2).eval()
+    image = torch.randn(1, 3, 32, 32)
+    try:
+        scripted_b0 = compile_model(b0, "script")
+    except ValueError as err:  # the model family must say so clearly when it cannot be scripted
+        assert "cannot be scripted" in str(err) and "--jit compile" in str(err)
+    else:
+        torch.testing.assert_close(scripted_b0(image), b0(image))
+
+
+# --- every recipe and configs.yml section parses ------------------------------------------------------------
+
+LAUNCH_FLAGS = ("--model", "--precision", "--mode", "--platform", "--cfg_file")
+
+
+def _configs() -> dict | None:
+    path = ROOT / "configs.yml"
+    if not path.is_file():
+        return None
+    import yaml
+    return yaml.safe_load(path.read_text())
+
+
+def _launch_defaults(config: dict, model: str, precision: str, mode: str, platform: str) -> dict:
+    """configs.yml merged the way launch.py does: precision, platform, model entry, mode."""
+    merged: dict = {}
+    for section in (config["precision"][precision], config["platform"][platform],
+                    config["models"][model][platform][precision], config["mode"][mode]):
+        merged.update(section or {})
+    return merged
+
+
+def _recipe_commands() -> list[tuple[str, list[str]]]:
+    """(recipe file, argv after the script) of every python command in efficientnet/**/*.sh."""
+    commands = []
+    for path in sorted((ROOT / "efficientnet").glob("**/*.sh")):
+        text = path.read_text().replace("\\\n", " ")
+        for line in text.splitlines():
+            line = re.sub(r"\$\{?(\d)(:-[^}]*)?\}?", "/placeholder", line.split("#")[0])
+            line = re.sub(r"\$\{?\w+\}?", "8", line)  # loop variables such as batch sizes
+            if ".py" not in line:
+                continue
+            tokens = shlex.split(line)
+            scripts = [i for i, t in enumerate(tokens) if t.endswith(("main.py", "launch.py", "quant_main.py"))]
+            if scripts:
+                i = scripts[-1]
+                commands.append((f"{path.relative_to(ROOT)}:{Path(tokens[i]).name}", tokens[i:]))
+    return commands
+
+
+def test_every_recipe_and_config_parses():
+    config = _configs()
+    commands = _recipe_commands()
+    if config is None and not commands:
+        pytest.skip("no configs.yml and no efficientnet/**/*.sh recipes yet")
+    checked = 0
+    for name, (script, *argv) in commands:
+        script = Path(script).name
+        if script == "quant_main.py":
+            import quant_main
+            args = quant_main.parse_args(argv)
+        elif script == "main.py":
+            args = parse_args(argv)
+        else:
+            assert config is not None, f"{name} uses launch.py but there is no configs.yml"
+            launch = argparse.ArgumentParser(add_help=False)
+            for flag in LAUNCH_FLAGS:
+                launch.add_argument(flag)
+            known, rest = launch.parse_known_args(argv)
+            defaults = _launch_defaults(config, known.model, known.precision, known.mode, known.platform)
+            args = parse_args(rest, defaults=defaults)
+            assert args.arch == known.model, name
+        assert args.arch.startswith("efficientnet"), name
+        checked += 1
+    if config is not None:
+        for model, platforms in config["models"].items():
+            for platform, precisions in platforms.items():
+                for precision in precisions:
+                    for mode in config["mode"]:
+                        args = parse_args(["/data"], defaults=_launch_defaults(config, model, precision, mode,
+                                                                               platform))
+                        assert args.arch == model
+                        checked += 1
+    assert checked
