@@ -1,0 +1,113 @@
+"""multiproc.py: a 2-process gloo run equals the single-process run on the same global batch.
+
+The equivalence needs a model without BatchNorm (batch statistics differ per rank) and data whose
+global batches do not depend on the number of processes, so the worker script below registers a
+BN-free model and a deterministic, index-sharded in-memory dataset; everything else (DDP, gradient
+averaging, metric all-reduce, rank-0-only files, torchrun launch) is the real engine.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+WORKER = '''
+import argparse, sys, types
+sys.path.insert(0, {root!r})
+import torch
+from torch import nn
+from image_classification.models import register
+
+class TinyEntry:
+    """A BN-free model with a fixed initialisation, behind the registry's entry-point interface."""
+    name = "tiny-bn-free"
+    default_image_size = 8
+    def parser(self):
+        p = argparse.ArgumentParser(add_help=False)
+        p.add_argument("--num_classes", type=int, default=3)
+        return p
+    def __call__(self, num_classes=3):
+        g = torch.Generator().manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                              nn.Linear(6, num_classes))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        return model
+
+register("tiny-bn-free", TinyEntry())
+
+class Loader:
+    """Global permutation per epoch, interleaved shards (sample k goes to rank k % world), as DistributedSampler."""
+    def __init__(self, n, batch_size, ctx, seed, train):
+        g = torch.Generator().manual_seed(1234 if train else 4321)
+        self.x = torch.randn(n, 3, 8, 8, generator=g)
+        self.y = torch.randint(0, 3, (n,), generator=g)
+        self.x[torch.arange(n), self.y] += 1.0
+        self.batch_size, self.ctx, self.seed, self.train = batch_size, ctx, seed, train
+        self.classes, self.num_samples, self.epoch, self.skip = ["a", "b", "c"], n, 0, 0
+    def set_epoch(self, epoch, skip_batches=0):
+        self.epoch, self.skip = epoch, skip_batches
+    def __len__(self):
+        return self.num_samples // (self.ctx.world_size * self.batch_size)
+    def __iter__(self):
+        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch)) \\
+            if self.train else torch.arange(self.num_samples)
+        mine = order[self.ctx.rank::self.ctx.world_size]
+        for b in range(self.skip, len(self)):
+            index = mine[b * self.batch_size:(b + 1) * self.batch_size]
+            yield self.x[index], self.y[index]
+
+data = types.ModuleType("image_classification.data")
+data.DataError = type("DataError", (ValueError,), {{}})
+data.build_train_loader = lambda backend, d, *, batch_size, ctx, seed=None, **kw: Loader(64, batch_size, ctx, seed, True)
+data.build_val_loader = lambda backend, d, *, batch_size, ctx, seed=None, **kw: Loader(32, batch_size, ctx, seed, False)
+sys.modules["image_classification.data"] = data
+
+sys.argv[0] = "main.py"
+import main
+main.main()
+'''
+
+
+def _run(tmp_path: Path, name: str, nproc: int, batch: int) -> Path:
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER.format(root=str(ROOT)))
+    workspace = tmp_path / name
+    flags = ["--arch", "tiny-bn-free", "--data-backend", "synthetic", "-b", str(batch), "--epochs", "2",
+             "--lr", "0.2", "--momentum", "0.9", "--wd", "1e-3", "--lr-schedule", "cosine", "--seed", "5",
+             "--print-freq", "2", "--workspace", str(workspace), "--device", "cpu", "-j", "0"]
+    command = [sys.executable, "multiproc.py", "--nproc_per_node", str(nproc), "--master_port", str(29511 + nproc),
+               str(worker), *flags]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240,
+                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workspace
+
+
+def _epochs(workspace: Path) -> dict[int, dict]:
+    records = [json.loads(line[5:]) for line in (workspace / "experiment_raport.json").read_text().splitlines()]
+    assert sum(r["step"] == "PARAMETER" and r["type"] == "LOG" for r in records) == 1  # rank 0 alone writes
+    return {r["step"][0]: r["data"] for r in records if isinstance(r["step"], list) and len(r["step"]) == 1}
+
+
+def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path):
+    single = _run(tmp_path, "single", nproc=1, batch=8)
+    double = _run(tmp_path, "double", nproc=2, batch=4)
+    a = torch.load(single / "checkpoint.pth.tar", weights_only=True)
+    b = torch.load(double / "checkpoint.pth.tar", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    for name in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][name], b["state_dict"][name], rtol=1e-5, atol=1e-6)
+    assert isinstance(b["rng"], list) and len(b["rng"]) == 2  # every rank's RNG state, for exact resume
+    ea, eb = _epochs(single), _epochs(double)
+    assert sorted(ea) == sorted(eb) == [0, 1]
+    for epoch in ea:
+        for key in ("train.loss", "val.loss", "val.top1", "val.top5"):
+            assert ea[epoch][key] == pytest.approx(eb[epoch][key], rel=1e-5, abs=1e-6), (epoch, key)
