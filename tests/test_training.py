@@ -366,3 +366,17 @@ def test_gpu_affinity_modes_and_cpu_refusal():
     from image_classification.gpu_affinity import set_affinity
     with pytest.raises(ValueError, match="--gpu-affinity socket"):
         set_affinity("socket", create_context(device="cpu"))
+
+
+def test_plot_report_writes_png(tmp_path):
+    report = tmp_path / "raport.json"
+    logger = Logger(report, print_stdout=False)
+    for epoch in range(3):
+        logger.log((epoch,), {"train.loss": 2.0 - epoch * 0.5, "val.loss": 2.1 - epoch * 0.4,
+                              "val.top1": 30.0 + 10 * epoch, "val.top5": 80.0 + epoch})
+    logger.close()
+    result = subprocess.run([sys.executable, "scripts/plot_report.py", str(report)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    png = tmp_path / "raport.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

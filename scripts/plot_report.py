@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""Plot loss, top-1 and top-5 per epoch from a main.py report (DLLogger JSON lines) to a PNG.
+
+    .venv/bin/python scripts/plot_report.py runs/demo/raport.json                 # -> runs/demo/raport.png
+    .venv/bin/python scripts/plot_report.py raport.json --output curves.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def read_epochs(path: Path) -> dict[int, dict[str, float]]:
+    """Epoch records ({epoch: metrics}) of a report; later records of an epoch (a resumed run) win."""
+    epochs: dict[int, dict[str, float]] = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.startswith("DLLL "):
+            continue
+        try:
+            record = json.loads(line[5:])
+        except json.JSONDecodeError:
+            raise SystemExit(f"{path}:{number}: not a JSON record") from None
+        step = record.get("step")
+        if record.get("type") == "LOG" and isinstance(step, list) and len(step) == 1:
+            epochs.setdefault(step[0], {}).update(record["data"])
+    return epochs
+
+
+def plot(epochs: dict[int, dict[str, float]], output: Path, title: str = "") -> None:
+    """Three panels: loss (train, val, val_ema), top-1 and top-5 (val, val_ema)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    xs = sorted(epochs)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    panels = [("loss", ("train", "val", "val_ema")), ("top1", ("val", "val_ema")), ("top5", ("val", "val_ema"))]
+    for ax, (metric, prefixes) in zip(axes, panels):
+        for prefix in prefixes:
+            key = f"{prefix}.{metric}"
+            points = [(e, epochs[e][key]) for e in xs if isinstance(epochs[e].get(key), (int, float))]
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=prefix)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric + (" (%)" if metric != "loss" else ""))
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("report", type=Path, help="the --raport-file of a run")
+    p.add_argument("--output", "-o", type=Path, default=None, help="PNG to write (default: the report's name, .png)")
+    args = p.parse_args(argv)
+    if not args.report.is_file():
+        raise SystemExit(f"plot_report.py: error: {args.report}: no such file")
+    epochs = read_epochs(args.report)
+    if not epochs:
+        raise SystemExit(f"plot_report.py: error: {args.report}: no epoch records (was the run trained?)")
+    output = args.output or args.report.with_suffix(".png")
+    plot(epochs, output, title=str(args.report))
+    print(output)
+    return output
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
