@@ -127,6 +127,10 @@ class CheckpointWriter:
         self.latest = self.workspace / f"{prefix}{filename}"
         self.best = self.workspace / f"{prefix}model_best.pth.tar"
         self.keep_last = keep_last
+        # Temporary files of a write that was killed before its rename are garbage.
+        if self.workspace.is_dir():
+            for stale in self.workspace.glob(f".{prefix}*.pth.tar.*.tmp"):
+                stale.unlink(missing_ok=True)
 
     def epoch_path(self, epoch: int) -> Path:
         return self.workspace / f"{self.prefix}checkpoint_{epoch:04}.pth.tar"

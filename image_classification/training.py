@@ -490,9 +490,9 @@ def _run(args, ctx: ExecutionContext, prepare_model, checkpoint_prefix: str) -> 
             resume_from(saved, args.resume, engine, state, logger)
             del saved
 
-        writer = ckpt.CheckpointWriter(workspace, prefix=checkpoint_prefix, filename=args.checkpoint_filename,
-                                       keep_last=args.gather_checkpoints)
         save = args.save_checkpoints and ctx.is_main_process and not args.evaluate
+        writer = ckpt.CheckpointWriter(workspace, prefix=checkpoint_prefix, filename=args.checkpoint_filename,
+                                       keep_last=args.gather_checkpoints) if save else None
         if save and (train_loader or val_loader) is not None:
             ckpt.write_class_names(workspace, list((train_loader or val_loader).classes))
 

@@ -154,7 +154,7 @@ def test_main_py_prints_one_line_errors(tmp_path):
 
 
 def test_sigterm_mid_epoch_saves_and_exits_cleanly(tmp_path):
-    argv = [sys.executable, "main.py", *run_args(tmp_path, "--prof", "-1", "--epochs", "1", "--print-freq", "1")]
+    argv = [sys.executable, "main.py", *run_args(tmp_path, "--prof", "40", "--epochs", "1", "--print-freq", "1")]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     report = tmp_path / "experiment_raport.json"
     deadline = time.time() + 120
@@ -166,8 +166,12 @@ def test_sigterm_mid_epoch_saves_and_exits_cleanly(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     saved = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
-    assert saved["epoch"] == 0 and saved["iteration"] >= 1
+    assert saved["epoch"] == 0 and 1 <= saved["iteration"] < 40
     assert "stopped by signal" in out
+    # --resume finishes the interrupted epoch from the next batch.
+    summary = train(run_args(tmp_path, "--prof", "40", "--epochs", "1", "--resume", str(tmp_path / "checkpoint.pth.tar")))
+    saved = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
+    assert saved["epoch"] == 1 and saved["iteration"] == 0 and summary["epoch"] == 1
 
 
 # --- atomic writes --------------------------------------------------------------------------------------------
