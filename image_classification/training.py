@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import math
 import os
 import random
@@ -277,9 +278,8 @@ def train_one_epoch(engine: Engine, loader, epoch: int, state: RunState, logger:
     interval_iterations = iterations = 0
     stopped = False
     data_start = time.perf_counter()
-    for iteration, (images, target) in enumerate(loader, start=start_iteration):
-        if iteration >= length:
-            break
+    batches = itertools.islice(loader, max(length - start_iteration, 0))
+    for iteration, (images, target) in enumerate(batches, start=start_iteration):
         data_time = time.perf_counter() - data_start
         batch = _batch_size(images)
         optimizer_step = (iteration + 1) % engine.accumulation == 0
@@ -378,9 +378,7 @@ def validate(model: nn.Module, loader, ctx: ExecutionContext, logger: Logger, ar
     data_time_sum = 0.0
     progress = Progress(prefix, length, enabled=ctx.is_main_process)
     start = data_start = time.perf_counter()
-    for i, (images, target) in enumerate(loader):
-        if i >= length:
-            break
+    for i, (images, target) in enumerate(itertools.islice(loader, length)):
         data_time_sum += time.perf_counter() - data_start
         compute_start = time.perf_counter()
         with ctx.autocast():
