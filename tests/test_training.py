@@ -46,6 +46,11 @@ def run_args(workspace: Path, *extra: str) -> list[str]:
             "--warmup", "1", "--prof", "3", "--workspace", str(workspace), *extra]
 
 
+def needs_data_module():
+    """End-to-end runs use the real data pipelines (synthetic backend)."""
+    pytest.importorskip("image_classification.data", reason="image_classification.data has not landed yet")
+
+
 def train(argv: list[str]) -> dict:
     from image_classification.training import main
     torch.use_deterministic_algorithms(True)
@@ -74,6 +79,7 @@ def epoch_records(records: list[dict]) -> dict[int, dict]:
 # --- end-to-end runs ------------------------------------------------------------------------------------------
 
 def test_short_run_writes_report_and_checkpoints(tmp_path):
+    needs_data_module()
     summary = train(run_args(tmp_path, "--use-ema", "0.9", "--gather-checkpoints", "1", "--label-smoothing",
                              "0.1", "--mixup", "0.2"))
     records = read_report(tmp_path / "experiment_raport.json")
@@ -105,6 +111,7 @@ def test_short_run_writes_report_and_checkpoints(tmp_path):
 
 
 def test_resume_after_one_epoch_equals_uninterrupted_run(tmp_path):
+    needs_data_module()
     full, split = tmp_path / "full", tmp_path / "split"
     train(run_args(full, "--use-ema", "0.9", "--mixup", "0.2"))
     train(run_args(split, "--use-ema", "0.9", "--mixup", "0.2", "--run-epochs", "1"))
@@ -154,6 +161,7 @@ def test_main_py_prints_one_line_errors(tmp_path):
 
 
 def test_sigterm_mid_epoch_saves_and_exits_cleanly(tmp_path):
+    needs_data_module()
     argv = [sys.executable, "main.py", *run_args(tmp_path, "--prof", "40", "--epochs", "1", "--print-freq", "1")]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     report = tmp_path / "experiment_raport.json"
