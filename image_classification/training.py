@@ -90,6 +90,7 @@ class RunState:
     epoch: int = 0                   # next epoch to run
     iteration: int = 0               # next batch of `epoch` (non-zero only after a mid-epoch stop)
     best_prec1: float = 0.0
+    validated: bool = False          # whether best_prec1 comes from a validation (the first one is always best)
     optimizer_steps: int = 0         # EMA warm-up counts these
     epochs_without_improvement: int = 0
     data_seed: int = 0
@@ -204,6 +205,7 @@ def resume_from(saved: dict, path: str, engine: Engine, state: RunState, logger:
     state.epoch = int(saved["epoch"])
     state.iteration = int(saved.get("iteration", 0))
     state.best_prec1 = float(saved["best_prec1"])
+    state.validated = bool(saved.get("validated", state.epoch > 0))
     state.optimizer_steps = int(saved.get("optimizer_steps", 0))
     state.epochs_without_improvement = int(saved.get("epochs_without_improvement", 0))
     state.data_seed = int(saved.get("data_seed", state.data_seed))
@@ -229,6 +231,7 @@ def checkpoint_state(engine: Engine, state: RunState, args) -> dict:
     out.update({
         "scaler": engine.scaler.state_dict() if engine.scaler is not None else {},
         "iteration": state.iteration,
+        "validated": state.validated,
         "optimizer_steps": state.optimizer_steps,
         "epochs_without_improvement": state.epochs_without_improvement,
         "data_seed": state.data_seed,
@@ -530,9 +533,10 @@ def _run(args, ctx: ExecutionContext, prepare_model, checkpoint_prefix: str) -> 
                 if engine.ema is not None:
                     record.update(validate(engine.ema.module, val_loader, ctx, logger, args, prefix="val_ema",
                                            step=(epoch, len(train_loader))))
-                is_best = record["val.top1"] > state.best_prec1
+                is_best = record["val.top1"] > state.best_prec1 or not state.validated
                 if is_best:
                     state.best_prec1 = record["val.top1"]
+                    state.validated = True
                     state.epochs_without_improvement = 0
                 else:
                     state.epochs_without_improvement += 1
