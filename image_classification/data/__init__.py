@@ -1,0 +1,106 @@
+"""Data pipelines: `build_train_loader` / `build_val_loader` for every --data-backend.
+
+    train = build_train_loader("pytorch", "/imagenet", image_size=224, batch_size=256, ctx=ctx, seed=0)
+    for epoch in range(epochs):
+        train.set_epoch(epoch)                 # set_epoch(epoch, skip_batches=n) resumes mid-epoch
+        for images, labels in train:           # float32 [B,3,S,S] normalised, int64 [B], on ctx.device
+            ...
+
+Backends: pytorch (torchvision transforms in DataLoader workers), dali-cpu and dali-gpu (NVIDIA DALI,
+CPU or nvJPEG decoding), synthetic (one random batch, no I/O). All file-based backends read
+`<data>/train/<class>/*` and `<data>/val/<class>/*`, number the classes the same way, shard by rank and
+order each epoch by (seed, epoch) identically; unreadable images are replaced, warned about and counted
+in `loader.bad_files`; an unusable folder raises DataError naming it.
+"""
+from __future__ import annotations
+
+import os
+
+from ..context import ExecutionContext
+from .folder import IMG_EXTENSIONS, DataError, ImageFolderIndex, dataset_classes, scan_split
+from .loader import MEAN, STD, Loader
+
+BACKENDS = ("pytorch", "dali-cpu", "dali-gpu", "synthetic")
+AUGMENTATIONS = (None, "autoaugment", "randaugment", "trivialaugment")
+INTERPOLATIONS = ("bilinear", "bicubic", "triangular")
+
+__all__ = ["AUGMENTATIONS", "BACKENDS", "IMG_EXTENSIONS", "INTERPOLATIONS", "MEAN", "STD", "DataError", "Loader",
+           "build_train_loader", "build_val_loader", "dataset_classes"]
+
+
+def _check_choices(backend: str, interpolation: str, augmentation: str | None = None) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"--data-backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
+    if augmentation not in AUGMENTATIONS:
+        names = ", ".join(a for a in AUGMENTATIONS if a is not None)
+        raise ValueError(f"--augmentation must be None (no policy) or one of {names}, got {augmentation!r}")
+
+
+def _check_sizes(image_size: int, batch_size: int, workers: int) -> None:
+    if image_size < 1:
+        raise ValueError(f"--image-size must be positive, got {image_size}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {batch_size}")
+    if workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {workers}")
+
+
+def _resolve_seed(seed: int | None) -> int:
+    # Without --seed the order is still a fixed function of one seed drawn here, for this loader's life.
+    return int.from_bytes(os.urandom(4), "little") if seed is None else seed
+
+
+def _file_loader(backend: str, index: ImageFolderIndex, *, train: bool, image_size: int, batch_size: int,
+                 ctx: ExecutionContext, workers: int, prefetch: int, interpolation: str,
+                 augmentation: str | None, magnitude: int, seed: int) -> Loader:
+    if backend == "pytorch":
+        from .pytorch_backend import PytorchLoader, train_transform, val_transform
+        transform = (train_transform(image_size, interpolation, augmentation, magnitude) if train
+                     else val_transform(image_size, interpolation))
+        return PytorchLoader(index, transform, train=train, batch_size=batch_size, ctx=ctx, workers=workers,
+                             prefetch=prefetch, seed=seed)
+    from .dali_backend import DaliLoader
+    return DaliLoader(index, train=train, gpu=backend == "dali-gpu", image_size=image_size, batch_size=batch_size,
+                      ctx=ctx, workers=workers, prefetch=prefetch, interpolation=interpolation,
+                      augmentation=augmentation, magnitude=magnitude, seed=seed)
+
+
+def build_train_loader(backend: str, data_dir: str | None, *, image_size: int, batch_size: int,
+                       ctx: ExecutionContext, num_classes: int = 1000, workers: int = 5, prefetch: int = 2,
+                       interpolation: str = "bilinear", augmentation: str | None = None,
+                       randaug_magnitude: int = 9, seed: int | None = None) -> Loader:
+    """Training batches: random-resized crop, flip, optional augmentation policy; shuffled; last partial dropped."""
+    _check_choices(backend, interpolation, augmentation)
+    _check_sizes(image_size, batch_size, workers)
+    seed = _resolve_seed(seed)
+    if backend == "synthetic":
+        from .synthetic import SyntheticLoader
+        return SyntheticLoader(image_size=image_size, batch_size=batch_size, ctx=ctx, num_classes=num_classes,
+                               seed=seed)
+    index = scan_split(data_dir, "train", num_classes)
+    per_rank = len(index.samples) // ctx.world_size
+    if per_rank < batch_size:
+        raise DataError(f"{index.root} has {len(index.samples)} images: fewer than one batch of {batch_size} "
+                        f"per process ({ctx.world_size} processes); lower --batch-size")
+    return _file_loader(backend, index, train=True, image_size=image_size, batch_size=batch_size, ctx=ctx,
+                        workers=workers, prefetch=prefetch, interpolation=interpolation,
+                        augmentation=augmentation, magnitude=randaug_magnitude, seed=seed)
+
+
+def build_val_loader(backend: str, data_dir: str | None, *, image_size: int, batch_size: int,
+                     ctx: ExecutionContext, num_classes: int = 1000, workers: int = 5, prefetch: int = 2,
+                     interpolation: str = "bilinear", seed: int | None = None) -> Loader:
+    """Validation batches: short side to image_size+32, centre crop; dataset order; every image once."""
+    _check_choices(backend, interpolation)
+    _check_sizes(image_size, batch_size, workers)
+    seed = _resolve_seed(seed)
+    if backend == "synthetic":
+        from .synthetic import VAL_BATCHES, SyntheticLoader
+        return SyntheticLoader(image_size=image_size, batch_size=batch_size, ctx=ctx, num_classes=num_classes,
+                               batches_per_epoch=VAL_BATCHES, seed=seed + 1)
+    index = scan_split(data_dir, "val", num_classes)
+    return _file_loader(backend, index, train=False, image_size=image_size, batch_size=batch_size, ctx=ctx,
+                        workers=workers, prefetch=prefetch, interpolation=interpolation, augmentation=None,
+                        magnitude=0, seed=seed)

@@ -1,0 +1,165 @@
+"""The ImageNet folder layout, the per-epoch data order, and the record of unreadable files.
+
+Shared by every file-based backend so that class indices, shuffling and shard membership are the same
+whichever backend reads the images.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+# torchvision's ImageFolder list, compared case-insensitively as torchvision does; every one of these is
+# also a format DALI's decoders read, so both backends consider the same files.
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class DataError(ValueError):
+    """The dataset cannot be used as given (missing folder, no images, too many classes); one-line message."""
+
+
+@dataclass(frozen=True)
+class ImageFolderIndex:
+    """The images of one split: sorted class names and (path, class index) samples in a stable order."""
+
+    root: Path
+    classes: list[str]
+    samples: list[tuple[str, int]]
+
+    @property
+    def paths(self) -> list[str]:
+        return [path for path, _ in self.samples]
+
+    @property
+    def labels(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+
+def _class_folders(split_dir: Path) -> list[str]:
+    return sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+
+
+def _check_root(data_dir: str | os.PathLike) -> Path:
+    root = Path(data_dir)
+    if not root.exists():
+        raise DataError(f"data folder {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"data folder {root} is not a directory")
+    try:
+        os.listdir(root)
+    except OSError as err:
+        raise DataError(f"data folder {root} cannot be read: {err.strerror}") from None
+    return root
+
+
+def dataset_classes(data_dir: str | os.PathLike) -> list[str]:
+    """Sorted class-folder names of train/ and val/ together (empty folders count, as in ImageFolder).
+
+    Taking the union keeps class i the same class in both splits even when one split lacks a folder;
+    when both splits have the same folders this is exactly torchvision ImageFolder's class list.
+    """
+    root = _check_root(data_dir)
+    names: set[str] = set()
+    for split in ("train", "val"):
+        split_dir = root / split
+        if split_dir.is_dir():
+            try:
+                names.update(_class_folders(split_dir))
+            except OSError as err:
+                raise DataError(f"{split_dir} cannot be read: {err.strerror}") from None
+    return sorted(names)
+
+
+def scan_split(data_dir: str | os.PathLike, split: str, num_classes: int) -> ImageFolderIndex:
+    """Index `<data_dir>/<split>/<class>/*` (image extensions only), or raise DataError naming the path."""
+    root = _check_root(data_dir)
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise DataError(f"{split_dir} is missing: expected {split}/<class>/<image> under the data folder {root}")
+    classes = dataset_classes(root)
+    if not classes:
+        raise DataError(f"{split_dir} has no class folders: expected {split}/<class>/<image>")
+    if len(classes) > num_classes:
+        raise DataError(f"{root} has {len(classes)} classes but the model has --num_classes {num_classes}")
+    samples: list[tuple[str, int]] = []
+    for label, name in enumerate(classes):
+        class_dir = split_dir / name
+        if not class_dir.is_dir():
+            continue
+        try:
+            files = sorted(os.scandir(class_dir), key=lambda e: e.name)
+        except OSError as err:
+            raise DataError(f"{class_dir} cannot be read: {err.strerror}") from None
+        samples.extend((entry.path, label) for entry in files
+                       if entry.name.lower().endswith(IMG_EXTENSIONS) and entry.is_file())
+    if not samples:
+        raise DataError(f"{split_dir} holds no images (extensions {', '.join(IMG_EXTENSIONS)})")
+    return ImageFolderIndex(split_dir, classes, samples)
+
+
+def epoch_seed(seed: int, epoch: int, *keys: int) -> int:
+    """A 63-bit seed that depends on (seed, epoch, keys...) only: the base of every per-epoch random choice."""
+    state = np.random.SeedSequence([seed % 2**63, epoch, *keys]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def shard_indices(num_items: int, *, epoch: int, seed: int, rank: int, world_size: int, shuffle: bool,
+                  equal_shards: bool) -> list[int]:
+    """This rank's dataset indices for `epoch`, in order.
+
+    The global order is a permutation seeded by (seed, epoch) (identity without `shuffle`), split
+    round-robin over ranks like DistributedSampler, so shards are disjoint. With `equal_shards` (training)
+    the last `num_items % world_size` items of the permutation are left out so that every rank runs the
+    same number of batches (DistributedSampler pads with duplicates instead; leaving out keeps shards
+    disjoint, and shuffling leaves out different items each epoch). Without it (validation) the shards
+    cover every item exactly once and may differ in length by one.
+    """
+    if shuffle:
+        generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+        order = torch.randperm(num_items, generator=generator).tolist()
+    else:
+        order = list(range(num_items))
+    if equal_shards:
+        order = order[: num_items - num_items % world_size]
+    return order[rank::world_size]
+
+
+def shard_size(num_items: int, *, rank: int, world_size: int, equal_shards: bool) -> int:
+    """len(shard_indices(...)) without building the order."""
+    if equal_shards:
+        return num_items // world_size
+    return math.ceil((num_items - rank) / world_size) if rank < num_items else 0
+
+
+class BadFiles:
+    """Files that could not be decoded: each is warned about once (naming it) and counted."""
+
+    def __init__(self) -> None:
+        self._reasons: dict[str, str] = {}
+
+    def add(self, path: str, reason: str, replacement: str | None = None) -> None:
+        """Record `path` as unreadable; the first time, log a warning naming it and what replaced it."""
+        if path in self._reasons:
+            return
+        self._reasons[path] = reason
+        instead = f"replaced by {replacement}" if replacement else "replaced by the next readable image"
+        log.warning("unreadable image %s (%s); %s", path, reason, instead)
+
+    def __contains__(self, path: str) -> bool:
+        return path in self._reasons
+
+    def __len__(self) -> int:
+        return len(self._reasons)
+
+    def paths(self) -> list[str]:
+        return sorted(self._reasons)
+
+    def reasons(self) -> dict[str, str]:
+        return dict(self._reasons)

@@ -1,0 +1,197 @@
+"""The `pytorch` backend: torchvision transforms on PIL images in DataLoader workers, uint8 batches.
+
+Augmentation randomness is seeded per sample from (seed, epoch, dataset index), so a batch's pixels do
+not depend on the number of workers, on which worker made it, or on where an epoch was resumed.
+"""
+from __future__ import annotations
+
+import functools
+import random
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+from ..context import ExecutionContext
+from .folder import DataError, ImageFolderIndex, epoch_seed, shard_indices, shard_size
+from .loader import Batch, Loader, device_batches
+
+# --interpolation -> torchvision mode. On PIL images torchvision resizes with Pillow, whose BILINEAR
+# filter is already a triangle filter widened when downscaling (antialiased), i.e. DALI's "triangular";
+# so "bilinear" and "triangular" are the same filter on this backend and differ only under DALI.
+INTERPOLATIONS = {
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+    "triangular": InterpolationMode.BILINEAR,
+}
+
+# Gray fill for pixels that geometric augmentations move in from outside (as DALI's auto_aug fills).
+FILL = [128, 128, 128]
+
+# (path that failed, why, the file used instead)
+BadRecord = tuple[str, str, str]
+
+
+def interpolation_mode(name: str) -> InterpolationMode:
+    """The torchvision mode for an --interpolation value."""
+    if name not in INTERPOLATIONS:
+        raise ValueError(f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, got {name!r}")
+    return INTERPOLATIONS[name]
+
+
+def augmentation_policy(augmentation: str | None, magnitude: int, interpolation: InterpolationMode
+                        ) -> list[Callable]:
+    """The --augmentation transform (empty for None)."""
+    if augmentation is None:
+        return []
+    if augmentation == "autoaugment":
+        return [T.AutoAugment(T.AutoAugmentPolicy.IMAGENET, interpolation=interpolation, fill=FILL)]
+    if augmentation == "randaugment":
+        return [T.RandAugment(num_ops=2, magnitude=magnitude, num_magnitude_bins=31, interpolation=interpolation,
+                              fill=FILL)]
+    if augmentation == "trivialaugment":
+        return [T.TrivialAugmentWide(num_magnitude_bins=31, interpolation=interpolation, fill=FILL)]
+    raise ValueError(f"--augmentation must be one of autoaugment, randaugment, trivialaugment, got {augmentation!r}")
+
+
+def train_transform(image_size: int, interpolation: str = "bilinear", augmentation: str | None = None,
+                    magnitude: int = 9) -> T.Compose:
+    """PIL image -> uint8 [3,S,S]: random-resized crop, horizontal flip, then the augmentation policy."""
+    mode = interpolation_mode(interpolation)
+    return T.Compose([
+        T.RandomResizedCrop(image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation=mode, antialias=True),
+        T.RandomHorizontalFlip(),
+        *augmentation_policy(augmentation, magnitude, mode),
+        T.PILToTensor(),
+    ])
+
+
+def val_transform(image_size: int, interpolation: str = "bilinear") -> T.Compose:
+    """PIL image -> uint8 [3,S,S]: short side to S+32, centre crop S (the reference's evaluation geometry)."""
+    mode = interpolation_mode(interpolation)
+    return T.Compose([
+        T.Resize(image_size + 32, interpolation=mode, antialias=True),
+        T.CenterCrop(image_size),
+        T.PILToTensor(),
+    ])
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode an image file fully as RGB (grayscale, palette, CMYK, 16-bit are converted)."""
+    with open(path, "rb") as f:
+        image = Image.open(f)
+        return image.convert("RGB")  # convert() reads all pixel data, so truncation fails here
+
+
+class FolderDataset(Dataset):
+    """Samples of an ImageFolderIndex, addressed by (epoch, index) keys; unreadable files are replaced.
+
+    Returns (uint8 image, label, bad records). An undecodable file is replaced by the next readable file
+    in dataset order (with that file's label), so batches stay full and epochs keep their length; the
+    records travel with the batch so that the main process can warn once and count.
+    """
+
+    def __init__(self, index: ImageFolderIndex, transform: Callable, seed: int) -> None:
+        self.samples = index.samples
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, list[BadRecord]]:
+        epoch, index = key
+        failures: list[tuple[str, str]] = []
+        for attempt in range(len(self.samples)):
+            path, label = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                image = load_rgb(path)
+            except Exception as err:  # noqa: BLE001 - any decoder failure of one file must not end the run
+                failures.append((path, f"{type(err).__name__}: {err}"))
+                continue
+            bad = [(failed, reason, path) for failed, reason in failures]
+            return self._augment(image, epoch, index), label, bad
+        raise DataError(f"none of the {len(self.samples)} images could be decoded (first: {failures[0][0]})")
+
+    def _augment(self, image: Image.Image, epoch: int, index: int) -> torch.Tensor:
+        # The random draws of the transforms depend on (seed, epoch, index) only; fork_rng keeps the
+        # process's own RNG (dropout, mixup when workers=0) untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(epoch_seed(self.seed, epoch, index))
+            return self.transform(image)
+
+
+class EpochShardSampler(Sampler):
+    """Yields (epoch, dataset index) keys of this rank's shard for the selected epoch, from a skip offset."""
+
+    def __init__(self, num_items: int, *, seed: int, rank: int, world_size: int, shuffle: bool, equal_shards: bool
+                 ) -> None:
+        self.num_items, self.seed, self.rank, self.world_size = num_items, seed, rank, world_size
+        self.shuffle, self.equal_shards = shuffle, equal_shards
+        self.epoch = 0
+        self.skip_items = 0
+
+    def select(self, epoch: int, skip_items: int) -> None:
+        self.epoch, self.skip_items = epoch, skip_items
+
+    def order(self) -> list[int]:
+        """The shard's full order for the selected epoch."""
+        return shard_indices(self.num_items, epoch=self.epoch, seed=self.seed, rank=self.rank,
+                             world_size=self.world_size, shuffle=self.shuffle, equal_shards=self.equal_shards)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.epoch, index) for index in self.order()[self.skip_items:])
+
+    def __len__(self) -> int:
+        size = shard_size(self.num_items, rank=self.rank, world_size=self.world_size, equal_shards=self.equal_shards)
+        return max(size - self.skip_items, 0)
+
+
+def collate(samples: list[tuple[torch.Tensor, int, list[BadRecord]]]) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Stack uint8 images (no float conversion in the workers), labels as int64, bad records as one list."""
+    images = torch.stack([image for image, _, _ in samples])
+    labels = torch.tensor([label for _, label, _ in samples], dtype=torch.int64)
+    bad = [record for _, _, records in samples for record in records]
+    return images, labels, bad
+
+
+def _seed_worker(base_seed: int, worker_id: int) -> None:
+    # The reference's worker seeds (seed + rank + worker id), for anything outside our per-sample seeding.
+    seed = base_seed + worker_id
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class PytorchLoader(Loader):
+    """torch DataLoader over a FolderDataset with a per-epoch shard sampler; normalises on the device."""
+
+    def __init__(self, index: ImageFolderIndex, transform: Callable, *, train: bool, batch_size: int,
+                 ctx: ExecutionContext, workers: int, prefetch: int, seed: int) -> None:
+        self.sampler = EpochShardSampler(len(index.samples), seed=seed, rank=ctx.rank, world_size=ctx.world_size,
+                                         shuffle=train, equal_shards=train)
+        super().__init__(classes=index.classes, batch_size=batch_size, drop_last=train, ctx=ctx,
+                         num_samples=shard_size(len(index.samples), rank=ctx.rank, world_size=ctx.world_size,
+                                                equal_shards=train))
+        self.dataset = FolderDataset(index, transform, seed)
+        worker_options = {}
+        if workers > 0:
+            worker_options = dict(prefetch_factor=max(prefetch, 1), persistent_workers=True,
+                                  worker_init_fn=functools.partial(_seed_worker, seed + ctx.rank))
+        self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, drop_last=train,
+                                 num_workers=workers, collate_fn=collate, pin_memory=ctx.pin_memory(),
+                                 **worker_options)
+
+    def _iterate(self, epoch: int, skip_batches: int) -> Iterator[Batch]:
+        self.sampler.select(epoch, skip_batches * self.batch_size)
+        return device_batches(self._host_batches(), self.ctx)
+
+    def _host_batches(self) -> Iterator[Batch]:
+        for images, labels, bad in self.loader:
+            for path, reason, replacement in bad:
+                self._bad.add(path, reason, replacement)
+            yield images, labels
