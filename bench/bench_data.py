@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""Training-pipeline throughput (images/second) of every data backend, side by side, on one JPEG folder.
+
+    .venv/bin/python bench/bench_data.py                          # generated dataset, 224 px, 2 workers
+    .venv/bin/python bench/bench_data.py --data /imagenet --image-size 224 --workers 8 --batches 50
+    .venv/bin/python bench/bench_data.py --quick                  # tiny run (the test suite runs this)
+
+Rows: pytorch, dali-cpu, dali-gpu (only with a GPU), synthetic, and a plain torchvision ImageFolder +
+DataLoader baseline with the same training augmentation (float ToTensor + Normalize in the workers, as
+most training scripts do). Every row times whole batches delivered on the device after one warm-up
+epoch start, so worker start-up and DALI pipeline builds are excluded. Prints a table, then JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from image_classification.context import ExecutionContext, select_device  # noqa: E402
+from image_classification.data import build_train_loader, dataset_classes  # noqa: E402
+from image_classification.data.generated import generate_dataset  # noqa: E402
+from image_classification.data.loader import MEAN, STD  # noqa: E402
+from image_classification.data.pytorch_backend import augmentation_policy, interpolation_mode  # noqa: E402
+
+
+def baseline_loader(data: Path, args, ctx: ExecutionContext):
+    """torchvision ImageFolder + DataLoader, the way a plain training script would write it."""
+    from torchvision import datasets, transforms as T
+    mode = interpolation_mode(args.interpolation)
+    transform = T.Compose([
+        T.RandomResizedCrop(args.image_size, interpolation=mode, antialias=True),
+        T.RandomHorizontalFlip(),
+        *augmentation_policy(args.augmentation, 9, mode),
+        T.ToTensor(),
+        T.Normalize([m / 255 for m in MEAN], [s / 255 for s in STD]),
+    ])
+    dataset = datasets.ImageFolder(str(data / "train"), transform=transform)
+    options = dict(persistent_workers=True, prefetch_factor=args.prefetch) if args.workers > 0 else {}
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                         num_workers=args.workers, pin_memory=ctx.pin_memory(), **options)
+
+    def batches():
+        for images, labels in loader:
+            yield (ctx.to_device(images).contiguous(memory_format=ctx.memory_format), ctx.to_device(labels))
+    return loader, batches
+
+
+def measure(batches_of_epoch, num_batches: int, ctx: ExecutionContext) -> tuple[float, int]:
+    """(images/second, images timed) over up to `num_batches` batches, cycling epochs, after one warm-up batch."""
+    iterator = iter(batches_of_epoch())
+    next(iterator)  # workers started, pipeline built, first batch decoded
+    images = done = 0
+    start = time.perf_counter()
+    while done < num_batches:
+        for batch_images, _ in iterator:
+            images += batch_images.shape[0]
+            done += 1
+            if done >= num_batches:
+                break
+        else:
+            iterator = iter(batches_of_epoch())
+    ctx.synchronize()
+    return images / (time.perf_counter() - start), images
+
+
+def our_loader(backend: str, data: Path, args, ctx: ExecutionContext):
+    loader = build_train_loader(backend, str(data), image_size=args.image_size, batch_size=args.batch_size, ctx=ctx,
+                                num_classes=max(len(dataset_classes(data)), 1), workers=args.workers,
+                                prefetch=args.prefetch, interpolation=args.interpolation,
+                                augmentation=args.augmentation, seed=0)
+    epochs = iter(range(10**9))
+
+    def batches():
+        loader.set_epoch(next(epochs))
+        return iter(loader)
+    return loader, batches
+
+
+def run(args) -> dict[str, dict]:
+    ctx = ExecutionContext(device=select_device(args.device))
+    with tempfile.TemporaryDirectory() as tmp:
+        data = args.data
+        if data is None:
+            data = generate_dataset(Path(tmp) / "data", num_classes=10, train_per_class=args.images_per_class,
+                                    val_per_class=1, image_size=args.source_size, seed=0)
+        backends = ["pytorch", "dali-cpu", *(["dali-gpu"] if ctx.is_cuda else []), "synthetic"]
+        results: dict[str, dict] = {}
+        for name in [*backends, "imagefolder-baseline"]:
+            _, batches = baseline_loader(data, args, ctx) if name == "imagefolder-baseline" \
+                else our_loader(name, data, args, ctx)
+            ips, images = measure(batches, args.batches, ctx)
+            results[name] = {"images_per_second": round(ips, 1), "images": images}
+            print(f"  {name:22s} {ips:10.1f} img/s", file=sys.stderr, flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=None, help="dataset with train/<class>/* (default: generate one)")
+    p.add_argument("--image-size", type=int, default=224, help="training crop size (default: %(default)s)")
+    p.add_argument("--source-size", type=int, default=320, help="side of generated images (default: %(default)s)")
+    p.add_argument("--images-per-class", type=int, default=40, help="generated images per class (default: 40)")
+    p.add_argument("-b", "--batch-size", type=int, default=32, help="batch size (default: %(default)s)")
+    p.add_argument("-j", "--workers", type=int, default=2, help="loader workers / DALI threads (default: 2)")
+    p.add_argument("--prefetch", type=int, default=2, help="prefetch factor / DALI queue depth (default: 2)")
+    p.add_argument("--batches", type=int, default=30, help="batches timed per backend (default: %(default)s)")
+    p.add_argument("--interpolation", default="bilinear", choices=("bilinear", "bicubic", "triangular"))
+    p.add_argument("--augmentation", default=None, choices=("autoaugment", "randaugment", "trivialaugment"))
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds; checks that the bench runs")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.image_size, args.source_size, args.images_per_class = 32, 48, 4
+        args.batch_size, args.batches, args.workers = 4, 3, 1
+    results = run(args)
+    print(f"\ntrain pipeline, {args.image_size} px, batch {args.batch_size}, workers {args.workers}, "
+          f"augmentation {args.augmentation}")
+    print(f"{'backend':24s}{'images/s':>12s}")
+    for name, row in results.items():
+        print(f"{name:24s}{row['images_per_second']:12.1f}")
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    print(json.dumps({"settings": settings, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
