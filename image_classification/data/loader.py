@@ -65,13 +65,16 @@ class Normalizer:
 
     def __init__(self, ctx: ExecutionContext) -> None:
         self.memory_format = ctx.memory_format
-        self.mean = torch.tensor(MEAN, device=ctx.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(STD, device=ctx.device).view(1, 3, 1, 1)
+        mean = torch.tensor(MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+        std = torch.tensor(STD, dtype=torch.float64).view(1, 3, 1, 1)
+        # x * (1/std) - mean/std: one multiply and one add, about twice as fast as subtract-then-divide on CPU.
+        self.scale = (1 / std).float().to(ctx.device)
+        self.shift = (-mean / std).float().to(ctx.device)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         # Converting the layout while still uint8 moves a quarter of the bytes a float conversion would.
         images = images.contiguous(memory_format=self.memory_format)
-        return images.float().sub_(self.mean).div_(self.std)
+        return images.float().mul_(self.scale).add_(self.shift)
 
 
 def device_batches(host_batches: Iterable[Batch], ctx: ExecutionContext) -> Iterator[Batch]:
