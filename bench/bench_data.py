@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=None, help="dataset with train/<class>/* (default: generate one)")
     p.add_argument("--image-size", type=int, default=224, help="training crop size (default: %(default)s)")
     p.add_argument("--source-size", type=int, default=320, help="side of generated images (default: %(default)s)")
-    p.add_argument("--images-per-class", type=int, default=40, help="generated images per class (default: 40)")
+    p.add_argument("--images-per-class", type=int, default=100, help="generated images per class (default: 100)")
     p.add_argument("-b", "--batch-size", type=int, default=32, help="batch size (default: %(default)s)")
     p.add_argument("-j", "--workers", type=int, default=2, help="loader workers / DALI threads (default: 2)")
     p.add_argument("--prefetch", type=int, default=2, help="prefetch factor / DALI queue depth (default: 2)")
