@@ -1,0 +1,346 @@
+"""Shared pieces of the bench/ scripts: flags, model entries, interleaved timing, statistics, memory, reports.
+
+Every script measures our code path and the peers' (timm, torchvision) in one process and one sitting, on the
+same input tensors, batch size, resolution and precision. Timings are interleaved round by round (ours,
+timm, torchvision, ours, ...) so that load from other processes on a shared machine hits all entries alike;
+compare the ratios, which are stable, rather than the absolute numbers, which are not.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from image_classification.context import ExecutionContext, create_context  # noqa: E402
+
+PEERS = ("timm", "torchvision")
+PRECISIONS = ("fp32", "bf16", "amp")
+
+
+# --- model entries ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Entry:
+    """One measured model: `ours`, `timm` or `torchvision`, with its layout and whether it is compiled.
+
+    Written on the command line as NAME[+nhwc|+nchw][+compile], e.g. `ours+nhwc+compile`; a plain `ours` takes
+    --memory-format and --compile, a plain peer runs as its users run it by default (NCHW, eager).
+    """
+
+    name: str
+    memory_format: str = "nchw"
+    compile: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.name + ("+nhwc" if self.memory_format == "nhwc" else "") + ("+compile" if self.compile else "")
+
+    @property
+    def is_ours(self) -> bool:
+        return self.name == "ours"
+
+
+def parse_entries(text: str, memory_format: str, compile_ours: bool) -> list[Entry]:
+    """Entries of a --models value (comma separated); errors name the valid spellings."""
+    entries = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, *options = item.split("+")
+        if name not in ("ours", *PEERS):
+            raise ValueError(f"--models: unknown model {name!r}; use ours, timm or torchvision, optionally with "
+                             f"+nhwc, +nchw and +compile (e.g. ours+nhwc+compile)")
+        unknown = set(options) - {"nhwc", "nchw", "compile"}
+        if unknown:
+            raise ValueError(f"--models: unknown option(s) {sorted(unknown)} in {item!r}; use +nhwc, +nchw, +compile")
+        plain_ours = name == "ours" and not options
+        fmt = memory_format if plain_ours else ("nhwc" if "nhwc" in options else "nchw")
+        entries.append(Entry(name, fmt, compile_ours if plain_ours else "compile" in options))
+    if not entries:
+        raise ValueError("--models: name at least one model")
+    return entries
+
+
+def build_model(entry: Entry, arch: str, num_classes: int = 1000) -> nn.Module:
+    """A freshly initialised EfficientNet `arch` (b0, b4, ...) of our registry, timm or torchvision."""
+    torch.manual_seed(0)
+    if entry.name == "ours":
+        from image_classification.models import get_entry
+        return get_entry(f"efficientnet-{arch}")(num_classes=num_classes)
+    if entry.name == "timm":
+        import timm
+        return timm.create_model(f"efficientnet_{arch}", num_classes=num_classes)
+    import torchvision
+    return getattr(torchvision.models, f"efficientnet_{arch}")(num_classes=num_classes)
+
+
+def default_image_size(arch: str) -> int:
+    """The arch's own resolution from our registry (224 for b0, 380 for b4)."""
+    from image_classification.models import get_entry
+    return get_entry(f"efficientnet-{arch}").default_image_size
+
+
+def maybe_compile(model: nn.Module, entry: Entry) -> nn.Module:
+    """torch.compile (inductor) for +compile entries, the model itself otherwise."""
+    return torch.compile(model) if entry.compile else model
+
+
+# --- flags and context --------------------------------------------------------------------------------------
+
+def add_common_arguments(p: argparse.ArgumentParser, *, default_models: str, default_batch_sizes: str) -> None:
+    """The flags every bench script shares."""
+    p.add_argument("--quick", action="store_true",
+                   help="tiny run that only checks the script works (image 32, batch 2, 1 warm-up, 2 repeats, b0)")
+    p.add_argument("--archs", default="b0", help="comma-separated EfficientNet members, e.g. b0,b4 (default: b0)")
+    p.add_argument("--models", default=default_models,
+                   help="comma-separated entries NAME[+nhwc|+nchw][+compile], NAME one of ours, timm, torchvision "
+                        "(default: %(default)s)")
+    p.add_argument("--batch-sizes", default=default_batch_sizes, help="comma-separated (default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=None, help="input resolution (default: the arch's own)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="fp32; bf16 = bf16 autocast (CPU); amp = the device's --amp (fp16 on GPU, bf16 on CPU)")
+    p.add_argument("--memory-format", default="nchw", choices=("nchw", "nhwc"),
+                   help="layout of the plain `ours` entries (default: %(default)s)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the plain `ours` entries")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations per entry (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: %(default)s)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this path")
+
+
+def apply_quick(args: argparse.Namespace) -> None:
+    """--quick: the smallest run that exercises every code path."""
+    if args.quick:
+        args.archs = "b0"
+        args.image_size = 32
+        args.batch_sizes = "2"
+        args.warmup = 1
+        args.repeats = 2
+
+
+def csv_list(text: str, kind: type = str) -> list:
+    return [kind(part) for part in text.split(",") if part.strip()]
+
+
+def context_from_args(args: argparse.Namespace) -> ExecutionContext:
+    """Our ExecutionContext for the run: device, autocast dtype and memory format as main.py would set them."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ctx = create_context(device=None if args.device == "auto" else args.device, amp=args.precision != "fp32",
+                         memory_format=args.memory_format)
+    if args.precision == "bf16" and ctx.is_cuda:
+        raise ValueError("--precision bf16 is the CPU autocast; on GPU use --precision amp (fp16 with loss scaling)")
+    return ctx
+
+
+def context_for(ctx: ExecutionContext, entry: Entry) -> ExecutionContext:
+    """`ctx` with the entry's memory format."""
+    from dataclasses import replace
+    fmt = torch.channels_last if entry.memory_format == "nhwc" else torch.contiguous_format
+    return replace(ctx, memory_format=fmt)
+
+
+# --- timing -------------------------------------------------------------------------------------------------
+
+def timed(fn: Callable[[], object], ctx: ExecutionContext) -> float:
+    """Seconds of one call, the device drained before and after."""
+    ctx.synchronize()
+    start = time.perf_counter()
+    fn()
+    ctx.synchronize()
+    return time.perf_counter() - start
+
+
+def warm_up(fn: Callable[[], object], ctx: ExecutionContext, iterations: int) -> float:
+    """Seconds of the first call (it includes torch.compile's compilation), then more untimed calls."""
+    first = timed(fn, ctx)
+    for _ in range(iterations - 1):
+        fn()
+    return first
+
+
+def interleaved(fns: dict[str, Callable[[], object]], ctx: ExecutionContext, repeats: int,
+                calls_per_sample: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each function, sampled round by round in a rotating order.
+
+    A sample is the mean over `calls_per_sample` back-to-back calls; rotating the order keeps any entry from
+    always following the same neighbour (caches, allocator state).
+    """
+    samples: dict[str, list[float]] = {key: [] for key in fns}
+    keys = list(fns)
+    for round_index in range(repeats):
+        shift = round_index % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            fn = fns[key]
+            samples[key].append(timed(lambda: [fn() for _ in range(calls_per_sample)], ctx) / calls_per_sample)
+    return samples
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (q in 0..100)."""
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    position = (len(ordered) - 1) * q / 100.0
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+# --- memory -------------------------------------------------------------------------------------------------
+
+class PeakMemory:
+    """Peak memory of a block of work, in MiB above what was in use when it started.
+
+    On CUDA: the caching allocator's peak. On Linux CPUs: the process's peak resident set (VmHWM, reset through
+    /proc/self/clear_refs); large tensors are mmapped by glibc and returned on free, so this follows the
+    tensors closely, but it also counts allocator caches and is an upper bound. None where neither exists.
+    """
+
+    def __init__(self, ctx: ExecutionContext):
+        self.ctx = ctx
+        self.mib: float | None = None
+
+    def __enter__(self) -> "PeakMemory":
+        if self.ctx.is_cuda:
+            torch.cuda.synchronize(self.ctx.device)
+            torch.cuda.reset_peak_memory_stats(self.ctx.device)
+            self._start = torch.cuda.memory_allocated(self.ctx.device)
+        else:
+            self._start = _reset_rss_peak()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.ctx.is_cuda:
+            torch.cuda.synchronize(self.ctx.device)
+            self.mib = (torch.cuda.max_memory_allocated(self.ctx.device) - self._start) / 2**20
+        elif self._start is not None:
+            peak = _status_kib("VmHWM")
+            self.mib = None if peak is None else (peak * 1024 - self._start) / 2**20
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_rss_peak() -> int | None:
+    """Reset VmHWM to the current RSS and return the current RSS in bytes (None where unsupported)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    rss = _status_kib("VmRSS")
+    return None if rss is None else rss * 1024
+
+
+# --- reports ------------------------------------------------------------------------------------------------
+
+def machine_info(ctx: ExecutionContext) -> dict:
+    """What the numbers were measured on: CPU, threads, device, library versions."""
+    import torchvision
+    try:
+        import timm
+        timm_version = timm.__version__
+    except ImportError:
+        timm_version = None
+    cpu = platform.processor() or platform.machine()
+    flags: list[str] = []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu in ("", platform.machine()):
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                present = set(line.split(":", 1)[1].split())
+                flags = sorted(present & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni"})
+                break
+    except OSError:
+        pass
+    info = {
+        "hostname": platform.node(),
+        "cpu": cpu,
+        "cpu_flags": flags,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "device": str(ctx.device),
+        "gpu": torch.cuda.get_device_name(ctx.device) if ctx.is_cuda else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm_version,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+    return info
+
+
+def settings(args: argparse.Namespace, ctx: ExecutionContext) -> dict:
+    """The run's flags as plain JSON values, plus the autocast dtype actually used."""
+    out = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    out["autocast_dtype"] = str(ctx.amp_dtype).replace("torch.", "") if ctx.amp_dtype else None
+    return out
+
+
+def ratios(rows: list[dict], key: str, group: tuple[str, ...]) -> list[dict]:
+    """For each group of rows (same arch, batch, ...): every `ours*` entry's `key` divided by each peer's."""
+    out = []
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[g] for g in group), []).append(row)
+    for rows_of_group in groups.values():
+        ours = [r for r in rows_of_group if r["model"].startswith("ours")]
+        peers = [r for r in rows_of_group if not r["model"].startswith("ours")]
+        for o in ours:
+            for p in peers:
+                if o.get(key) and p.get(key):
+                    out.append({**{g: o[g] for g in group}, "ours": o["model"], "peer": p["model"],
+                                f"{key}_ratio": round(o[key] / p[key], 4)})
+    return out
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]], title: str) -> None:
+    """A fixed-width table: columns are (key, header, format)."""
+    print(f"\n{title}")
+    cells = [[header for _, header, _ in columns]]
+    for row in rows:
+        cells.append(["-" if row.get(k) is None else format(row[k], fmt) for k, _, fmt in columns])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    for n, line in enumerate(cells):
+        print("  ".join(c.rjust(w) if n and i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def write_json(path: Path | None, payload: dict) -> None:
+    """Print nothing; write `payload` to `path` when given (parent folders created)."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    print(f"\nwrote {path}")
+
+
+def entry_record(entry: Entry) -> dict:
+    return {"model": entry.label, **{k: v for k, v in asdict(entry).items() if k != "name"}}
