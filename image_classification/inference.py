@@ -1,0 +1,226 @@
+"""classify.py: top-5 classes of images, preprocessed exactly as the validation pipeline does.
+
+    python classify.py --arch efficientnet-b0 --pretrained --image cat.jpg dog.png
+    python classify.py --arch efficientnet-b0 --pretrained-from-file ws/model_best.pth.tar --num_classes 10 \\
+        --class-names ws/classes.txt --image flower.jpg --cpu
+
+Output per image (the reference's format): the path, then `<class name>: <prob>%` lines, best first.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import UnidentifiedImageError
+from torch import nn
+
+from .context import ExecutionContext, create_context
+from .data.loader import Normalizer
+from .data.pytorch_backend import load_rgb, val_transform
+from .models import available_models, get_entry
+from .models.weights import WeightsError
+
+PROG = "classify.py"
+TOPK = 5
+IMAGENET_CLASSES = 1000
+
+
+class ImageError(ValueError):
+    """An --image that cannot be read as a picture; the message names the file."""
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet class names in index order, from torchvision's weight metadata (no download)."""
+    from torchvision.models import EfficientNet_B0_Weights
+    return list(EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def read_class_names(path: str | Path) -> list[str]:
+    """One class name per line in index order (the <workspace>/classes.txt that training writes)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise ValueError(f"--class-names {path}: cannot read ({err.strerror or err})") from None
+    names = [line.strip() for line in lines]
+    while names and not names[-1]:
+        names.pop()
+    return names
+
+
+def class_names(num_classes: int, names_file: str | Path | None = None) -> list[str]:
+    """Names for each output: from `names_file`, else ImageNet's for 1000 classes, else the class indices."""
+    if names_file is not None:
+        names = read_class_names(names_file)
+        if len(names) != num_classes:
+            raise ValueError(f"--class-names {names_file} lists {len(names)} classes, the model has {num_classes} "
+                             "(--num_classes)")
+        return names
+    if num_classes == IMAGENET_CLASSES:
+        return imagenet_class_names()
+    return [str(i) for i in range(num_classes)]
+
+
+def load_image(path: str | Path, image_size: int, interpolation: str = "bilinear") -> torch.Tensor:
+    """uint8 [3,S,S] of an image file: short side to S+32, centre crop S (the validation geometry)."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"{path}: no such file")
+    if path.is_dir():
+        raise ImageError(f"{path}: is a folder, not an image")
+    try:
+        image = load_rgb(str(path))
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image (unrecognised format)") from None
+    except (OSError, ValueError, SyntaxError) as err:  # truncated or corrupt files surface as these from Pillow
+        raise ImageError(f"{path}: cannot decode ({err})") from None
+    return val_transform(image_size, interpolation)(image)
+
+
+@dataclass
+class Prediction:
+    """Top-k (class name, probability in 0..1) of one image, best first."""
+
+    path: str
+    top: list[tuple[str, float]]
+
+    def format(self) -> str:
+        """The reference's output: the path, then `<class name>: <prob>%` with one decimal."""
+        return "\n".join([self.path] + [f"{name}: {100 * prob:.1f}%" for name, prob in self.top])
+
+
+class Classifier:
+    """A model in eval mode on the context's device, with the validation preprocessing of its input."""
+
+    def __init__(self, model: nn.Module, ctx: ExecutionContext, names: Sequence[str], image_size: int,
+                 interpolation: str = "bilinear", topk: int = TOPK) -> None:
+        self.ctx = ctx
+        self.model = model.to(ctx.device, memory_format=ctx.memory_format).eval()
+        self.names = list(names)
+        self.image_size = image_size
+        self.interpolation = interpolation
+        self.topk = min(topk, len(self.names))
+        self.normalize = Normalizer(ctx)
+
+    @torch.no_grad()
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Softmax over classes of a uint8 [B,3,S,S] batch, as float32 on the CPU."""
+        batch = self.normalize(self.ctx.to_device(images))
+        with self.ctx.autocast():
+            logits = self.model(batch)
+        return torch.softmax(logits.float(), dim=1).cpu()
+
+    def predict(self, path: str | Path) -> Prediction:
+        """Top-k classes of one image file (raises ImageError for a file that is not a readable image)."""
+        image = load_image(path, self.image_size, self.interpolation)
+        probs = self.probabilities(image.unsqueeze(0))[0]
+        values, indices = probs.topk(self.topk)
+        return Prediction(str(path), [(self.names[i], p) for p, i in zip(values.tolist(), indices.tolist())])
+
+    def predict_all(self, paths: Sequence[str | Path]) -> Iterator[Prediction | ImageError]:
+        """A Prediction per path, or the ImageError of a path that failed (the others still run)."""
+        for path in paths:
+            try:
+                yield self.predict(path)
+            except ImageError as err:
+                yield err
+
+
+# --- command line ---------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    """classify.py's own flags (the reference's, plus several --image paths, --class-names, --interpolation)."""
+    p = argparse.ArgumentParser(prog=PROG, add_help=False, allow_abbrev=False,
+                                description="Top-5 classes of images (the arch's model flags are accepted too).",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-h", "--help", action="store_true", help="show this help (and the model flags) and exit")
+    p.add_argument("-a", "--arch", default=None, metavar="ARCH",
+                   help="model architecture, one of: " + ", ".join(sorted(available_models())))
+    p.add_argument("--image", action="extend", nargs="+", default=[], metavar="PATH",
+                   help="image file(s) to classify; repeat the flag or list several paths")
+    p.add_argument("--image-size", type=int, default=None, metavar="N",
+                   help="input size (default: the arch's own size; the reference always used 224)")
+    p.add_argument("--interpolation", default="bilinear", choices=("bilinear", "bicubic", "triangular"),
+                   help="resize interpolation, as main.py's --interpolation (default: %(default)s)")
+    p.add_argument("--precision", default="AMP", choices=("AMP", "FP32"),
+                   help="AMP: fp16 autocast on GPU, bf16 autocast on CPU (default: %(default)s)")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    p.add_argument("--class-names", default=None, metavar="FILE",
+                   help="one class name per line (e.g. <workspace>/classes.txt written by training); default: "
+                        "ImageNet names for 1000 classes, class indices otherwise")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """classify.py's flags, then the arch's model flags into args.model_args; unknown flags are an error."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.help:
+        parser.print_help()
+        if args.arch in available_models():
+            print(f"\nmodel flags of {args.arch}:")
+            print(get_entry(args.arch).parser().format_help())
+        raise SystemExit(0)
+    if args.arch is None:
+        parser.error("--arch is required; available: " + ", ".join(sorted(available_models())))
+    try:
+        entry = get_entry(args.arch)
+    except ValueError as err:
+        parser.error(str(err))
+    model_parser = entry.parser()
+    model_parser.prog = PROG
+    args.model_args, rest = model_parser.parse_known_args(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if not args.image:
+        parser.error("give at least one --image PATH")
+    if args.image_size is not None and args.image_size < 1:
+        parser.error(f"--image-size must be positive, got {args.image_size}")
+    return args
+
+
+def weights_error_line(err: WeightsError, arch: str) -> str:
+    """One line for a WeightsError: its headline, with a hint when the weights belong to another model."""
+    # WeightsError explains a misfit over several lines; the headline plus a hint is the one line users need.
+    headline = str(err).splitlines()[0]
+    if "does not fit" in headline:
+        headline += f" {arch} (weights of another --arch, or other model flags such as --trt?)"
+    return headline
+
+
+def build_classifier(args: argparse.Namespace) -> Classifier:
+    """The model (with its weights), device/precision context and class names that `args` describe."""
+    entry = get_entry(args.arch)
+    names = class_names(args.model_args.num_classes, args.class_names)
+    ctx = create_context(device="cpu" if args.cpu else None, amp=args.precision == "AMP")
+    model = entry(**vars(args.model_args))
+    if not (getattr(args.model_args, "pretrained", False) or args.model_args.pretrained_from_file):
+        print(f"{PROG}: warning: {args.arch} has random weights (no --pretrained or --pretrained-from-file)",
+              file=sys.stderr)
+    image_size = args.image_size or entry.default_image_size
+    return Classifier(model, ctx, names, image_size, args.interpolation)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the top-5 of every --image; 0 when all were classified, 1 when any failed (each said why)."""
+    args = parse_args(argv)
+    try:
+        classifier = build_classifier(args)
+    except WeightsError as err:
+        print(f"{PROG}: error: {weights_error_line(err, args.arch)}", file=sys.stderr)
+        return 1
+    except ValueError as err:  # e.g. a --class-names file that does not match --num_classes
+        print(f"{PROG}: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 1
+    failed = 0
+    for result in classifier.predict_all(args.image):
+        if isinstance(result, ImageError):
+            failed += 1
+            print(f"{PROG}: error: {result}", file=sys.stderr)
+        else:
+            print(result.format(), flush=True)
+    return 1 if failed else 0

@@ -1,0 +1,149 @@
+"""classify.py: the reference's output format, validation preprocessing, class names, and errors per image."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from image_classification.context import create_context
+from image_classification.data import build_val_loader
+from image_classification.inference import class_names, imagenet_class_names, main
+from image_classification.models import efficientnet_b0, efficientnet_widese_b0
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZE = 32
+LINE = re.compile(r"^(?P<name>.+): (?P<prob>\d+\.\d)%$")
+
+
+def _image(path: Path, seed: int, size=(61, 47), mode="RGB") -> Path:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).convert(mode).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("classify")
+    torch.manual_seed(0)
+    model = efficientnet_b0(num_classes=10)
+    # Larger logits than a fresh init gives, so that the top-5 probabilities differ visibly.
+    model.classifier.fc.weight.data.mul_(40)
+    torch.save(model.state_dict(), root / "b0_10.pth")
+    torch.save(efficientnet_widese_b0(num_classes=10).state_dict(), root / "widese_10.pth")
+    names = [f"class_{i:02d}" for i in range(10)]
+    (root / "classes.txt").write_text("".join(f"{n}\n" for n in names))
+    for split in ("train", "val"):
+        (root / "data" / split / "cls0").mkdir(parents=True)
+    _image(root / "data" / "val" / "cls0" / "a.png", seed=1)
+    _image(root / "data" / "train" / "cls0" / "a.png", seed=1)
+    _image(root / "gray.jpg", seed=2, size=(40, 80), mode="L")
+    (root / "text.jpg").write_text("not an image")
+    return root
+
+
+def _blocks(stdout: str) -> list[list[str]]:
+    blocks, current = [], []
+    for line in stdout.splitlines():
+        if LINE.match(line) and current:
+            current.append(line)
+        else:
+            current = [line]
+            blocks.append(current)
+    return blocks
+
+
+def _run(capsys, argv) -> tuple[int, str, str]:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_format_names_file_and_validation_preprocessing(files, capsys):
+    image = files / "data" / "val" / "cls0" / "a.png"
+    code, out, err = _run(capsys, ["--arch", "efficientnet-b0", "--pretrained-from-file", str(files / "b0_10.pth"),
+                                   "--num_classes", "10", "--class-names", str(files / "classes.txt"),
+                                   "--image", str(image), str(files / "gray.jpg"), "--image-size", str(SIZE),
+                                   "--precision", "FP32", "--cpu"])
+    assert code == 0, err
+    blocks = _blocks(out)
+    assert [b[0] for b in blocks] == [str(image), str(files / "gray.jpg")]
+    for block in blocks:
+        assert len(block) == 6
+        matches = [LINE.match(line) for line in block[1:]]
+        assert all(m and m["name"].startswith("class_") for m in matches), block
+        probs = [float(m["prob"]) for m in matches]
+        assert probs == sorted(probs, reverse=True) and sum(probs) <= 100.05
+
+    # The printed top-5 is the softmax of what the validation loader feeds the same model.
+    ctx = create_context(device="cpu")
+    loader = build_val_loader("pytorch", str(files / "data"), image_size=SIZE, batch_size=1, ctx=ctx, workers=0,
+                              num_classes=1)
+    images, _ = next(iter(loader))
+    model = efficientnet_b0(num_classes=10, pretrained_from_file=str(files / "b0_10.pth")).eval()
+    with torch.no_grad():
+        probs = torch.softmax(model(images), dim=1)[0]
+    values, indices = probs.topk(5)
+    expected = [f"class_{i:02d}: {100 * v:.1f}%" for v, i in zip(values.tolist(), indices.tolist())]
+    assert blocks[0][1:] == expected
+
+
+def test_imagenet_names_by_default_and_indices_for_other_class_counts(files, capsys):
+    names = imagenet_class_names()
+    assert len(names) == 1000 and names[0] == "tench"
+    assert class_names(1000) == names
+    assert class_names(7) == [str(i) for i in range(7)]
+    image = str(files / "gray.jpg")
+    # Default precision is AMP: bf16 autocast on the CPU.
+    code, out, err = _run(capsys, ["--arch", "efficientnet-b0", "--image", image, "--image-size", str(SIZE)])
+    assert code == 0 and "random weights" in err
+    lines = out.splitlines()
+    assert lines[0] == image and len(lines) == 6
+    assert all(LINE.match(line)["name"] in names for line in lines[1:])
+    code, out, _ = _run(capsys, ["--arch", "efficientnet-b0", "--pretrained-from-file", str(files / "b0_10.pth"),
+                                 "--num-classes", "10", "--image", image, "--image-size", str(SIZE), "--cpu"])
+    assert code == 0
+    assert all(LINE.match(line)["name"] in {str(i) for i in range(10)} for line in out.splitlines()[1:])
+
+
+def test_bad_images_are_reported_and_the_others_still_classified(files, capsys):
+    good = str(files / "gray.jpg")
+    code, out, err = _run(capsys, ["--arch", "efficientnet-b0", "--image", str(files / "missing.png"),
+                                   str(files / "text.jpg"), good, "--image", str(files), "--image-size", str(SIZE),
+                                   "--precision", "FP32"])
+    assert code == 1
+    assert out.splitlines()[0] == good and len(out.splitlines()) == 6
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert errors == [f"classify.py: error: {files / 'missing.png'}: no such file",
+                      f"classify.py: error: {files / 'text.jpg'}: not an image (unrecognised format)",
+                      f"classify.py: error: {files}: is a folder, not an image"]
+
+
+def test_weights_of_another_arch_and_bad_names_file_give_one_line(files, capsys):
+    image = str(files / "gray.jpg")
+    code, out, err = _run(capsys, ["--arch", "efficientnet-b0", "--pretrained-from-file",
+                                   str(files / "widese_10.pth"), "--num_classes", "10", "--image", image])
+    assert code == 1 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "does not fit" in err and "efficientnet-b0" in err
+    code, _, err = _run(capsys, ["--arch", "efficientnet-b0", "--class-names", str(files / "classes.txt"),
+                                 "--image", image])
+    assert code == 1 and "lists 10 classes, the model has 1000" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["--arch", "efficientnet-b99", "--image", image])
+    assert exc.value.code == 2 and "efficientnet-widese-b4" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--arch", "efficientnet-b0", "--image", image, "--no-such-flag"])
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+def test_script_runs_without_traceback(files):
+    result = subprocess.run([sys.executable, str(ROOT / "classify.py"), "--arch", "efficientnet-b0",
+                             "--pretrained-from-file", str(files / "missing.pth"), "--image", str(files / "gray.jpg")],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "no such file" in result.stderr
