@@ -1,0 +1,236 @@
+"""model2onnx.py: export a model to ONNX with a dynamic batch axis, then check the file in onnxruntime.
+
+    model = get_entry("efficientnet-b0")(pretrained_from_file="b0.pth").eval()
+    path = export_onnx(model, "b0.onnx", image_size=224)                  # opset 13, TorchScript-based exporter
+    diff = verify_onnx(model, path, torch.randn(4, 3, 224, 224))          # max |onnxruntime - pytorch|
+
+Exporter: the TorchScript-based one (`dynamo=False`) by default. It writes the reference's opset 13
+(what TensorRT deployments of these models were built for), takes half a second for B0, and is the
+only one Model Optimizer's fake-quant modules translate to QuantizeLinear/DequantizeLinear. The
+torch.export-based exporter (`dynamo=True`) also exports the float models correctly on torch 2.14,
+but it writes opset 18 or later (its conversion down to 13 fails on these graphs) and takes about
+ten times longer; it is offered for toolchains that want it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .models import available_models, get_entry
+from .models.weights import WeightsError
+from .inference import weights_error_line
+
+PROG = "model2onnx.py"
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+REFERENCE_OPSET = 13
+DYNAMO_MIN_OPSET = 18
+# Verification bound, relative to the largest |logit| of the PyTorch output (at least 1): float exports
+# differ from PyTorch by about 1e-6 of that (summation order), while Q/DQ exports may round an exact .5
+# tie differently and move a logit by one quantization step, about 1e-3 of the largest logit.
+DEFAULT_TOLERANCE = 1e-3
+
+
+class ExportError(ValueError):
+    """An export that cannot be made, or a file that disagrees with PyTorch; the message says why."""
+
+
+def _is_quantized(model: nn.Module) -> bool:
+    from .quantization import is_quantized
+    return is_quantized(model)
+
+
+def export_onnx(model: nn.Module, output: str | Path, *, image_size: int, batch_size: int = 1,
+                opset: int = REFERENCE_OPSET, device: str | torch.device = "cpu", dynamo: bool = False) -> Path:
+    """Write `model` (eval mode, fp32) as ONNX with input `input` [N,3,S,S] and output `output` [N,C], N dynamic.
+
+    Quantized models (efficientnet-quant-*) go through the Q/DQ export of image_classification.quantization.
+    """
+    if opset < REFERENCE_OPSET:
+        raise ExportError(f"--opset must be at least {REFERENCE_OPSET}, got {opset}")
+    if batch_size < 1:
+        raise ExportError(f"--batch-size must be positive, got {batch_size}")
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if _is_quantized(model):
+        if dynamo:
+            raise ExportError("quantized models export with the TorchScript-based exporter only (Model Optimizer's "
+                              "quantizers have no torch.export translation); drop --dynamo")
+        from .quantization import export_onnx_quantized
+        return export_onnx_quantized(model, output, image_size=image_size, batch_size=batch_size, opset=opset,
+                                     device=device, input_names=(INPUT_NAME,), output_names=(OUTPUT_NAME,))
+    if dynamo and opset < DYNAMO_MIN_OPSET:
+        raise ExportError(f"the torch.export-based exporter (--dynamo) writes opset {DYNAMO_MIN_OPSET} or later, "
+                          f"got --opset {opset}")
+    was_training = model.training
+    model.eval()
+    # torch.export treats a batch of 1 as a constant, so the dynamic axis needs an example batch of 2 or more.
+    example = torch.randn(max(batch_size, 2) if dynamo else batch_size, 3, image_size, image_size, device=device)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)  # the TorchScript exporter, chosen above
+            if dynamo:
+                torch.onnx.export(model, (example,), str(output), opset_version=opset, dynamo=True,
+                                  input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+            else:
+                torch.onnx.export(model, (example,), str(output), opset_version=opset, dynamo=False,
+                                  input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], do_constant_folding=True,
+                                  dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+    finally:
+        model.train(was_training)
+    import onnx
+    onnx.checker.check_model(str(output))
+    return output
+
+
+@torch.no_grad()
+def verify_onnx(model: nn.Module, onnx_path: str | Path, inputs: torch.Tensor,
+                tolerance: float = DEFAULT_TOLERANCE) -> float:
+    """Max |onnxruntime - PyTorch| over the logits of `inputs`; ExportError when it exceeds the bound.
+
+    The bound is `tolerance` × max(1, largest |logit| of the PyTorch output).
+    """
+    import onnxruntime as ort
+    was_training = model.training
+    model.eval()
+    try:
+        expected = model(inputs).float().cpu()
+    finally:
+        model.train(was_training)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: inputs.detach().float().cpu().numpy()}
+    actual = torch.from_numpy(session.run(None, feed)[0])
+    if actual.shape != expected.shape:
+        raise ExportError(f"{onnx_path}: onnxruntime returned shape {list(actual.shape)}, PyTorch "
+                          f"{list(expected.shape)}")
+    diff = (actual - expected).abs().max().item()
+    bound = tolerance * max(1.0, expected.abs().max().item())
+    if not diff <= bound:  # also catches NaN
+        raise ExportError(f"{onnx_path}: onnxruntime and PyTorch disagree: max abs difference {diff:.3g} exceeds "
+                          f"the tolerance {bound:.3g} ({tolerance:g} x max(1, largest |logit|))")
+    return diff
+
+
+def default_output(weights: str | Path | None, arch: str) -> Path:
+    """The reference's output name: the weights file with an .onnx extension (b0.pth -> b0.onnx); else <arch>.onnx.
+
+    Unlike the reference, a training checkpoint `checkpoint.pth.tar` becomes `checkpoint.onnx` (not
+    `checkpoint.onnx.tar`), and only the file name changes, never a folder that happens to contain "pth".
+    """
+    if not weights:
+        return Path(f"{arch}.onnx")
+    path = Path(weights)
+    name = path.name
+    for suffix in (".pth.tar", ".pt.tar"):
+        if name.endswith(suffix):
+            return path.with_name(name[: -len(suffix)] + ".onnx")
+    return path.with_suffix(".onnx") if path.suffix else path.with_name(name + ".onnx")
+
+
+# --- command line ---------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    """model2onnx.py's own flags (the reference's, plus --opset, --dynamo, --tolerance, --verify-batch-size)."""
+    p = argparse.ArgumentParser(prog=PROG, add_help=False, allow_abbrev=False,
+                                description="Export a model to ONNX (dynamic batch) and check it in onnxruntime. "
+                                            "The arch's model flags (--pretrained-from-file, --trt True, "
+                                            "--num_classes ...) are accepted too.")
+    p.add_argument("-h", "--help", action="store_true", help="show this help (and the model flags) and exit")
+    p.add_argument("-a", "--arch", default=None, metavar="ARCH",
+                   help="model architecture, one of: " + ", ".join(sorted(available_models())))
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"),
+                   help="where the model runs during export (default: cuda when present, else cpu)")
+    p.add_argument("--image-size", type=int, default=None, metavar="N",
+                   help="input resolution (default: the arch's own size)")
+    p.add_argument("--output", default=None, metavar="PATH",
+                   help="ONNX file to write (default: the --pretrained-from-file name with .onnx, or <arch>.onnx)")
+    p.add_argument("-b", "--batch-size", type=int, default=256, metavar="N",
+                   help="batch of the example input traced for export; the batch axis stays dynamic "
+                        "(default: %(default)s)")
+    p.add_argument("--opset", type=int, default=REFERENCE_OPSET, metavar="N",
+                   help="ONNX opset, at least 13; 18 or more with --dynamo (default: %(default)s, as the reference)")
+    p.add_argument("--dynamo", action="store_true",
+                   help="use the torch.export-based exporter instead of the TorchScript-based one (float models)")
+    p.add_argument("--verify-batch-size", type=int, default=4, metavar="N",
+                   help="after export, run a random batch of N images in onnxruntime and compare with PyTorch; "
+                        "0 skips the check (default: %(default)s)")
+    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, metavar="T",
+                   help="fail when max |onnxruntime - pytorch| exceeds T x max(1, largest |logit|) "
+                        "(default: %(default)s)")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """model2onnx.py's flags, then the arch's model flags into args.model_args; unknown flags are an error."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.help:
+        parser.print_help()
+        if args.arch in available_models():
+            print(f"\nmodel flags of {args.arch}:")
+            print(get_entry(args.arch).parser().format_help())
+        raise SystemExit(0)
+    if args.arch is None:
+        parser.error("--arch is required; available: " + ", ".join(sorted(available_models())))
+    try:
+        entry = get_entry(args.arch)
+    except ValueError as err:
+        parser.error(str(err))
+    model_parser = entry.parser()
+    model_parser.prog = PROG
+    args.model_args, rest = model_parser.parse_known_args(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    for flag, value, least in (("--image-size", args.image_size, 1), ("--batch-size", args.batch_size, 1),
+                               ("--verify-batch-size", args.verify_batch_size, 0)):
+        if value is not None and value < least:
+            parser.error(f"{flag} must be at least {least}, got {value}")
+    return args
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Build the model with its weights, export it, verify it; print what was done; return the file."""
+    from .context import select_device
+    entry = get_entry(args.arch)
+    device = select_device(args.device)
+    model = entry(**vars(args.model_args)).to(device).eval()
+    image_size = args.image_size or entry.default_image_size
+    output = Path(args.output) if args.output else default_output(args.model_args.pretrained_from_file, args.arch)
+    export_onnx(model, output, image_size=image_size, batch_size=args.batch_size, opset=args.opset, device=device,
+                dynamo=args.dynamo)
+    print(f"exported {args.arch} to {output} (opset {args.opset}, input '{INPUT_NAME}' [batch, 3, {image_size}, "
+          f"{image_size}], output '{OUTPUT_NAME}' [batch, {args.model_args.num_classes}], batch dynamic)")
+    if args.verify_batch_size > 0:
+        inputs = torch.randn(args.verify_batch_size, 3, image_size, image_size,
+                             generator=torch.Generator().manual_seed(0)).to(device)
+        diff = verify_onnx(model, output, inputs, args.tolerance)
+        print(f"onnxruntime agrees with PyTorch on a batch of {args.verify_batch_size}: max abs difference "
+              f"{diff:.3g} (tolerance {args.tolerance:g} x max(1, largest |logit|))")
+    return output
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """model2onnx.py: 0 on success; bad input or a failed check prints one error line and returns 1."""
+    args = parse_args(argv)
+    try:
+        run(args)
+    except WeightsError as err:
+        print(f"{PROG}: error: {weights_error_line(err, args.arch)}", file=sys.stderr)
+        return 1
+    except ValueError as err:  # ExportError, or flag values the model rejects
+        print(f"{PROG}: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 1
+    except RuntimeError as err:
+        if "--device" not in str(err):  # a request this machine cannot meet (no GPU) is input, anything else a bug
+            raise
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,126 @@
+"""model2onnx.py / image_classification.export: opset, dynamic batch, onnxruntime agreement, names, errors."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from image_classification.export import DEFAULT_TOLERANCE, ExportError, default_output, export_onnx, main, \
+    verify_onnx
+from image_classification.models import get_entry
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZE = 32
+
+
+def _model(arch: str, **params) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = get_entry(arch)(num_classes=10, **params)
+    # A fresh init has BatchNorm statistics that do not fit its activations, and logits near 0: with the
+    # statistics of a batch, logits reach tens of units, as a trained model's do.
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = 1.0
+    with torch.no_grad():
+        model.train()(torch.randn(8, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)))
+    return model.eval()
+
+
+def _batch_dim(path: Path) -> str:
+    dim = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0]
+    return dim.dim_param
+
+
+@pytest.mark.parametrize("arch,params", [("efficientnet-b0", {}), ("efficientnet-widese-b0", {}),
+                                         ("efficientnet-b0", {"trt": True})])
+def test_export_agrees_with_pytorch_on_another_batch_size(arch, params, tmp_path):
+    model = _model(arch, **params)
+    path = export_onnx(model, tmp_path / "m.onnx", image_size=SIZE, batch_size=1)
+    graph = onnx.load(str(path))
+    assert {o.domain: o.version for o in graph.opset_import}[""] == 13
+    assert _batch_dim(path) == "batch"
+    for batch in (1, 3):
+        inputs = torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(batch))
+        diff = verify_onnx(model, path, inputs)
+        with torch.no_grad():
+            largest = model(inputs).abs().max().item()
+        assert largest > 1.0  # the check is on logits of a few units, not on numbers near zero
+        assert diff <= 1e-4 * largest
+
+
+def test_mismatch_is_an_error(tmp_path):
+    model = _model("efficientnet-b0")
+    path = export_onnx(model, tmp_path / "b0.onnx", image_size=SIZE)
+    model.classifier.fc.bias.data += 1.0
+    with pytest.raises(ExportError, match="disagree"):
+        verify_onnx(model, path, torch.randn(2, 3, SIZE, SIZE), tolerance=DEFAULT_TOLERANCE)
+
+
+def test_dynamo_exporter(tmp_path):
+    model = _model("efficientnet-b0")
+    with pytest.raises(ExportError, match="opset 18"):
+        export_onnx(model, tmp_path / "d.onnx", image_size=SIZE, dynamo=True)
+    path = export_onnx(model, tmp_path / "d.onnx", image_size=SIZE, batch_size=1, opset=18, dynamo=True)
+    assert _batch_dim(path) and not _batch_dim(path).isdigit()
+    assert verify_onnx(model, path, torch.randn(5, 3, SIZE, SIZE)) < 1e-3
+
+
+def test_default_output_names():
+    assert default_output("w/b0.pth", "efficientnet-b0") == Path("w/b0.onnx")
+    assert default_output("w/b0.pt", "efficientnet-b0") == Path("w/b0.onnx")
+    assert default_output("depth/checkpoint.pth.tar", "efficientnet-b0") == Path("depth/checkpoint.onnx")
+    assert default_output("weights", "efficientnet-b0") == Path("weights.onnx")
+    assert default_output(None, "efficientnet-b4") == Path("efficientnet-b4.onnx")
+
+
+def test_model2onnx_cli(tmp_path, capsys):
+    weights = tmp_path / "b0.pth"
+    torch.save(_model("efficientnet-b0").state_dict(), weights)
+    code = main(["--arch", "efficientnet-b0", "--pretrained-from-file", str(weights), "--num_classes", "10",
+                 "--image-size", str(SIZE), "-b", "2", "--device", "cpu", "--verify-batch-size", "3"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert (tmp_path / "b0.onnx").is_file()
+    assert "max abs difference" in out and "batch of 3" in out
+    # Weights for another arch: one line, exit 1.
+    code = main(["--arch", "efficientnet-widese-b0", "--pretrained-from-file", str(weights), "--num_classes", "10",
+                 "--image-size", str(SIZE), "--output", str(tmp_path / "x.onnx")])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "does not fit" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["--arch", "nope"])
+    assert exc.value.code == 2 and "efficientnet-b0" in capsys.readouterr().err
+
+
+def test_model2onnx_script_errors_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "model2onnx.py"), "--arch", "efficientnet-b0",
+                             "--pretrained-from-file", str(tmp_path / "missing.pth"), "--image-size", str(SIZE)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "no such file" in result.stderr
+
+
+def test_quantized_export_has_qdq_nodes(tmp_path, capsys):
+    from image_classification.quantization import calibrate
+    model = get_entry("efficientnet-quant-b0")(num_classes=10)
+    calibrate(model, [torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))], num_batches=1,
+              calibrator="max")
+    weights = tmp_path / "quantized_b0.pth"
+    torch.save(model.state_dict(), weights)
+    code = main(["--arch", "efficientnet-quant-b0", "--pretrained-from-file", str(weights), "--num_classes", "10",
+                 "--image-size", str(SIZE), "-b", "1", "--device", "cpu", "--verify-batch-size", "2"])
+    assert code == 0, capsys.readouterr().err
+    graph = onnx.load(str(tmp_path / "quantized_b0.onnx"))
+    ops = {node.op_type for node in graph.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert _batch_dim(tmp_path / "quantized_b0.onnx") == "batch"
+    # Without ranges (uncalibrated) the export is refused with one line.
+    code = main(["--arch", "efficientnet-quant-b0", "--num_classes", "10", "--image-size", str(SIZE),
+                 "--output", str(tmp_path / "u.onnx")])
+    assert code == 1 and "no ranges" in capsys.readouterr().err
