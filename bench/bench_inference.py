@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     common.add_common_arguments(p, default_models="ours,timm,torchvision", default_batch_sizes="1,8,32")
     p.set_defaults(repeats=20, warmup=3)
     args = p.parse_args(argv)
-    common.apply_quick(args)
+    common.apply_quick(args, p)
     try:
         report = run(args)
     except ValueError as err:

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_common_arguments(p, default_models="ours,timm,torchvision", default_batch_sizes="32")
     args = p.parse_args(argv)
-    common.apply_quick(args)
+    common.apply_quick(args, p)
     try:
         report = run(args)
     except ValueError as err:

@@ -102,7 +102,7 @@ def maybe_compile(model: nn.Module, entry: Entry) -> nn.Module:
 def add_common_arguments(p: argparse.ArgumentParser, *, default_models: str, default_batch_sizes: str) -> None:
     """The flags every bench script shares."""
     p.add_argument("--quick", action="store_true",
-                   help="tiny run that only checks the script works (image 32, batch 2, 1 warm-up, 2 repeats, b0)")
+                   help="tiny run that only checks the script works (b0, image 32, batch 2 unless given, 1 warm-up, 2 repeats)")
     p.add_argument("--archs", default="b0", help="comma-separated EfficientNet members, e.g. b0,b4 (default: b0)")
     p.add_argument("--models", default=default_models,
                    help="comma-separated entries NAME[+nhwc|+nchw][+compile], NAME one of ours, timm, torchvision "
@@ -121,14 +121,17 @@ def add_common_arguments(p: argparse.ArgumentParser, *, default_models: str, def
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this path")
 
 
-def apply_quick(args: argparse.Namespace) -> None:
-    """--quick: the smallest run that exercises every code path."""
-    if args.quick:
-        args.archs = "b0"
-        args.image_size = 32
+def apply_quick(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """--quick: the smallest run that exercises every code path; sizes given on the command line still win."""
+    if not args.quick:
+        return
+    if args.batch_sizes == parser.get_default("batch_sizes"):
         args.batch_sizes = "2"
-        args.warmup = 1
-        args.repeats = 2
+    if args.image_size is None:
+        args.image_size = 32
+    args.archs = "b0"
+    args.warmup = 1
+    args.repeats = 2
 
 
 def csv_list(text: str, kind: type = str) -> list:

@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""The training loop's overhead: main.py's benchmark_training_short run (synthetic data) vs the bare step.
+
+    .venv/bin/python bench/bench_e2e.py                          # b0, bs 32, 224, fp32, 30 iterations per run
+    .venv/bin/python bench/bench_e2e.py --memory-format nhwc --compile --precision bf16
+    .venv/bin/python bench/bench_e2e.py --quick --json /tmp/e.json
+
+The end-to-end run is main.py in this process with launch.py's `benchmark_training_short` mode spelled out
+(spec §2: synthetic data, 1 epoch, --prof N, print frequency 1, training only, no checkpoints) and the
+EfficientNet recipe's RMSprop; plain cross-entropy (no label smoothing, no mixup) so that both sides compute
+the same thing. Its throughput is taken from the report's elapsed times between the end of the warm-up
+iterations and the last one, so it counts everything the loop does per iteration (data, step, metrics,
+logging). The bare step is `training.train_step` on the same settings (bench_train.py's `ours` entry).
+The two alternate --repeats times; overhead = 1 - e2e img/s / bare img/s, from the medians.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from bench_train import RMSPROP, make_step  # noqa: E402
+
+
+def main_argv(args: argparse.Namespace, arch: str, batch: int, size: int, workspace: Path) -> list[str]:
+    """main.py flags equal to `launch.py --mode benchmark_training_short` with the bench's settings."""
+    argv = ["--arch", f"efficientnet-{arch}", "--data-backend", "synthetic", "--epochs", "1",
+            "--prof", str(args.iterations), "--print-freq", "1", "--training-only", "--no-checkpoints",
+            "-b", str(batch), "--image-size", str(size), "--workspace", str(workspace), "--raport-file", "raport.json",
+            "--optimizer", "rmsprop", "--lr", str(RMSPROP["lr"]), "--momentum", str(RMSPROP["momentum"]),
+            "--wd", str(RMSPROP["weight_decay"]), "--rmsprop-alpha", str(RMSPROP["rmsprop_alpha"]),
+            "--rmsprop-eps", str(RMSPROP["rmsprop_eps"]), "--label-smoothing", "0", "--mixup", "0",
+            "--memory-format", args.memory_format, "--jit", "compile" if args.compile else "no",
+            "--workers", "1", "--seed", "0"]
+    if args.device != "auto":
+        argv += ["--device", args.device]
+    if args.precision != "fp32":
+        argv.append("--amp")
+    return argv
+
+
+def loop_throughput(report: Path, batch: int, skip: int) -> float:
+    """img/s between the log of iteration `skip` and the last iteration of epoch 0, from elapsed times."""
+    times = {}
+    for line in report.read_text().splitlines():
+        record = json.loads(line[len("DLLL "):])
+        step = record["step"]
+        if record["type"] == "LOG" and isinstance(step, list) and len(step) == 2 and step[0] == 0:
+            times[int(step[1])] = float(record["elapsedtime"])
+    last = max(times)
+    if skip >= last:
+        raise ValueError(f"--iterations {last} must exceed --skip {skip}")
+    return (last - skip) * batch / (times[last] - times[skip])
+
+
+def run(args: argparse.Namespace) -> dict:
+    from image_classification.arguments import parse_args
+    from image_classification.training import main as train_main
+    ctx = common.context_from_args(args)
+    entry = common.parse_entries("ours", args.memory_format, args.compile)[0]
+    rows = []
+    for arch in common.csv_list(args.archs):
+        size = args.image_size or common.default_image_size(arch)
+        for batch in common.csv_list(args.batch_sizes, int):
+            images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(ctx.device)
+            target = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(1)).to(ctx.device)
+            step, _ = make_step(entry, arch, ctx, images, target)
+            common.warm_up(step, ctx, max(args.warmup, 1))
+            timed_steps = args.iterations - args.skip
+            e2e, bare = [], []
+            for _ in range(args.repeats):
+                with tempfile.TemporaryDirectory(prefix="bench_e2e_") as workspace:
+                    # main.py prints a line per iteration here (print frequency 1): keep the table readable.
+                    with contextlib.redirect_stdout(io.StringIO()):
+                        train_main(parse_args(main_argv(args, arch, batch, size, Path(workspace))))
+                    e2e.append(loop_throughput(Path(workspace) / "raport.json", batch, args.skip))
+                bare.append(batch / common.timed(lambda: [step() for _ in range(timed_steps)], ctx) * timed_steps)
+            e2e_ips, bare_ips = common.median(e2e), common.median(bare)
+            rows.append({"arch": arch, "batch_size": batch, "image_size": size, "precision": args.precision,
+                         **common.entry_record(entry), "e2e_img_per_s": e2e_ips, "bare_img_per_s": bare_ips,
+                         "e2e_samples": e2e, "bare_samples": bare, "overhead": 1.0 - e2e_ips / bare_ips,
+                         "iterations": args.iterations, "skipped": args.skip})
+    return {"benchmark": "e2e_training", "machine": common.machine_info(ctx), "settings": common.settings(args, ctx),
+            "results": rows}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_common_arguments(p, default_models="ours", default_batch_sizes="32")
+    p.add_argument("--iterations", type=int, default=30, help="iterations per main.py run (its --prof)")
+    p.add_argument("--skip", type=int, default=5, help="first iterations of each run left out as warm-up")
+    p.set_defaults(repeats=3)
+    args = p.parse_args(argv)
+    common.apply_quick(args, p)
+    if args.quick:
+        args.iterations, args.skip = 6, 2
+    if args.models != "ours":
+        p.error("--models: bench_e2e.py measures our loop only (ours)")
+    try:
+        report = run(args)
+    except ValueError as err:
+        p.error(str(err))
+    common.print_table(report["results"], [
+        ("arch", "arch", ""), ("batch_size", "batch", "d"), ("image_size", "size", "d"), ("precision", "prec", ""),
+        ("model", "model", ""), ("e2e_img_per_s", "main.py img/s", ".2f"), ("bare_img_per_s", "bare step img/s", ".2f"),
+        ("overhead", "overhead", ".1%")],
+        f"training loop vs bare step, {report['machine']['device']}, median of {args.repeats}")
+    common.write_json(args.json, report)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""The bench/ scripts run (in --quick mode) and write the JSON fields their readers rely on. No timings checked."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MACHINE_FIELDS = {"cpu", "cpu_count", "torch_threads", "device", "torch", "torchvision", "timm"}
+
+
+def run_bench(script: str, tmp_path: Path, *flags: str) -> dict:
+    out = tmp_path / f"{script}.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--quick", "--json", str(out), *flags],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert MACHINE_FIELDS <= set(report["machine"])
+    assert report["settings"]["quick"] is True
+    return report
+
+
+def test_bench_train_quick(tmp_path):
+    report = run_bench("bench_train.py", tmp_path, "--models", "ours,ours+nhwc,timm,torchvision")
+    assert report["benchmark"] == "train_step"
+    models = [row["model"] for row in report["results"]]
+    assert models == ["ours", "ours+nhwc", "timm", "torchvision"]
+    for row in report["results"]:
+        assert row["img_per_s"] > 0 and row["step_ms_median"] > 0
+        assert {"arch", "batch_size", "image_size", "precision", "memory_format", "compile", "first_step_s",
+                "peak_memory_mib"} <= set(row)
+    pairs = {(r["ours"], r["peer"]) for r in report["ratios"]}
+    assert pairs == {(o, p) for o in ("ours", "ours+nhwc") for p in ("timm", "torchvision")}
+    assert all(r["img_per_s_ratio"] > 0 for r in report["ratios"])
+
+
+def test_bench_train_quick_bf16(tmp_path):
+    report = run_bench("bench_train.py", tmp_path, "--models", "ours,timm", "--precision", "bf16")
+    assert report["settings"]["autocast_dtype"] == "bfloat16"
+    assert {row["precision"] for row in report["results"]} == {"bf16"}
+
+
+def test_bench_inference_quick(tmp_path):
+    report = run_bench("bench_inference.py", tmp_path, "--batch-sizes", "1,2")
+    assert report["benchmark"] == "inference"
+    assert {(r["model"], r["batch_size"]) for r in report["results"]} == {
+        (m, b) for m in ("ours", "timm", "torchvision") for b in (1, 2)}
+    for row in report["results"]:
+        assert 0 < row["latency_ms_p50"] <= row["latency_ms_p95"] <= row["latency_ms_p99"]
+    assert len(report["ratios"]) == 4
+
+
+def test_bench_e2e_quick(tmp_path):
+    report = run_bench("bench_e2e.py", tmp_path)
+    (row,) = report["results"]
+    assert report["benchmark"] == "e2e_training"
+    assert row["e2e_img_per_s"] > 0 and row["bare_img_per_s"] > 0
+    assert row["overhead"] == pytest.approx(1 - row["e2e_img_per_s"] / row["bare_img_per_s"])
+
+
+def test_bench_rejects_unknown_model(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_train.py"), "--quick", "--models", "resnet"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "ours, timm or torchvision" in result.stderr

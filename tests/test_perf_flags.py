@@ -1,0 +1,119 @@
+"""Speed flags keep the numbers: channels_last, torch.compile and bf16 autocast against the plain fp32 NCHW path.
+
+Tolerances (stated here because the README quotes them):
+  channels_last vs NCHW, fp32          logits agree to 1e-4 of the largest logit, gradients to 1e-4 of the
+                                       model's largest gradient
+  torch.compile vs eager, fp32         the same at 1e-3
+  bf16 autocast vs fp32 (CPU)          logits within 5 % (relative L2), the loss within 2 %
+The fp32 bounds are summation-order differences of oneDNN kernels and inductor's fused reductions; bf16 keeps
+8 mantissa bits, so only a loose agreement is meaningful.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+from image_classification.context import create_context
+from image_classification.models import get_entry
+from image_classification.models.efficientnet import EFFICIENTNET_B0, EfficientNet
+from image_classification.optimizers import build_optimizer
+from image_classification.training import Engine, compile_model, train_step
+
+SIZE, BATCH, CLASSES = 64, 4, 10
+
+
+def model_and_batch(small: bool = False):
+    """b0 without dropout (compiled code draws its random numbers differently, which would hide the comparison).
+
+    `small`: b0's first three stages only (every kind of block, a fraction of inductor's compile time).
+    """
+    torch.manual_seed(0)
+    if small:
+        model = EfficientNet(replace(EFFICIENTNET_B0, stages=EFFICIENTNET_B0.stages[:3]), dropout=0.0,
+                             num_classes=CLASSES)
+    else:
+        model = get_entry("efficientnet-b0")(num_classes=CLASSES, dropout=0.0)
+    images = torch.randn(BATCH, 3, SIZE, SIZE)
+    target = torch.randint(0, CLASSES, (BATCH,))
+    return model, images, target
+
+
+def largest(grads: dict) -> torch.Tensor:
+    # Some gradients are pure rounding noise (a BN bias followed by another BN): compare to the model's largest.
+    return max(g.abs().max() for g in grads.values())
+
+
+def loss_and_grads(model: nn.Module, images: torch.Tensor, target: torch.Tensor, ctx) -> tuple[torch.Tensor, dict]:
+    """Training-mode forward/backward through the training loop's own step (no optimizer step)."""
+    engine = Engine(ctx=ctx, model=model, train_model=model, criterion=nn.CrossEntropyLoss(),
+                    optimizer=build_optimizer(model, optimizer="rmsprop", lr=0.0, momentum=0.9, weight_decay=0.0),
+                    scaler=ctx.grad_scaler())
+    loss = train_step(engine, images.contiguous(memory_format=ctx.memory_format), target, optimizer_step=False)
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    return loss.detach(), grads
+
+
+def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, tolerance: float, what: str,
+                        scale: torch.Tensor | None = None) -> None:
+    """max |actual - expected| <= tolerance * scale (default scale: the largest |expected|)."""
+    scale = (expected.abs().max() if scale is None else scale).clamp_min(1e-12)
+    error = (actual.float() - expected.float()).abs().max() / scale
+    assert error <= tolerance, f"{what}: max difference {error:.2e} of the largest magnitude > {tolerance}"
+
+
+def test_channels_last_matches_nchw():
+    model, images, target = model_and_batch()
+    nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    model.eval(), nhwc.eval()
+    with torch.no_grad():
+        assert_close_scaled(nhwc(images.contiguous(memory_format=torch.channels_last)), model(images), 1e-4, "logits")
+    model.train(), nhwc.train()
+    loss, grads = loss_and_grads(model, images, target, create_context("cpu"))
+    loss_cl, grads_cl = loss_and_grads(nhwc, images, target, create_context("cpu", memory_format="nhwc"))
+    assert_close_scaled(loss_cl, loss, 1e-4, "loss")
+    for name, grad in grads.items():
+        assert_close_scaled(grads_cl[name], grad, 1e-4, f"grad of {name}", largest(grads))
+
+
+def test_compiled_matches_eager_inference():
+    model, images, _ = model_and_batch(small=True)
+    model.eval()
+    compiled = compile_model(model, "compile")
+    with torch.inference_mode():
+        assert_close_scaled(compiled(images), model(images), 1e-3, "logits")
+
+
+def test_compiled_matches_eager_training_step():
+    model, images, target = model_and_batch(small=True)
+    twin = copy.deepcopy(model)
+    ctx = create_context("cpu")
+    loss, grads = loss_and_grads(model, images, target, ctx)
+    engine_model = compile_model(twin, "compile")
+    engine = Engine(ctx=ctx, model=twin, train_model=engine_model, criterion=nn.CrossEntropyLoss(),
+                    optimizer=build_optimizer(twin, optimizer="rmsprop", lr=0.0, momentum=0.9, weight_decay=0.0),
+                    scaler=ctx.grad_scaler())
+    loss_c = train_step(engine, images, target, optimizer_step=False)
+    assert_close_scaled(loss_c.detach(), loss, 1e-3, "loss")
+    for name, p in twin.named_parameters():
+        assert_close_scaled(p.grad, grads[name], 1e-3, f"grad of {name}", largest(grads))
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="bf16 autocast on CPU needs oneDNN")
+def test_bf16_autocast_close_to_fp32():
+    model, images, target = model_and_batch()
+    model.eval()
+    with torch.no_grad():
+        reference = model(images)
+        with create_context("cpu", amp=True).autocast():
+            low = model(images)
+    assert low.dtype == torch.bfloat16
+    relative = (low.float() - reference).norm() / reference.norm()
+    assert relative < 0.05, f"bf16 logits differ from fp32 by {relative:.3f} (relative L2)"
+    model.train()
+    loss, _ = loss_and_grads(copy.deepcopy(model), images, target, create_context("cpu"))
+    loss_bf16, _ = loss_and_grads(copy.deepcopy(model), images, target, create_context("cpu", amp=True))
+    assert loss_bf16.float().item() == pytest.approx(loss.item(), rel=0.02)
