@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
-"""The training loop's overhead: main.py's benchmark_training_short run (synthetic data) vs the bare step.
+"""The training loop's overhead: launch.py's benchmark_training_short run (synthetic data) vs the bare step.
 
     .venv/bin/python bench/bench_e2e.py                          # b0, bs 32, 224, fp32, 30 iterations per run
     .venv/bin/python bench/bench_e2e.py --memory-format nhwc --compile --precision bf16
     .venv/bin/python bench/bench_e2e.py --quick --json /tmp/e.json
 
-The end-to-end run is main.py in this process with launch.py's `benchmark_training_short` mode spelled out
-(spec §2: synthetic data, 1 epoch, --prof N, print frequency 1, training only, no checkpoints) and the
-EfficientNet recipe's RMSprop; plain cross-entropy (no label smoothing, no mixup) so that both sides compute
+The end-to-end run is `launch.py --mode benchmark_training_short` in this process (configs.yml: synthetic
+data, 1 epoch, print frequency 1, training only, no checkpoints; the EfficientNet recipe's RMSprop) with
+--prof set to --iterations and plain cross-entropy (no label smoothing, no mixup) so that both sides compute
 the same thing. Its throughput is taken from the report's elapsed times between the end of the warm-up
 iterations and the last one, so it counts everything the loop does per iteration (data, step, metrics,
 logging). The bare step is `training.train_step` on the same settings (bench_train.py's `ours` entry).
@@ -30,20 +30,18 @@ import common  # noqa: E402
 from bench_train import RMSPROP, make_step  # noqa: E402
 
 
-def main_argv(args: argparse.Namespace, arch: str, batch: int, size: int, workspace: Path) -> list[str]:
-    """main.py flags equal to `launch.py --mode benchmark_training_short` with the bench's settings."""
-    argv = ["--arch", f"efficientnet-{arch}", "--data-backend", "synthetic", "--epochs", "1",
-            "--prof", str(args.iterations), "--print-freq", "1", "--training-only", "--no-checkpoints",
-            "-b", str(batch), "--image-size", str(size), "--workspace", str(workspace), "--raport-file", "raport.json",
+def launch_argv(args: argparse.Namespace, arch: str, batch: int, size: int, workspace: Path) -> list[str]:
+    """launch.py's command line for the bench's settings; flags after the config names override configs.yml."""
+    argv = ["--model", f"efficientnet-{arch}", "--precision", "FP32" if args.precision == "fp32" else "AMP",
+            "--mode", "benchmark_training_short", "--platform", args.platform,
+            "--prof", str(args.iterations), "-b", str(batch), "--image-size", str(size),
+            "--workspace", str(workspace), "--raport-file", "raport.json",
             "--optimizer", "rmsprop", "--lr", str(RMSPROP["lr"]), "--momentum", str(RMSPROP["momentum"]),
             "--wd", str(RMSPROP["weight_decay"]), "--rmsprop-alpha", str(RMSPROP["rmsprop_alpha"]),
             "--rmsprop-eps", str(RMSPROP["rmsprop_eps"]), "--label-smoothing", "0", "--mixup", "0",
-            "--memory-format", args.memory_format, "--jit", "compile" if args.compile else "no",
-            "--workers", "1", "--seed", "0"]
+            "--memory-format", args.memory_format, "--jit", "compile" if args.compile else "no", "--seed", "0"]
     if args.device != "auto":
         argv += ["--device", args.device]
-    if args.precision != "fp32":
-        argv.append("--amp")
     return argv
 
 
@@ -62,7 +60,7 @@ def loop_throughput(report: Path, batch: int, skip: int) -> float:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from image_classification.arguments import parse_args
+    from image_classification.launcher import build_args
     from image_classification.training import main as train_main
     ctx = common.context_from_args(args)
     entry = common.parse_entries("ours", args.memory_format, args.compile)[0]
@@ -80,7 +78,7 @@ def run(args: argparse.Namespace) -> dict:
                 with tempfile.TemporaryDirectory(prefix="bench_e2e_") as workspace:
                     # main.py prints a line per iteration here (print frequency 1): keep the table readable.
                     with contextlib.redirect_stdout(io.StringIO()):
-                        train_main(parse_args(main_argv(args, arch, batch, size, Path(workspace))))
+                        train_main(build_args(launch_argv(args, arch, batch, size, Path(workspace))))
                     e2e.append(loop_throughput(Path(workspace) / "raport.json", batch, args.skip))
                 bare.append(batch / common.timed(lambda: [step() for _ in range(timed_steps)], ctx) * timed_steps)
             e2e_ips, bare_ips = common.median(e2e), common.median(bare)
@@ -97,11 +95,16 @@ def main(argv: list[str] | None = None) -> dict:
     common.add_common_arguments(p, default_models="ours", default_batch_sizes="32")
     p.add_argument("--iterations", type=int, default=30, help="iterations per main.py run (its --prof)")
     p.add_argument("--skip", type=int, default=5, help="first iterations of each run left out as warm-up")
+    p.add_argument("--platform", default=None,
+                   help="configs.yml platform (default: CPU on the CPU, DGXA100 on a GPU)")
     p.set_defaults(repeats=3)
     args = p.parse_args(argv)
     common.apply_quick(args, p)
     if args.quick:
         args.iterations, args.skip = 6, 2
+    if args.platform is None:
+        args.platform = "DGXA100" if args.device.startswith("cuda") or (args.device == "auto" and
+                                                                       torch.cuda.is_available()) else "CPU"
     if args.models != "ours":
         p.error("--models: bench_e2e.py measures our loop only (ours)")
     try:
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(str(err))
     common.print_table(report["results"], [
         ("arch", "arch", ""), ("batch_size", "batch", "d"), ("image_size", "size", "d"), ("precision", "prec", ""),
-        ("model", "model", ""), ("e2e_img_per_s", "main.py img/s", ".2f"), ("bare_img_per_s", "bare step img/s", ".2f"),
+        ("model", "model", ""), ("e2e_img_per_s", "launch.py img/s", ".2f"), ("bare_img_per_s", "bare step img/s", ".2f"),
         ("overhead", "overhead", ".1%")],
         f"training loop vs bare step, {report['machine']['device']}, median of {args.repeats}")
     common.write_json(args.json, report)
