@@ -11,6 +11,8 @@ wins, as the reference does) and become parser defaults of main.py; flags after 
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -27,13 +29,23 @@ class ConfigError(ValueError):
 
 def load_config(path: str | Path = DEFAULT_CONFIG) -> dict:
     """configs.yml as a dict (YAML anchors and merge keys resolved)."""
+    try:
+        stat = Path(path).stat()
+    except OSError as err:
+        raise ConfigError(f"--cfg_file {path}: cannot read ({err.strerror or err})") from None
+    return copy.deepcopy(_parse_config(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_config(path: str, mtime_ns: int, size: int) -> dict:
+    # Cached per file version: the recipe and config tests resolve hundreds of command lines.
     import yaml
     try:
         text = Path(path).read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"--cfg_file {path}: cannot read ({err.strerror or err})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--cfg_file {path}: cannot read ({getattr(err, 'strerror', None) or err})") from None
     try:
-        config = yaml.safe_load(text)
+        config = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as err:
         raise ConfigError(f"--cfg_file {path}: not valid YAML ({str(err).splitlines()[0]})") from None
     missing = [s for s in SECTIONS if not isinstance((config or {}).get(s), Mapping)]

@@ -1,0 +1,3 @@
+#!/usr/bin/env bash
+# Train efficientnet-widese-b0 to convergence on 8 GPUs of a DGXA100 with AMP; $1: workspace (default ./).
+python ./multiproc.py --nproc_per_node 8 ./launch.py --model efficientnet-widese-b0 --precision AMP --mode convergence --platform DGXA100 /imagenet --workspace "${1:-./}" --raport-file raport.json

@@ -1,0 +1,3 @@
+#!/usr/bin/env bash
+# Train efficientnet-widese-b4 on the CPU (float32); $1: workspace (default ./). Slow: meant for small data sets and checks.
+python ./launch.py --model efficientnet-widese-b4 --precision FP32 --mode convergence --platform CPU /imagenet --workspace "${1:-./}" --raport-file raport.json
