@@ -1,0 +1,38 @@
+"""torch.hub entry points: nvidia_efficientnet_b0 … b7, nvidia_efficientnet_widese_b0 … b7,
+nvidia_efficientnet_quant_b0 … b7 and nvidia_efficientnet_v2_s/m/l.
+
+    model = torch.hub.load("/path/to/this/checkout", "nvidia_efficientnet_b0", source="local", pretrained=False)
+    model = torch.hub.load("/path/to/this/checkout", "nvidia_efficientnet_b4", source="local")  # NGC weights
+
+`pretrained` defaults to True for the archs with NVIDIA's published weights (b0, b4, widese-b0,
+widese-b4, quant-b0, quant-b4), as the reference's hub entries did, and to False for the others.
+Other keyword arguments are the model flags (num_classes, trt, dropout, pretrained_from_file, ...).
+"""
+from __future__ import annotations
+
+dependencies = ["torch"]
+
+
+def _hub_entry(entry):
+    has_weights = entry.pretrained_url is not None
+
+    def load(pretrained: bool = has_weights, **kwargs):
+        return entry(pretrained=pretrained, **kwargs)
+
+    load.__name__ = "nvidia_" + entry.__name__
+    load.__doc__ = (f"{entry.name} (input {entry.default_image_size}px); pretrained={has_weights} by default"
+                    + ("" if has_weights else " (no NGC weights: pretrained=True is an error)"))
+    return load
+
+
+def _register() -> list[str]:
+    from image_classification.models import available_models
+    names = []
+    for entry in available_models().values():
+        hub = _hub_entry(entry)
+        globals()[hub.__name__] = hub
+        names.append(hub.__name__)
+    return names
+
+
+__all__ = _register()
