@@ -36,7 +36,7 @@ def make_forward(entry: common.Entry, arch: str, ctx, images: torch.Tensor):
 
 def run(args: argparse.Namespace) -> dict:
     ctx = common.context_from_args(args)
-    entries = common.parse_entries(args.models, args.memory_format, args.compile)
+    entries = common.parse_entries(args.models, args.memory_format, args.compile, allow_freeze=True)
     rows = []
     for arch in common.csv_list(args.archs):
         size = args.image_size or common.default_image_size(arch)

@@ -37,24 +37,27 @@ PRECISIONS = ("fp32", "bf16", "amp")
 class Entry:
     """One measured model: `ours`, `timm` or `torchvision`, with its layout and whether it is compiled.
 
-    Written on the command line as NAME[+nhwc|+nchw][+compile], e.g. `ours+nhwc+compile`; a plain `ours` takes
+    Written on the command line as NAME[+nhwc|+nchw][+compile][+freeze], e.g. `ours+nhwc+compile`; +freeze
+    (inference only) compiles with inductor's freezing. A plain `ours` takes
     --memory-format and --compile, a plain peer runs as its users run it by default (NCHW, eager).
     """
 
     name: str
     memory_format: str = "nchw"
     compile: bool = False
+    freeze: bool = False  # inference only: inductor's freezing (weights as constants, BN folded into convs)
 
     @property
     def label(self) -> str:
-        return self.name + ("+nhwc" if self.memory_format == "nhwc" else "") + ("+compile" if self.compile else "")
+        return (self.name + ("+nhwc" if self.memory_format == "nhwc" else "") + ("+compile" if self.compile else "")
+                + ("+freeze" if self.freeze else ""))
 
     @property
     def is_ours(self) -> bool:
         return self.name == "ours"
 
 
-def parse_entries(text: str, memory_format: str, compile_ours: bool) -> list[Entry]:
+def parse_entries(text: str, memory_format: str, compile_ours: bool, allow_freeze: bool = False) -> list[Entry]:
     """Entries of a --models value (comma separated); errors name the valid spellings."""
     entries = []
     for item in filter(None, (part.strip() for part in text.split(","))):
@@ -62,12 +65,16 @@ def parse_entries(text: str, memory_format: str, compile_ours: bool) -> list[Ent
         if name not in ("ours", *PEERS):
             raise ValueError(f"--models: unknown model {name!r}; use ours, timm or torchvision, optionally with "
                              f"+nhwc, +nchw and +compile (e.g. ours+nhwc+compile)")
-        unknown = set(options) - {"nhwc", "nchw", "compile"}
+        unknown = set(options) - {"nhwc", "nchw", "compile", "freeze"}
         if unknown:
-            raise ValueError(f"--models: unknown option(s) {sorted(unknown)} in {item!r}; use +nhwc, +nchw, +compile")
+            raise ValueError(f"--models: unknown option(s) {sorted(unknown)} in {item!r}; use +nhwc, +nchw, +compile, "
+                             f"+freeze")
+        if "freeze" in options and not allow_freeze:
+            raise ValueError(f"--models: +freeze ({item!r}) applies to inference only")
         plain_ours = name == "ours" and not options
         fmt = memory_format if plain_ours else ("nhwc" if "nhwc" in options else "nchw")
-        entries.append(Entry(name, fmt, compile_ours if plain_ours else "compile" in options))
+        freeze = "freeze" in options
+        entries.append(Entry(name, fmt, compile_ours if plain_ours else ("compile" in options or freeze), freeze))
     if not entries:
         raise ValueError("--models: name at least one model")
     return entries
@@ -93,7 +100,9 @@ def default_image_size(arch: str) -> int:
 
 
 def maybe_compile(model: nn.Module, entry: Entry) -> nn.Module:
-    """torch.compile (inductor) for +compile entries, the model itself otherwise."""
+    """torch.compile (inductor) for +compile entries, with freezing for +freeze, the model itself otherwise."""
+    if entry.freeze:
+        return torch.compile(model, options={"freezing": True})
     return torch.compile(model) if entry.compile else model
 
 
@@ -105,7 +114,7 @@ def add_common_arguments(p: argparse.ArgumentParser, *, default_models: str, def
                    help="tiny run that only checks the script works (b0, image 32, batch 2 unless given, 1 warm-up, 2 repeats)")
     p.add_argument("--archs", default="b0", help="comma-separated EfficientNet members, e.g. b0,b4 (default: b0)")
     p.add_argument("--models", default=default_models,
-                   help="comma-separated entries NAME[+nhwc|+nchw][+compile], NAME one of ours, timm, torchvision "
+                   help="comma-separated entries NAME[+nhwc|+nchw][+compile][+freeze], NAME one of ours, timm, torchvision "
                         "(default: %(default)s)")
     p.add_argument("--batch-sizes", default=default_batch_sizes, help="comma-separated (default: %(default)s)")
     p.add_argument("--image-size", type=int, default=None, help="input resolution (default: the arch's own)")
@@ -213,8 +222,9 @@ class PeakMemory:
     """Peak memory of a block of work, in MiB above what was in use when it started.
 
     On CUDA: the caching allocator's peak. On Linux CPUs: the process's peak resident set (VmHWM, reset through
-    /proc/self/clear_refs); large tensors are mmapped by glibc and returned on free, so this follows the
-    tensors closely, but it also counts allocator caches and is an upper bound. None where neither exists.
+    /proc/self/clear_refs). While measuring, glibc is told to mmap every block from 64 KiB up and to give freed
+    memory back, so the resident set follows the live tensors rather than the allocator's caches (this slows
+    allocation, which is why timings are taken before, never inside, this block). None where unsupported.
     """
 
     def __init__(self, ctx: ExecutionContext):
@@ -227,6 +237,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.ctx.device)
             self._start = torch.cuda.memory_allocated(self.ctx.device)
         else:
+            _glibc_mmap_threshold(64 * 1024)
             self._start = _reset_rss_peak()
         return self
 
@@ -234,9 +245,23 @@ class PeakMemory:
         if self.ctx.is_cuda:
             torch.cuda.synchronize(self.ctx.device)
             self.mib = (torch.cuda.max_memory_allocated(self.ctx.device) - self._start) / 2**20
-        elif self._start is not None:
-            peak = _status_kib("VmHWM")
-            self.mib = None if peak is None else (peak * 1024 - self._start) / 2**20
+            return
+        peak = _status_kib("VmHWM")
+        if self._start is not None and peak is not None:
+            self.mib = (peak * 1024 - self._start) / 2**20
+        _glibc_mmap_threshold(32 * 2**20)  # glibc's own upper bound for its adaptive threshold
+
+
+def _glibc_mmap_threshold(size: int) -> None:
+    """mallopt(M_MMAP_THRESHOLD, size) and malloc_trim(0) where the C library is glibc; no-op elsewhere."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, size)  # -3 is M_MMAP_THRESHOLD in glibc's malloc.h
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _status_kib(field: str) -> int | None:
