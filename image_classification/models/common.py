@@ -77,6 +77,25 @@ class SqueezeExcitation(nn.Module):
         return x * self.attention(x)
 
 
+def depthwise_conv_bn_act(layer: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """Run a depthwise conv → BN → SiLU layer; while training under CPU bf16 autocast the conv runs in fp32.
+
+    Why: oneDNN's bf16 depthwise-convolution backward is about 3x slower than its fp32 one on AVX-512/AMX CPUs
+    (measured on b0: 372 vs 118 ms of a 16x112 step), while every other bf16 kernel is faster. Computing this
+    one conv in fp32 (from the bf16 activations, rounded back to bf16 after) makes the bf16 training step 1.7x
+    faster and is, if anything, more accurate. Inference (no grad) keeps the faster bf16 forward; fp32 runs and
+    GPU autocast are untouched.
+    """
+    if x.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            out = layer.conv(x.float()).to(x.dtype)
+        for name, module in layer.named_children():
+            if name != "conv":
+                out = module(out)
+        return out
+    return layer(x)
+
+
 def stochastic_depth(x: torch.Tensor, survival_prob: float, training: bool) -> torch.Tensor:
     """Drop whole samples of a residual branch with probability 1 - survival_prob, rescaling the rest.
 

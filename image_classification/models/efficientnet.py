@@ -13,7 +13,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from .common import LayerBuilder, LayerConfig, SqueezeExcitation, make_divisible, stochastic_depth
+from .common import (LayerBuilder, LayerConfig, SqueezeExcitation, depthwise_conv_bn_act, make_divisible,
+                     stochastic_depth)
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,7 @@ class MBConvBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x if self.expand is None else self.expand(x)
-        out = self.proj(self.se(self.depsep(out)))
+        out = self.proj(self.se(depthwise_conv_bn_act(self.depsep, out)))
         if not self.residual:
             return out
         return x + stochastic_depth(out, self.survival_prob, self.training)
