@@ -7,11 +7,13 @@
 
 The end-to-end run is `launch.py --mode benchmark_training_short` in this process (configs.yml: synthetic
 data, 1 epoch, print frequency 1, training only, no checkpoints; the EfficientNet recipe's RMSprop) with
---prof set to --iterations and plain cross-entropy (no label smoothing, no mixup) so that both sides compute
+--prof set to --iterations, an optimizer step every iteration (--optimizer-batch-size -1) and plain
+cross-entropy (no label smoothing, no mixup) so that both sides compute
 the same thing. Its throughput is taken from the report's elapsed times between the end of the warm-up
 iterations and the last one, so it counts everything the loop does per iteration (data, step, metrics,
 logging). The bare step is `training.train_step` on the same settings (bench_train.py's `ours` entry).
-The two alternate --repeats times; overhead = 1 - e2e img/s / bare img/s, from the medians.
+Both start from a fresh model and leave out the same --skip warm-up iterations; they alternate --repeats
+times; overhead = 1 - e2e img/s / bare img/s, from the medians.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from bench_train import RMSPROP, make_step  # noqa: E402
+from bench_train import RMSPROP, make_step, recipe_lr  # noqa: E402
 
 
 def launch_argv(args: argparse.Namespace, arch: str, batch: int, size: int, workspace: Path) -> list[str]:
@@ -36,9 +38,11 @@ def launch_argv(args: argparse.Namespace, arch: str, batch: int, size: int, work
             "--mode", "benchmark_training_short", "--platform", args.platform,
             "--prof", str(args.iterations), "-b", str(batch), "--image-size", str(size),
             "--workspace", str(workspace), "--raport-file", "raport.json",
-            "--optimizer", "rmsprop", "--lr", str(RMSPROP["lr"]), "--momentum", str(RMSPROP["momentum"]),
+            "--optimizer", "rmsprop", "--lr", str(recipe_lr(batch)), "--momentum", str(RMSPROP["momentum"]),
             "--wd", str(RMSPROP["weight_decay"]), "--rmsprop-alpha", str(RMSPROP["rmsprop_alpha"]),
             "--rmsprop-eps", str(RMSPROP["rmsprop_eps"]), "--label-smoothing", "0", "--mixup", "0",
+            # The recipe accumulates to 4096 images per optimizer step; the bare step steps every iteration.
+            "--optimizer-batch-size", "-1",
             "--memory-format", args.memory_format, "--jit", "compile" if args.compile else "no", "--seed", "0"]
     if args.device != "auto":
         argv += ["--device", args.device]
@@ -70,8 +74,6 @@ def run(args: argparse.Namespace) -> dict:
         for batch in common.csv_list(args.batch_sizes, int):
             images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(ctx.device)
             target = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(1)).to(ctx.device)
-            step, _ = make_step(entry, arch, ctx, images, target)
-            common.warm_up(step, ctx, max(args.warmup, 1))
             timed_steps = args.iterations - args.skip
             e2e, bare = [], []
             for _ in range(args.repeats):
@@ -80,6 +82,9 @@ def run(args: argparse.Namespace) -> dict:
                     with contextlib.redirect_stdout(io.StringIO()):
                         train_main(build_args(launch_argv(args, arch, batch, size, Path(workspace))))
                     e2e.append(loop_throughput(Path(workspace) / "raport.json", batch, args.skip))
+                # The bare side starts as the run does: a fresh model, the same warm-up iterations left out.
+                step, _ = make_step(entry, arch, ctx, images, target)
+                common.warm_up(step, ctx, args.skip)
                 bare.append(batch / common.timed(lambda: [step() for _ in range(timed_steps)], ctx) * timed_steps)
             e2e_ips, bare_ips = common.median(e2e), common.median(bare)
             rows.append({"arch": arch, "batch_size": batch, "image_size": size, "precision": args.precision,

@@ -29,6 +29,13 @@ from image_classification.training import Engine, train_step  # noqa: E402
 
 # The EfficientNet recipe of configs.yml (spec §2): RMSprop alpha 0.9, eps 0.01, momentum 0.9; b0's lr/wd.
 RMSPROP = dict(optimizer="rmsprop", lr=0.08, momentum=0.9, weight_decay=1e-5, rmsprop_alpha=0.9, rmsprop_eps=0.01)
+RECIPE_BATCH = 4096  # the recipe's lr is for --optimizer-batch-size 4096
+
+
+def recipe_lr(batch: int) -> float:
+    """The recipe's lr scaled to `batch`. At the unscaled 0.08, repeating one random batch makes the weights
+    diverge within a few steps, and overflowing or denormal values would time something else than training."""
+    return RMSPROP["lr"] * batch / RECIPE_BATCH
 
 
 def make_step(entry: common.Entry, arch: str, ctx, images: torch.Tensor, target: torch.Tensor):
@@ -36,7 +43,7 @@ def make_step(entry: common.Entry, arch: str, ctx, images: torch.Tensor, target:
     ctx = common.context_for(ctx, entry)
     model = common.build_model(entry, arch).to(ctx.device, memory_format=ctx.memory_format).train()
     images = images.contiguous(memory_format=ctx.memory_format)
-    optimizer = build_optimizer(model, **RMSPROP)
+    optimizer = build_optimizer(model, **{**RMSPROP, "lr": recipe_lr(images.shape[0])})
     criterion = nn.CrossEntropyLoss()
     if entry.is_ours:
         from image_classification.training import compile_model
