@@ -22,6 +22,7 @@ from .context import ExecutionContext, create_context
 from .data.loader import Normalizer
 from .data.pytorch_backend import load_rgb, val_transform
 from .models import available_models, get_entry
+from .models.quantized import require_ranges
 from .models.weights import WeightsError
 
 PROG = "classify.py"
@@ -142,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="extend", nargs="+", default=[], metavar="PATH",
                    help="image file(s) to classify; repeat the flag or list several paths")
     p.add_argument("--image-size", type=int, default=None, metavar="N",
-                   help="input size (default: the arch's own size; the reference always used 224)")
+                   help="input size (default: the arch's evaluation size, e.g. 224 for b0, 384 for efficientnet-v2-s; "
+                        "the reference always used 224)")
     p.add_argument("--interpolation", default="bilinear", choices=("bilinear", "bicubic", "triangular"),
                    help="resize interpolation, as main.py's --interpolation (default: %(default)s)")
     p.add_argument("--precision", default="AMP", choices=("AMP", "FP32"),
@@ -198,10 +200,11 @@ def build_classifier(args: argparse.Namespace) -> Classifier:
     names = class_names(args.model_args.num_classes, args.class_names)
     ctx = create_context(device="cpu" if args.cpu else None, amp=args.precision == "AMP")
     model = entry(**vars(args.model_args))
+    require_ranges(model, source=args.model_args.pretrained_from_file or args.arch)
     if not (getattr(args.model_args, "pretrained", False) or args.model_args.pretrained_from_file):
         print(f"{PROG}: warning: {args.arch} has random weights (no --pretrained or --pretrained-from-file)",
               file=sys.stderr)
-    image_size = args.image_size or entry.default_image_size
+    image_size = args.image_size or entry.default_eval_image_size
     return Classifier(model, ctx, names, image_size, args.interpolation)
 
 

@@ -141,6 +141,14 @@ def test_weights_of_another_arch_and_bad_names_file_give_one_line(files, capsys)
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
 
 
+def test_quantized_arch_without_ranges_is_one_line(files, capsys):
+    # Float weights into a quantized arch leave its quantizers without ranges: refuse, naming them.
+    code, out, err = _run(capsys, ["--arch", "efficientnet-quant-b0", "--pretrained-from-file",
+                                   str(files / "b0_10.pth"), "--num_classes", "10", "--image", str(files / "gray.jpg")])
+    assert code == 1 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "no ranges (_amax)" in err and "b0_10.pth" in err
+
+
 def test_script_runs_without_traceback(files):
     result = subprocess.run([sys.executable, str(ROOT / "classify.py"), "--arch", "efficientnet-b0",
                              "--pretrained-from-file", str(files / "missing.pth"), "--image", str(files / "gray.jpg")],
