@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import logging
 import re
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -91,8 +93,20 @@ class QuantMBConvBlock(MBConvBlock):
 
 @functools.cache
 def modelopt_quantization():
-    """`modelopt.torch.quantization`, with our SE and MBConv blocks registered as quantizable (once)."""
-    import modelopt.torch.quantization as mtq
+    """`modelopt.torch.quantization`, with our SE and MBConv blocks registered as quantizable (once).
+
+    Its import prints two messages on every machine without CUDA (a CUDA_HOME guess of torch's extension
+    loader, and torch.jit.script's deprecation); neither concerns our users, so only those two are muted.
+    """
+    extension_log = logging.getLogger("torch.utils.cpp_extension")
+    level = extension_log.level
+    extension_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+            import modelopt.torch.quantization as mtq
+    finally:
+        extension_log.setLevel(level)
     mtq.register(original_cls=SqueezeExcitation, quantized_cls=QuantSqueezeExcitation)
     mtq.register(original_cls=MBConvBlock, quantized_cls=QuantMBConvBlock)
     return mtq
@@ -100,7 +114,7 @@ def modelopt_quantization():
 
 def quantizers(model: nn.Module) -> dict[str, nn.Module]:
     """The enabled Model Optimizer quantizers of `model`, by module name."""
-    from modelopt.torch.quantization.nn import TensorQuantizer
+    TensorQuantizer = modelopt_quantization().nn.TensorQuantizer
     return {name: m for name, m in model.named_modules() if isinstance(m, TensorQuantizer) and m.is_enabled}
 
 
