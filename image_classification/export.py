@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, choices=("cpu", "cuda"),
                    help="where the model runs during export (default: cuda when present, else cpu)")
     p.add_argument("--image-size", type=int, default=None, metavar="N",
-                   help="input resolution (default: the arch's own size)")
+                   help="input resolution (default: the arch's evaluation size, e.g. 224 for b0, 384 for "
+                        "efficientnet-v2-s)")
     p.add_argument("--output", default=None, metavar="PATH",
                    help="ONNX file to write (default: the --pretrained-from-file name with .onnx, or <arch>.onnx)")
     p.add_argument("-b", "--batch-size", type=int, default=256, metavar="N",
@@ -202,7 +203,7 @@ def run(args: argparse.Namespace) -> Path:
     entry = get_entry(args.arch)
     device = select_device(args.device)
     model = entry(**vars(args.model_args)).to(device).eval()
-    image_size = args.image_size or entry.default_image_size
+    image_size = args.image_size or entry.default_eval_image_size
     output = Path(args.output) if args.output else default_output(args.model_args.pretrained_from_file, args.arch)
     export_onnx(model, output, image_size=image_size, batch_size=args.batch_size, opset=args.opset, device=device,
                 dynamo=args.dynamo)

@@ -23,7 +23,13 @@ class EntryPoint:
 
     @property
     def default_image_size(self) -> int:
+        """Training input size."""
         return self.spec.arch.default_image_size
+
+    @property
+    def default_eval_image_size(self) -> int:
+        """Evaluation input size (larger than the training size for EfficientNetV2)."""
+        return self.spec.arch.default_eval_image_size
 
     def __call__(self, pretrained: bool = False, pretrained_from_file: str | None = None,
                  reset_classifier: bool = False, **model_params) -> nn.Module:
