@@ -1,4 +1,4 @@
-"""Training losses of the reference: cross-entropy, label smoothing, and the soft-target NLL used with mixup.
+"""Training losses of the reference: cross-entropy, label smoothing, and the soft-target NLL used with mixup/CutMix.
 
 In eval mode every loss is plain cross-entropy on integer labels, as the reference validates.
 """
@@ -41,9 +41,9 @@ class SoftTargetCrossEntropy(nn.Module):
         return ((1.0 - self.smoothing) * nll + self.smoothing * smooth).mean()
 
 
-def build_loss(label_smoothing: float = 0.0, mixup: float = 0.0) -> nn.Module:
-    """The loss the reference picks for these flags."""
-    if mixup > 0.0:
+def build_loss(label_smoothing: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0) -> nn.Module:
+    """The loss the reference picks for these flags (soft targets whenever batches are mixed)."""
+    if mixup > 0.0 or cutmix > 0.0:
         return SoftTargetCrossEntropy(label_smoothing)
     if label_smoothing > 0.0:
         return LabelSmoothing(label_smoothing)
