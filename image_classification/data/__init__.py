@@ -18,14 +18,14 @@ import os
 
 from ..context import ExecutionContext
 from .folder import IMG_EXTENSIONS, DataError, ImageFolderIndex, dataset_classes, scan_split
-from .loader import MEAN, STD, Loader
+from .loader import MAGNITUDE_BINS, MEAN, STD, Loader
 
 BACKENDS = ("pytorch", "dali-cpu", "dali-gpu", "synthetic")
 AUGMENTATIONS = (None, "autoaugment", "randaugment", "trivialaugment")
 INTERPOLATIONS = ("bilinear", "bicubic", "triangular")
 
-__all__ = ["AUGMENTATIONS", "BACKENDS", "IMG_EXTENSIONS", "INTERPOLATIONS", "MEAN", "STD", "DataError", "Loader",
-           "build_train_loader", "build_val_loader", "dataset_classes"]
+__all__ = ["AUGMENTATIONS", "BACKENDS", "IMG_EXTENSIONS", "INTERPOLATIONS", "MAGNITUDE_BINS", "MEAN", "STD",
+           "DataError", "Loader", "build_train_loader", "build_val_loader", "dataset_classes"]
 
 
 def _check_choices(backend: str, interpolation: str, augmentation: str | None = None) -> None:
@@ -74,6 +74,8 @@ def build_train_loader(backend: str, data_dir: str | None, *, image_size: int, b
     """Training batches: random-resized crop, flip, optional augmentation policy; shuffled; last partial dropped."""
     _check_choices(backend, interpolation, augmentation)
     _check_sizes(image_size, batch_size, workers)
+    if not 0 <= randaug_magnitude < MAGNITUDE_BINS:
+        raise ValueError(f"--randaug-magnitude must be between 0 and {MAGNITUDE_BINS - 1}, got {randaug_magnitude}")
     seed = _resolve_seed(seed)
     if backend == "synthetic":
         from .synthetic import SyntheticLoader

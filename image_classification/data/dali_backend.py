@@ -25,7 +25,7 @@ import torch
 
 from ..context import ExecutionContext
 from .folder import DataError, ImageFolderIndex, epoch_seed, shard_indices, shard_size
-from .loader import MEAN, STD, Batch, Loader
+from .loader import MAGNITUDE_BINS, MEAN, STD, Batch, Loader
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,10 @@ def _augment(images, augmentation: str | None, magnitude: int, image_size: int, 
     if augmentation == "autoaugment":
         return auto_augment.auto_augment_image_net(images, shape=shape, fill_value=128, interp_type=interp)
     if augmentation == "randaugment":
-        return rand_augment.rand_augment(images, n=2, m=magnitude, num_magnitude_bins=31, shape=shape,
+        return rand_augment.rand_augment(images, n=2, m=magnitude, num_magnitude_bins=MAGNITUDE_BINS, shape=shape,
                                          fill_value=128, interp_type=interp)
     if augmentation == "trivialaugment":
-        return trivial_augment.trivial_augment_wide(images, num_magnitude_bins=31, shape=shape, fill_value=128,
+        return trivial_augment.trivial_augment_wide(images, num_magnitude_bins=MAGNITUDE_BINS, shape=shape, fill_value=128,
                                                     interp_type=interp)
     raise ValueError(f"--augmentation must be one of autoaugment, randaugment, trivialaugment, got {augmentation!r}")
 

@@ -15,6 +15,10 @@ STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
+# RandAugment/TrivialAugment magnitude bins on every backend (torchvision's and DALI's default): magnitudes
+# run from 0 (identity) to MAGNITUDE_BINS - 1 (each operation's largest change).
+MAGNITUDE_BINS = 31
+
 
 class Loader:
     """An epoch of (images, labels) batches on ctx.device; call `set_epoch` before each epoch.
@@ -53,6 +57,9 @@ class Loader:
 
     def _iterate(self, epoch: int, skip_batches: int) -> Iterator[Batch]:
         raise NotImplementedError(f"{type(self).__name__} must implement _iterate")
+
+    def close(self) -> None:
+        """Release worker processes or pipelines now rather than at garbage collection (no-op by default)."""
 
     @property
     def bad_files(self) -> list[str]:

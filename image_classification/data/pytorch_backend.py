@@ -18,7 +18,7 @@ from torchvision.transforms import InterpolationMode
 
 from ..context import ExecutionContext
 from .folder import DataError, ImageFolderIndex, epoch_seed, shard_indices, shard_size
-from .loader import Batch, Loader, device_batches
+from .loader import MAGNITUDE_BINS, Batch, Loader, device_batches
 
 # --interpolation -> torchvision mode. On PIL images torchvision resizes with Pillow, whose BILINEAR
 # filter is already a triangle filter widened when downscaling (antialiased), i.e. DALI's "triangular";
@@ -51,10 +51,10 @@ def augmentation_policy(augmentation: str | None, magnitude: int, interpolation:
     if augmentation == "autoaugment":
         return [T.AutoAugment(T.AutoAugmentPolicy.IMAGENET, interpolation=interpolation, fill=FILL)]
     if augmentation == "randaugment":
-        return [T.RandAugment(num_ops=2, magnitude=magnitude, num_magnitude_bins=31, interpolation=interpolation,
+        return [T.RandAugment(num_ops=2, magnitude=magnitude, num_magnitude_bins=MAGNITUDE_BINS, interpolation=interpolation,
                               fill=FILL)]
     if augmentation == "trivialaugment":
-        return [T.TrivialAugmentWide(num_magnitude_bins=31, interpolation=interpolation, fill=FILL)]
+        return [T.TrivialAugmentWide(num_magnitude_bins=MAGNITUDE_BINS, interpolation=interpolation, fill=FILL)]
     raise ValueError(f"--augmentation must be one of autoaugment, randaugment, trivialaugment, got {augmentation!r}")
 
 
@@ -185,6 +185,14 @@ class PytorchLoader(Loader):
         self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, drop_last=train,
                                  num_workers=workers, collate_fn=collate, pin_memory=ctx.pin_memory(),
                                  **worker_options)
+
+    def close(self) -> None:
+        """Stop the persistent workers now (a progressive run replaces its train loader at every stage)."""
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None:
+            # What DataLoader does when it is garbage-collected; torch has no public call for it.
+            iterator._shutdown_workers()
+            self.loader._iterator = None
 
     def _iterate(self, epoch: int, skip_batches: int) -> Iterator[Batch]:
         self.sampler.select(epoch, skip_batches * self.batch_size)
