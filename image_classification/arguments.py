@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .data import AUGMENTATIONS
 from .models import available_models, get_entry
+from .progressive import RANDAUG_MAX_MAGNITUDE
 
 DEFAULT_ARCH = "resnet50"  # the reference's default; not a model of this suite, so -h falls back below
 HELP_ARCH = "efficientnet-b0"
@@ -47,9 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prefetch", type=int, default=2, metavar="N",
                    help="batches prefetched per worker (default: %(default)s)")
     g.add_argument("--image-size", type=int, default=None, metavar="N",
-                   help="training/validation image size (default: the arch's own size)")
-    g.add_argument("--augmentation", type=str, default=None, choices=(None, "autoaugment"),
-                   help="extra training augmentation (default: none)")
+                   help="training image size (of the last stage with --n-stages), also the validation size unless "
+                        "--eval-image-size says otherwise (default: the arch's own training size)")
+    g.add_argument("--eval-image-size", type=int, default=None, metavar="N",
+                   help="validation image size (not in the reference) (default: --image-size when given, else the "
+                        "arch's evaluation size: 384 for efficientnet-v2-s, the training size for B0-B7)")
+    g.add_argument("--augmentation", type=str, default=None, choices=AUGMENTATIONS,
+                   help="extra training augmentation: autoaugment (ImageNet policy), randaugment (2 operations of "
+                        "--randaug-magnitude), trivialaugment (not in the reference) (default: none)")
+    g.add_argument("--randaug-magnitude", type=int, default=9, metavar="M",
+                   help=f"RandAugment magnitude with --augmentation randaugment, 0-{RANDAUG_MAX_MAGNITUDE} on "
+                        f"the scale of torchvision and DALI ({RANDAUG_MAX_MAGNITUDE + 1} bins; TF/timm magnitude m "
+                        "is about 3m here); of the last stage with --n-stages (default: %(default)s)")
 
     g = p.add_argument_group("model")
     g.add_argument("-a", "--arch", type=_arch, default=DEFAULT_ARCH, metavar="ARCH",
@@ -89,7 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--label-smoothing", type=float, default=0.0, metavar="S",
                    help="label smoothing (default: %(default)s)")
     g.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
-                   help="mixup alpha, 0 disables (default: %(default)s)")
+                   help="mixup alpha (of the last stage with --n-stages), 0 disables (default: %(default)s)")
+    g.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA",
+                   help="CutMix alpha (of the last stage with --n-stages), 0 disables; with --mixup too, each batch "
+                        "uses one of the two, chosen with probability 0.5 (not in the reference) "
+                        "(default: %(default)s)")
     g.add_argument("--optimizer", default="sgd", choices=("sgd", "rmsprop"), help="optimizer (default: %(default)s)")
     g.add_argument("--momentum", type=float, default=0.9, metavar="M", help="momentum (default: %(default)s)")
     g.add_argument("--weight-decay", "--wd", type=float, default=1e-4, metavar="W",
@@ -104,6 +119,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use-ema", type=float, default=None, metavar="DECAY",
                    help="keep an exponential moving average of the weights with this decay, validated as val_ema "
                         "(default: off)")
+
+    g = p.add_argument_group(
+        "progressive training (EfficientNetV2; not in the reference)",
+        "--n-stages N splits --epochs into N equal stages; from the first stage to the last, the training image "
+        "size, mixup alpha, CutMix alpha and RandAugment magnitude go linearly from the --base-* values to "
+        "--image-size, --mixup, --cutmix and --randaug-magnitude. At each stage the training data pipeline is "
+        "rebuilt at the new size; validation stays at --eval-image-size. With --n-stages 1 the --base-* values "
+        "have no effect.")
+    g.add_argument("--n-stages", type=int, default=1, metavar="N",
+                   help="number of training stages, at most --epochs (default: %(default)s)")
+    g.add_argument("--base-image-size", type=int, default=None, metavar="N",
+                   help="training image size of the first stage (default: --image-size)")
+    g.add_argument("--base-mixup", type=float, default=0.0, metavar="ALPHA",
+                   help="mixup alpha of the first stage (default: %(default)s)")
+    g.add_argument("--base-cutmix", type=float, default=0.0, metavar="ALPHA",
+                   help="CutMix alpha of the first stage (default: %(default)s)")
+    g.add_argument("--base-randaug-magnitude", type=int, default=None, metavar="M",
+                   help="RandAugment magnitude of the first stage (default: --randaug-magnitude)")
 
     g = p.add_argument_group("precision and device")
     g.add_argument("--amp", action="store_true",

@@ -37,6 +37,7 @@ METRIC_METADATA: dict[str, dict[str, str]] = {
     "compute_latency_at90": {"unit": "s", "format": ":.5f"},
     "lr": {"unit": None, "format": ":.5f"},
     "grad_scale": {"unit": None, "format": ":.1f"},
+    "image_size": {"unit": "px", "format": ":d"},
 }
 
 

@@ -2,11 +2,22 @@
 
 The epochs are split into `n_stages` equal stages; from the first stage to the last, the training image
 size, mixup alpha, CutMix alpha and RandAugment magnitude move linearly from their base to their final
-values. With one stage only the final values are used.
+values. With one stage only the final values are used (the base values have no effect).
+
+    schedule = ProgressiveSchedule(epochs=350, n_stages=4, image_size=300, base_image_size=128,
+                                   randaug_magnitude=30, base_randaug_magnitude=15)
+    schedule.settings(epoch)   # StageSettings(stage, image_size, mixup, cutmix, randaug_magnitude)
+
+The stage is a function of the epoch only, so a checkpoint's epoch is all a resumed run needs.
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
+
+from .data.loader import MAGNITUDE_BINS
+
+RANDAUG_MAX_MAGNITUDE = MAGNITUDE_BINS - 1  # the scale both data backends use (0..30)
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,19 @@ class ProgressiveSchedule:
         if self.n_stages > self.epochs:
             raise ValueError(f"--n-stages {self.n_stages} is more than --epochs {self.epochs}: every stage needs "
                              "at least one epoch")
+        checks = [("--image-size", self.image_size, "size"), ("--mixup", self.mixup, "alpha"),
+                  ("--cutmix", self.cutmix, "alpha"), ("--randaug-magnitude", self.randaug_magnitude, "magnitude")]
+        if self.n_stages > 1:  # with one stage the base values are never used
+            checks += [("--base-image-size", self.base_image_size, "size"), ("--base-mixup", self.base_mixup, "alpha"),
+                       ("--base-cutmix", self.base_cutmix, "alpha"),
+                       ("--base-randaug-magnitude", self.base_randaug_magnitude, "magnitude")]
+        for flag, value, kind in checks:
+            if kind == "size" and value < 1:
+                raise ValueError(f"{flag} must be positive, got {value}")
+            if kind == "alpha" and value < 0:
+                raise ValueError(f"{flag} alpha must be >= 0 (0 disables), got {value}")
+            if kind == "magnitude" and not 0 <= value <= RANDAUG_MAX_MAGNITUDE:
+                raise ValueError(f"{flag} must be between 0 and {RANDAUG_MAX_MAGNITUDE}, got {value}")
 
     def stage_of(self, epoch: int) -> int:
         """Index of the stage that `epoch` (0-based) belongs to."""
@@ -61,3 +85,29 @@ class ProgressiveSchedule:
             cutmix=interpolate(self.base_cutmix, self.cutmix),
             randaug_magnitude=int(round(interpolate(self.base_randaug_magnitude, self.randaug_magnitude))),
         )
+
+    @property
+    def max_mixup(self) -> float:
+        """The largest mixup alpha of any stage."""
+        return max(self.mixup, self.base_mixup) if self.n_stages > 1 else self.mixup
+
+    @property
+    def max_cutmix(self) -> float:
+        """The largest CutMix alpha of any stage."""
+        return max(self.cutmix, self.base_cutmix) if self.n_stages > 1 else self.cutmix
+
+    def mixes(self) -> bool:
+        """Whether any stage mixes batches (mixup or CutMix), i.e. training needs soft targets."""
+        return self.max_mixup > 0 or self.max_cutmix > 0
+
+
+def progressive_schedule(args: argparse.Namespace, default_image_size: int) -> ProgressiveSchedule:
+    """main.py's flags as a schedule; unset base values default to the final ones (sizes, magnitude) or 0."""
+    image_size = args.image_size or default_image_size
+    return ProgressiveSchedule(
+        epochs=args.epochs, n_stages=args.n_stages, image_size=image_size,
+        base_image_size=args.base_image_size if args.base_image_size is not None else image_size,
+        mixup=args.mixup, base_mixup=args.base_mixup, cutmix=args.cutmix, base_cutmix=args.base_cutmix,
+        randaug_magnitude=args.randaug_magnitude,
+        base_randaug_magnitude=(args.base_randaug_magnitude if args.base_randaug_magnitude is not None
+                                else args.randaug_magnitude))

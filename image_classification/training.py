@@ -2,6 +2,7 @@
 
     main(args)                    the whole job; returns the run summary
       setup_run                   context, seeds, report, model, loaders, resume
+      enter_stage                 progressive training: the stage's train loader and mixing strengths
       train_one_epoch             forward, loss, backward, (accumulated) optimizer step, EMA, log
       validate                    loss, top-1/top-k, throughput and latency percentiles
       save                        the reference's checkpoint files, atomically
@@ -40,8 +41,10 @@ from .mixup import Mixup
 from .models import get_entry
 from .models.weights import fit_state_dict
 from .optimizers import optimizer_from_args
+from .progressive import ProgressiveSchedule, StageSettings, progressive_schedule
 
-TRAIN_METRICS = ["loss", "total_ips", "compute_ips", "data_time", "compute_time", "lr", "grad_scale"]
+# image_size (per epoch only) is not in the reference: the training resolution, which progressive training changes.
+TRAIN_METRICS = ["loss", "total_ips", "compute_ips", "data_time", "compute_time", "lr", "grad_scale", "image_size"]
 VAL_METRICS = ["loss", "top1", "top5", "total_ips", "compute_ips", "data_time", "compute_latency",
                "compute_latency_at100", "compute_latency_at99", "compute_latency_at95", "compute_latency_at90"]
 # How a metric is summarised over epochs in the run summary (step []), as DLLogger's aggregators.
@@ -140,17 +143,61 @@ def accumulation_steps(optimizer_batch_size: int, batch_size: int, world_size: i
     return optimizer_batch_size // per_iteration
 
 
-def build_loaders(args, ctx: ExecutionContext, image_size: int, seed: int):
-    """(train loader or None with --evaluate, val loader or None with --training-only)."""
-    from .data import build_train_loader, build_val_loader
-    common = dict(image_size=image_size, batch_size=args.batch_size, ctx=ctx,
-                  num_classes=args.model_args.num_classes, workers=args.workers, prefetch=args.prefetch,
-                  interpolation=args.interpolation, seed=seed)
-    train = None if args.evaluate else build_train_loader(args.data_backend, args.data,
-                                                          augmentation=args.augmentation, **common)
-    val = None if args.training_only and not args.evaluate else build_val_loader(args.data_backend, args.data,
-                                                                                  **common)
+def eval_image_size(args, entry) -> int:
+    """--eval-image-size, else --image-size, else the arch's evaluation size (EfficientNetV2 evaluates larger)."""
+    size = args.eval_image_size or args.image_size or entry.default_eval_image_size
+    if size < 1:
+        raise ValueError(f"--eval-image-size must be positive, got {size}")
+    return size
+
+
+def _loader_options(args, ctx: ExecutionContext, seed: int) -> dict:
+    return dict(batch_size=args.batch_size, ctx=ctx, num_classes=args.model_args.num_classes, workers=args.workers,
+                prefetch=args.prefetch, interpolation=args.interpolation, seed=seed)
+
+
+def build_stage_train_loader(args, ctx: ExecutionContext, settings: StageSettings, seed: int):
+    """The training loader of one stage: its image size and RandAugment magnitude, the run's data order."""
+    from .data import build_train_loader
+    return build_train_loader(args.data_backend, args.data, image_size=settings.image_size,
+                              augmentation=args.augmentation, randaug_magnitude=settings.randaug_magnitude,
+                              **_loader_options(args, ctx, seed))
+
+
+def build_loaders(args, ctx: ExecutionContext, settings: StageSettings, eval_size: int, seed: int):
+    """(train loader of `settings` or None with --evaluate, val loader or None with --training-only)."""
+    from .data import build_val_loader
+    train = None if args.evaluate else build_stage_train_loader(args, ctx, settings, seed)
+    val = None if args.training_only and not args.evaluate else build_val_loader(
+        args.data_backend, args.data, image_size=eval_size, **_loader_options(args, ctx, seed))
     return train, val
+
+
+def _loader_key(args, settings: StageSettings) -> tuple:
+    # What the train loader is built from: the magnitude only matters to RandAugment.
+    return settings.image_size, settings.randaug_magnitude if args.augmentation == "randaugment" else None
+
+
+def batch_mixer(settings: StageSettings, schedule: ProgressiveSchedule, num_classes: int) -> Mixup | None:
+    """The stage's mixup/CutMix, or None when no stage of the run mixes (integer targets throughout)."""
+    if not schedule.mixes():
+        return None
+    return Mixup(settings.mixup, num_classes, cutmix=settings.cutmix)
+
+
+def enter_stage(settings: StageSettings, built_for: StageSettings, train_loader, engine: Engine, args,
+                schedule: ProgressiveSchedule, seed: int, logger: Logger):
+    """Train with `settings` from now on; returns the train loader, rebuilt unless `built_for` has its size and
+    RandAugment magnitude. Sets the stage's mixup/CutMix strengths on the engine."""
+    if _loader_key(args, settings) != _loader_key(args, built_for):
+        train_loader.close()
+        train_loader = build_stage_train_loader(args, engine.ctx, settings, seed)
+    engine.mixup = batch_mixer(settings, schedule, args.model_args.num_classes)
+    if schedule.n_stages > 1:
+        magnitude = f", randaug magnitude {settings.randaug_magnitude}" if args.augmentation == "randaugment" else ""
+        logger.print(f"=> stage {settings.stage + 1}/{schedule.n_stages}: train image size {settings.image_size}, "
+                     f"mixup {settings.mixup:g}, cutmix {settings.cutmix:g}{magnitude}")
+    return train_loader
 
 
 def compile_model(model: nn.Module, jit: str) -> nn.Module:
@@ -427,7 +474,7 @@ def _summary(history: list[dict]) -> dict[str, float]:
         name = key.split(".")[-1]
         if name in SUMMARY_BEST:
             summary[key] = SUMMARY_BEST[name](values)
-        elif name in ("lr", "grad_scale"):
+        elif name in ("lr", "grad_scale", "image_size"):
             summary[key] = values[-1]
         else:
             summary[key] = sum(values) / len(values)
@@ -460,6 +507,12 @@ def _run(args, ctx: ExecutionContext, prepare_model, checkpoint_prefix: str) -> 
         raise ValueError(f"--print-freq must be positive, got {args.print_freq}")
     if args.topk < 1:
         raise ValueError(f"--topk must be at least 1, got {args.topk}")
+    entry = get_entry(args.arch)
+    # --evaluate trains no stage: its --epochs (often 1) need not hold --n-stages.
+    staged = args if not args.evaluate else argparse.Namespace(**{**vars(args), "n_stages": 1,
+                                                                  "epochs": max(args.epochs, 1)})
+    schedule = progressive_schedule(staged, entry.default_image_size)
+    eval_size = eval_image_size(args, entry)
 
     workspace = Path(args.workspace)
     if ctx.is_main_process:
@@ -467,22 +520,22 @@ def _run(args, ctx: ExecutionContext, prepare_model, checkpoint_prefix: str) -> 
     logger = Logger(workspace / args.raport_file, enabled=ctx.is_main_process, append=bool(args.resume))
     with logger, StopRequest() as stop:
         log_parameters(logger, args)
-        entry = get_entry(args.arch)
         model = entry(**vars(args.model_args))
-        image_size = args.image_size or entry.default_image_size
         state = RunState(data_seed=shared_seed(ctx, args.seed))
         if saved is not None:
-            # The data order of a resumed run comes from the checkpoint: its seed is needed by the loaders.
+            # The data order of a resumed run comes from the checkpoint: its seed is needed by the loaders,
+            # and its epoch decides the stage the train loader starts in.
             state.data_seed = int(saved.get("data_seed", state.data_seed))
-        train_loader, val_loader = build_loaders(args, ctx, image_size, state.data_seed)
+        stage = schedule.settings(min(int(saved["epoch"]) if saved is not None else 0, schedule.epochs - 1))
+        train_loader, val_loader = build_loaders(args, ctx, stage, eval_size, state.data_seed)
         model = model.to(ctx.device, memory_format=ctx.memory_format)
         if prepare_model is not None:
             prepare_model(args, model, train_loader, ctx, logger)
         train_model = wrap_distributed(compile_model(model, args.jit), ctx)
         engine = Engine(ctx=ctx, model=model, train_model=train_model,
-                        criterion=build_loss(args.label_smoothing, args.mixup).to(ctx.device),
-                        scaler=ctx.grad_scaler(args.static_loss_scale), accumulation=accumulation,
-                        mixup=Mixup(args.mixup, args.model_args.num_classes) if args.mixup > 0 else None)
+                        criterion=build_loss(args.label_smoothing, schedule.max_mixup,
+                                             schedule.max_cutmix).to(ctx.device),
+                        scaler=ctx.grad_scaler(args.static_loss_scale), accumulation=accumulation)
         if not args.evaluate:
             engine.optimizer = optimizer_from_args(model, args)
         if args.use_ema is not None:
@@ -510,11 +563,18 @@ def _run(args, ctx: ExecutionContext, prepare_model, checkpoint_prefix: str) -> 
         lr_of = schedule_from_args(args)
         last_epoch = args.epochs if args.run_epochs < 0 else min(args.epochs, state.epoch + args.run_epochs)
         interrupted = False
+        current = None  # the stage being trained; `stage` is the one train_loader was built for
         while state.epoch < last_epoch:
             epoch = state.epoch
+            settings = schedule.settings(epoch)
+            if settings != current:
+                train_loader = enter_stage(settings, stage, train_loader, engine, args, schedule, state.data_seed,
+                                           logger)
+                current = stage = settings
             lr = lr_of(epoch)
             set_lr(engine.optimizer, lr)
             record = train_one_epoch(engine, train_loader, epoch, state, logger, args, stop, lr)
+            record["train.image_size"] = settings.image_size
             if state.iteration:  # stopped mid-epoch by a signal: save where we are and leave
                 interrupted = True
                 if args.save_checkpoints:
