@@ -250,3 +250,24 @@ def test_pytorch_loader_close_stops_its_workers(dataset):
     assert workers  # persistent: still alive after the epoch
     loader.close()
     assert not workers & set(multiprocessing.active_children())
+
+
+# --- launch.py ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("precision", ["AMP", "TF32", "FP32"])
+def test_launch_gives_v2_s_the_tf2_progressive_recipe(precision):
+    from image_classification.launcher import build_args
+    base = ["--model", "efficientnet-v2-s", "--precision", precision, "--platform", "DGXA100", "/imagenet"]
+    args = build_args(base + ["--mode", "convergence"])
+    got = {k: getattr(args, k) for k in ("epochs", "n_stages", "base_image_size", "image_size", "eval_image_size",
+                                         "augmentation", "base_randaug_magnitude", "randaug_magnitude", "mixup",
+                                         "cutmix", "use_ema", "lr", "optimizer_batch_size", "optimizer")}
+    assert got == dict(epochs=350, n_stages=4, base_image_size=128, image_size=300, eval_image_size=384,
+                       augmentation="randaugment", base_randaug_magnitude=15, randaug_magnitude=30, mixup=0.0,
+                       cutmix=0.0, use_ema=0.9999, lr=0.16, optimizer_batch_size=4096, optimizer="rmsprop")
+    schedule = progressive_schedule(args, 300)
+    assert [schedule.settings(e).image_size for e in (0, 87, 88, 175, 263, 349)] == [128, 128, 185, 243, 300, 300]
+    # Benchmarks train at the final size; the inference benchmark evaluates at 384.
+    assert build_args(base + ["--mode", "benchmark_training"]).n_stages == 1
+    assert build_args(base + ["--mode", "benchmark_training_short"]).n_stages == 1
+    assert build_args(base + ["--mode", "benchmark_inference"]).eval_image_size == 384
