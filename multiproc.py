@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         torchrun.main(torchrun_argv(args))
     except ChildFailedError as err:
         # The failing process has printed its own error; say which one and pass on a non-zero status.
-        failures = ", ".join(f"rank {f.global_rank} (exit {f.exitcode})" for f in err.failures.values())
+        failures = ", ".join(f"rank {rank} (exit {f.exitcode})" for rank, f in err.failures.items())
         print(f"multiproc.py: {args.training_script} failed on {failures}", file=sys.stderr)
         raise SystemExit(1) from None
 

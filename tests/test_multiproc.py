@@ -18,7 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 WORKER = '''
-import argparse, sys, types
+import argparse, sys
 sys.path.insert(0, {root!r})
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ class TinyEntry:
     """A BN-free model with a fixed initialisation, behind the registry's entry-point interface."""
     name = "tiny-bn-free"
     default_image_size = 8
+    default_eval_image_size = 8
     def parser(self):
         p = argparse.ArgumentParser(add_help=False)
         p.add_argument("--num_classes", type=int, default=3)
@@ -64,11 +65,9 @@ class Loader:
             index = mine[b * self.batch_size:(b + 1) * self.batch_size]
             yield self.x[index], self.y[index]
 
-data = types.ModuleType("image_classification.data")
-data.DataError = type("DataError", (ValueError,), {{}})
+import image_classification.data as data
 data.build_train_loader = lambda backend, d, *, batch_size, ctx, seed=None, **kw: Loader(64, batch_size, ctx, seed, True)
 data.build_val_loader = lambda backend, d, *, batch_size, ctx, seed=None, **kw: Loader(32, batch_size, ctx, seed, False)
-sys.modules["image_classification.data"] = data
 
 sys.argv[0] = "main.py"
 import main
@@ -111,3 +110,12 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path)
     for epoch in ea:
         for key in ("train.loss", "val.loss", "val.top1", "val.top5"):
             assert ea[epoch][key] == pytest.approx(eb[epoch][key], rel=1e-5, abs=1e-6), (epoch, key)
+
+
+def test_a_failing_worker_is_named_and_the_launcher_exits_non_zero(tmp_path):
+    worker = tmp_path / "fail.py"
+    worker.write_text("import sys\nsys.exit(3)\n")
+    result = subprocess.run([sys.executable, "multiproc.py", "--nproc_per_node", "1", "--master_port", "29519",
+                             str(worker)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert f"multiproc.py: {worker} failed on rank 0 (exit 3)" in result.stderr
