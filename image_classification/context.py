@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -119,6 +120,11 @@ def select_device(requested: str | None = None) -> torch.device:
     return device
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN has bf16 kernels on this CPU (AVX512-BF16 or AMX); without them bf16 autocast is emulated."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def create_context(
     device: str | None = None,
     amp: bool = False,
@@ -138,6 +144,9 @@ def create_context(
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
         torch.backends.cudnn.allow_tf32 = allow_tf32
         torch.backends.cudnn.benchmark = True
+    if amp and dev.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn(f"--amp on this CPU ({torch.backends.cpu.get_cpu_capability()}, no AVX512-BF16/AMX) runs "
+                      "bf16 emulated, several times slower than fp32; leave --amp off here", stacklevel=2)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", init_method="env://")
     return ExecutionContext(

@@ -117,3 +117,16 @@ def test_bf16_autocast_close_to_fp32():
     loss, _ = loss_and_grads(copy.deepcopy(model), images, target, create_context("cpu"))
     loss_bf16, _ = loss_and_grads(copy.deepcopy(model), images, target, create_context("cpu", amp=True))
     assert loss_bf16.float().item() == pytest.approx(loss.item(), rel=0.02)
+
+
+def test_amp_on_a_cpu_without_native_bf16_says_it_is_slow(monkeypatch):
+    import image_classification.context as context
+    monkeypatch.setattr(context, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="--amp on this CPU .* emulated"):
+        ctx = create_context(device="cpu", amp=True)
+    assert ctx.amp_dtype == torch.bfloat16  # the flag still does what it says
+    monkeypatch.setattr(context, "cpu_has_native_bf16", lambda: True)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        create_context(device="cpu", amp=True)
