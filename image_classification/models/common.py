@@ -5,6 +5,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -77,18 +78,47 @@ class SqueezeExcitation(nn.Module):
         return x * self.attention(x)
 
 
+class _Fp32Conv(torch.autograd.Function):
+    """conv2d (no bias) computed in fp32 on low-precision activations; saves them in their own dtype.
+
+    Keeping the saved input in bf16 (upcast again in backward) keeps the memory of the bf16 path.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, stride, padding, groups):
+        ctx.save_for_backward(x, weight)
+        ctx.conv = (stride, padding, groups)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.conv2d(x.float(), weight, None, stride, padding, 1, groups).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        stride, padding, groups = ctx.conv
+        with torch.autocast(x.device.type, enabled=False):
+            grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
+                grad.float(), x.float(), weight.float(), None, stride, padding, (1, 1), False, (0, 0), groups,
+                (ctx.needs_input_grad[0], ctx.needs_input_grad[1], False))
+        if grad_input is not None:
+            grad_input = grad_input.to(x.dtype)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_input, grad_weight, None, None, None
+
+
 def depthwise_conv_bn_act(layer: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     """Run a depthwise conv → BN → SiLU layer; while training under CPU bf16 autocast the conv runs in fp32.
 
     Why: oneDNN's bf16 depthwise-convolution backward is about 3x slower than its fp32 one on AVX-512/AMX CPUs
     (measured on b0: 372 vs 118 ms of a 16x112 step), while every other bf16 kernel is faster. Computing this
-    one conv in fp32 (from the bf16 activations, rounded back to bf16 after) makes the bf16 training step 1.7x
-    faster and is, if anything, more accurate. Inference (no grad) keeps the faster bf16 forward; fp32 runs and
-    GPU autocast are untouched.
+    one conv in fp32 (from the bf16 activations, rounded back to bf16 after) makes the bf16 training step up to
+    1.7x faster and is, if anything, more accurate. Inference (no grad) keeps the faster bf16 forward; fp32 runs
+    and GPU autocast are untouched.
     """
-    if x.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu"):
-        with torch.autocast("cpu", enabled=False):
-            out = layer.conv(x.float()).to(x.dtype)
+    if x.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu") \
+            and x.dtype != torch.float32:
+        conv = layer.conv
+        out = _Fp32Conv.apply(x, conv.weight, conv.stride, conv.padding, conv.groups)
         for name, module in layer.named_children():
             if name != "conv":
                 out = module(out)
