@@ -14,7 +14,7 @@ from PIL import Image
 from image_classification.context import create_context
 from image_classification.data import build_val_loader
 from image_classification.inference import class_names, imagenet_class_names, main
-from image_classification.models import efficientnet_b0, efficientnet_widese_b0
+from image_classification.models import efficientnet_b0, efficientnet_widese_b0, get_entry
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 32
@@ -155,3 +155,15 @@ def test_script_runs_without_traceback(files):
                             capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and "no such file" in result.stderr
+
+
+def test_efficientnet_v2_s_classifies(files, capsys):
+    weights = files / "v2s_10.pth"
+    torch.manual_seed(0)
+    torch.save(get_entry("efficientnet-v2-s")(num_classes=10).state_dict(), weights)
+    code, out, err = _run(capsys, ["--arch", "efficientnet-v2-s", "--pretrained-from-file", str(weights),
+                                   "--num_classes", "10", "--image", str(files / "gray.jpg"),
+                                   "--image-size", str(SIZE), "--cpu"])
+    assert code == 0, err
+    [block] = _blocks(out)
+    assert block[0] == str(files / "gray.jpg") and all(LINE.match(line) for line in block[1:]) and len(block) == 6

@@ -124,3 +124,15 @@ def test_quantized_export_has_qdq_nodes(tmp_path, capsys):
     code = main(["--arch", "efficientnet-quant-b0", "--num_classes", "10", "--image-size", str(SIZE),
                  "--output", str(tmp_path / "u.onnx")])
     assert code == 1 and "no ranges" in capsys.readouterr().err
+
+
+def test_efficientnet_v2_s_exports_and_defaults_to_its_evaluation_size(tmp_path, capsys):
+    assert get_entry("efficientnet-v2-s").default_eval_image_size == 384  # trains at 300, evaluated larger
+    weights = tmp_path / "v2s.pth"
+    torch.save(_model("efficientnet-v2-s").state_dict(), weights)
+    code = main(["--arch", "efficientnet-v2-s", "--pretrained-from-file", str(weights), "--num_classes", "10",
+                 "--image-size", str(SIZE), "--device", "cpu", "--verify-batch-size", "2"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert f"[batch, 3, {SIZE}, {SIZE}]" in out and "onnxruntime agrees" in out
+    assert _batch_dim(tmp_path / "v2s.onnx") == "batch"
