@@ -18,9 +18,9 @@ workspace=${WORKSPACE:-runs/demo}
 [ -d "$data/train" ] || $py -m image_classification.data.generated --output "$data"
 mkdir -p "$workspace"
 $py main.py "$data" --arch efficientnet-b0 --data-backend pytorch --image-size 64 \
-  --epochs 12 --batch-size 32 --optimizer sgd --lr 0.1 --momentum 0.9 --nesterov --wd 5e-5 \
+  --epochs 20 --batch-size 32 --optimizer sgd --lr 0.05 --momentum 0.9 --nesterov --wd 5e-5 \
   --lr-schedule cosine --warmup 1 --label-smoothing 0.1 --num_classes 10 --bn_momentum 0.1 \
-  --workers 2 --print-freq 20 --seed 0 --workspace "$workspace" --raport-file raport.json "$@"
+  --workers 1 --print-freq 20 --seed 0 --workspace "$workspace" --raport-file raport.json "$@"
 
 image=$(find "$data/val" -name '*.jpg' | sort | head -n 1)
 $py classify.py --arch efficientnet-b0 --num_classes 10 --image-size 64 \
