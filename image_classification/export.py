@@ -31,10 +31,13 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "output"
 REFERENCE_OPSET = 13
 DYNAMO_MIN_OPSET = 18
-# Verification bound, relative to the largest |logit| of the PyTorch output (at least 1): float exports
-# differ from PyTorch by about 1e-6 of that (summation order), while Q/DQ exports may round an exact .5
-# tie differently and move a logit by one quantization step, about 1e-3 of the largest logit.
+# Verification bounds, relative to the largest |logit| of the PyTorch output (at least 1). Float exports
+# differ from PyTorch by about 1e-6 of that (summation order). In a Q/DQ network the same last-bit
+# differences move values across INT8 rounding boundaries, one quantization step each, and the steps add up
+# over the layers: on a trained, QAT-tuned b0 (64 px) PyTorch NCHW against PyTorch NHWC already differs by
+# 2.5 % of the largest logit and onnxruntime by 8 %, with the same predicted classes.
 DEFAULT_TOLERANCE = 1e-3
+QUANTIZED_TOLERANCE = 0.15
 
 
 class ExportError(ValueError):
@@ -90,14 +93,20 @@ def export_onnx(model: nn.Module, output: str | Path, *, image_size: int, batch_
     return output
 
 
+def default_tolerance(model: nn.Module) -> float:
+    """The verification bound for this model: QUANTIZED_TOLERANCE for Q/DQ models, else DEFAULT_TOLERANCE."""
+    return QUANTIZED_TOLERANCE if _is_quantized(model) else DEFAULT_TOLERANCE
+
+
 @torch.no_grad()
 def verify_onnx(model: nn.Module, onnx_path: str | Path, inputs: torch.Tensor,
-                tolerance: float = DEFAULT_TOLERANCE) -> float:
+                tolerance: float | None = None) -> float:
     """Max |onnxruntime - PyTorch| over the logits of `inputs`; ExportError when it exceeds the bound.
 
-    The bound is `tolerance` × max(1, largest |logit| of the PyTorch output).
+    The bound is `tolerance` (default: `default_tolerance(model)`) × max(1, largest |logit| of PyTorch's output).
     """
     import onnxruntime as ort
+    tolerance = default_tolerance(model) if tolerance is None else tolerance
     was_training = model.training
     model.eval()
     try:
@@ -162,9 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-batch-size", type=int, default=4, metavar="N",
                    help="after export, run a random batch of N images in onnxruntime and compare with PyTorch; "
                         "0 skips the check (default: %(default)s)")
-    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, metavar="T",
+    p.add_argument("--tolerance", type=float, default=None, metavar="T",
                    help="fail when max |onnxruntime - pytorch| exceeds T x max(1, largest |logit|) "
-                        "(default: %(default)s)")
+                        f"(default: {DEFAULT_TOLERANCE:g}; {QUANTIZED_TOLERANCE:g} for efficientnet-quant-*, whose "
+                        "INT8 rounding turns last-bit differences into whole quantization steps)")
     return p
 
 
@@ -212,9 +222,10 @@ def run(args: argparse.Namespace) -> Path:
     if args.verify_batch_size > 0:
         inputs = torch.randn(args.verify_batch_size, 3, image_size, image_size,
                              generator=torch.Generator().manual_seed(0)).to(device)
-        diff = verify_onnx(model, output, inputs, args.tolerance)
+        tolerance = default_tolerance(model) if args.tolerance is None else args.tolerance
+        diff = verify_onnx(model, output, inputs, tolerance)
         print(f"onnxruntime agrees with PyTorch on a batch of {args.verify_batch_size}: max abs difference "
-              f"{diff:.3g} (tolerance {args.tolerance:g} x max(1, largest |logit|))")
+              f"{diff:.3g} (tolerance {tolerance:g} x max(1, largest |logit|))")
     return output
 
 
