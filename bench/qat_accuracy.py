@@ -3,13 +3,14 @@
 
 The reference's table (ImageNet, 224/380 px) gives the float → QAT gap: 0.51 for b0, 0.44 for b4.
 This bench measures the same three numbers at small scale on a CPU, on a generated data set whose
-classes are learnable: a float model is trained from scratch, its weights are loaded into
-efficientnet-quant-<v>, calibrated with each calibrator, and the default (histogram) one is
-fine-tuned with QAT.
+classes are learnable (the project's default, image_classification.data.generated): float weights
+(the main job's, or trained here from scratch) are loaded into efficientnet-quant-<v>, calibrated with
+each calibrator, and the default (histogram) one is fine-tuned with QAT. Images go through the validation
+preprocessing for every step here, QAT included.
 
-    .venv/bin/python bench/qat_accuracy.py                      # b0, 64 px, ~3 minutes on 2 cores
-    .venv/bin/python bench/qat_accuracy.py --data DIR           # an ImageFolder tree (DIR/train, DIR/val)
-    .venv/bin/python bench/qat_accuracy.py --json results.json
+    bash scripts/demo.sh && .venv/bin/python bench/qat_accuracy.py --float-weights runs/demo/model_best.pth.tar
+    .venv/bin/python bench/qat_accuracy.py                      # trains the float b0 here first
+    .venv/bin/python bench/qat_accuracy.py --data DIR --image-size 64 --json results.json
 """
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
+from image_classification.data.generated import generate_dataset  # noqa: E402
 from image_classification.models import get_entry  # noqa: E402
 from image_classification.models.quantized import CALIBRATORS  # noqa: E402
 from image_classification.quantization import calibrate  # noqa: E402
@@ -34,30 +37,10 @@ MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
-def generated_dataset(num_classes: int, train_per_class: int, val_per_class: int, size: int, seed: int
-                      ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """Normalised images: a smooth colour template per class, randomly shifted, rescaled and noised."""
-    g = torch.Generator().manual_seed(seed)
-    templates = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g), size=(size, size), mode="bicubic",
-                              align_corners=False)
-
-    def draw(per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
-        labels = torch.arange(num_classes).repeat_interleave(per_class)
-        images = templates[labels].clone()
-        for i in range(len(images)):
-            dx, dy = torch.randint(-size // 4, size // 4 + 1, (2,), generator=g).tolist()
-            images[i] = torch.roll(images[i], shifts=(dy, dx), dims=(1, 2))
-        images = images * (0.6 + 0.8 * torch.rand(len(images), 1, 1, 1, generator=g))
-        images = (images + 0.25 * torch.randn(images.shape, generator=g)).clamp(0, 1)
-        return (images - MEAN) / STD, labels
-
-    return draw(train_per_class), draw(val_per_class)
-
-
 def image_folder(root: Path, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """An ImageFolder tree as one normalised tensor (resize size+32, centre crop, as validation)."""
+    """An ImageFolder tree as one normalised tensor (resize to size+32, centre crop: the validation pipeline)."""
     from torchvision import datasets, transforms
-    tf = transforms.Compose([transforms.Resize(size + size // 7), transforms.CenterCrop(size), transforms.ToTensor()])
+    tf = transforms.Compose([transforms.Resize(size + 32), transforms.CenterCrop(size), transforms.ToTensor()])
     data = datasets.ImageFolder(str(root), transform=tf)
     images = torch.stack([image for image, _ in data])
     return (images - MEAN) / STD, torch.tensor(data.targets)
@@ -103,11 +86,11 @@ def train(model: torch.nn.Module, data, epochs: int, lr: float, batch_size: int,
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="b0", help="member: b0 … b7 (default: %(default)s)")
-    p.add_argument("--data", type=Path, default=None, help="ImageFolder tree with train/ and val/ (default: generated)")
+    p.add_argument("--data", type=Path, default=ROOT / "data" / "generated",
+                   help="ImageFolder tree with train/ and val/ (default: %(default)s, generated if missing)")
+    p.add_argument("--float-weights", type=Path, default=None,
+                   help="float weights or a main.py checkpoint of efficientnet-<arch> (default: train them here)")
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--classes", type=int, default=10, help="classes of the generated data set")
-    p.add_argument("--train-per-class", type=int, default=60)
-    p.add_argument("--val-per-class", type=int, default=30)
     p.add_argument("-b", "--batch-size", type=int, default=32)
     p.add_argument("--float-epochs", type=int, default=12)
     p.add_argument("--float-lr", type=float, default=0.05)
@@ -122,21 +105,21 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
-    if args.data is not None:
-        train_data, val_data = image_folder(args.data / "train", args.image_size), \
-            image_folder(args.data / "val", args.image_size)
-        num_classes = int(train_data[1].max()) + 1
-    else:
-        train_data, val_data = generated_dataset(args.classes, args.train_per_class, args.val_per_class,
-                                                 args.image_size, args.seed)
-        num_classes = args.classes
+    if not (args.data / "train").is_dir():
+        generate_dataset(args.data)
+    train_data, val_data = image_folder(args.data / "train", args.image_size), \
+        image_folder(args.data / "val", args.image_size)
+    num_classes = int(train_data[1].max()) + 1
     # BatchNorm momentum 0.1: the reference's 0.01 needs far more steps than this bench takes to settle.
     params = {"num_classes": num_classes, "bn_momentum": 0.1, "trt": True}
     print(f"efficientnet-{args.arch} at {args.image_size} px: {len(train_data[1])} train / {len(val_data[1])} val "
           f"images, {num_classes} classes", flush=True)
 
-    model = get_entry(f"efficientnet-{args.arch}")(**params)
-    train(model, train_data, args.float_epochs, args.float_lr, args.batch_size, args.weight_decay, "float")
+    if args.float_weights is not None:
+        model = get_entry(f"efficientnet-{args.arch}")(pretrained_from_file=str(args.float_weights), **params)
+    else:
+        model = get_entry(f"efficientnet-{args.arch}")(**params)
+        train(model, train_data, args.float_epochs, args.float_lr, args.batch_size, args.weight_decay, "float")
     results = {"float": top1(model, val_data, args.batch_size)}
     print(f"float top-1 {results['float']:.2f}", flush=True)
 
