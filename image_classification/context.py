@@ -130,8 +130,13 @@ def create_context(
     amp: bool = False,
     memory_format: str = "nchw",
     allow_tf32: bool = True,
+    amp_flags: tuple[str, str] = ("--amp", "leave --amp off"),
 ) -> ExecutionContext:
-    """Build the context from CLI-level choices, joining the process group when launched distributed."""
+    """Build the context from CLI-level choices, joining the process group when launched distributed.
+
+    `amp_flags` says, in the calling script's words, how mixed precision was asked for and how to turn it off,
+    for the warning on CPUs that emulate bf16.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -145,8 +150,9 @@ def create_context(
         torch.backends.cudnn.allow_tf32 = allow_tf32
         torch.backends.cudnn.benchmark = True
     if amp and dev.type == "cpu" and not cpu_has_native_bf16():
-        warnings.warn(f"--amp on this CPU ({torch.backends.cpu.get_cpu_capability()}, no AVX512-BF16/AMX) runs "
-                      "bf16 emulated, several times slower than fp32; leave --amp off here", stacklevel=2)
+        asked, turn_off = amp_flags
+        warnings.warn(f"{asked} on this CPU ({torch.backends.cpu.get_cpu_capability()}, no AVX512-BF16/AMX) runs "
+                      f"bf16 emulated, several times slower than fp32; {turn_off} here", stacklevel=2)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", init_method="env://")
     return ExecutionContext(

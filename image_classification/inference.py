@@ -198,7 +198,8 @@ def build_classifier(args: argparse.Namespace) -> Classifier:
     """The model (with its weights), device/precision context and class names that `args` describe."""
     entry = get_entry(args.arch)
     names = class_names(args.model_args.num_classes, args.class_names)
-    ctx = create_context(device="cpu" if args.cpu else None, amp=args.precision == "AMP")
+    ctx = create_context(device="cpu" if args.cpu else None, amp=args.precision == "AMP",
+                         amp_flags=("--precision AMP (the default)", "pass --precision FP32"))
     model = entry(**vars(args.model_args))
     require_ranges(model, source=args.model_args.pretrained_from_file or args.arch)
     if not (getattr(args.model_args, "pretrained", False) or args.model_args.pretrained_from_file):

@@ -24,5 +24,5 @@ $py main.py "$data" --arch efficientnet-b0 --data-backend pytorch --image-size 6
 
 image=$(find "$data/val" -name '*.jpg' | sort | head -n 1)
 $py classify.py --arch efficientnet-b0 --num_classes 10 --image-size 64 \
-  --pretrained-from-file "$workspace/model_best.pth.tar" --class-names "$workspace/classes.txt" \
+  --pretrained-from-file "$workspace/model_best.pth.tar" --class-names "$workspace/classes.txt" --precision FP32 \
   --image "$image"

@@ -130,3 +130,12 @@ def test_amp_on_a_cpu_without_native_bf16_says_it_is_slow(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         create_context(device="cpu", amp=True)
+
+
+def test_classify_says_how_to_turn_its_default_amp_off(monkeypatch, tmp_path):
+    import image_classification.context as context
+    from image_classification.inference import build_classifier, parse_args
+    monkeypatch.setattr(context, "cpu_has_native_bf16", lambda: False)
+    args = parse_args(["--arch", "efficientnet-b0", "--num_classes", "3", "--image", str(tmp_path / "x.jpg")])
+    with pytest.warns(UserWarning, match=r"--precision AMP \(the default\) on this CPU .* pass --precision FP32"):
+        build_classifier(args)
