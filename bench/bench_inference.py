@@ -57,7 +57,8 @@ def run(args: argparse.Namespace) -> dict:
                 rows.append({"arch": arch, "batch_size": batch, "image_size": size, "precision": args.precision,
                              **common.entry_record(entry), "img_per_s": batch / common.median(times),
                              **{f"latency_ms_p{q}": 1e3 * common.percentile(times, q) for q in (50, 95, 99)},
-                             "first_call_s": first[entry.label], "peak_memory_mib": memory[entry.label]})
+                             "first_call_s": first[entry.label], "samples_s": times,
+                             "peak_memory_mib": memory[entry.label]})
             del forwards
     return {"benchmark": "inference", "machine": common.machine_info(ctx), "settings": common.settings(args, ctx),
             "results": rows, "ratios": common.ratios(rows, "img_per_s", ("arch", "batch_size"))}
@@ -80,9 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
         ("first_call_s", "1st call s", ".1f"), ("peak_memory_mib", "peak MiB", ".0f")],
         f"inference, {report['machine']['device']} ({report['machine']['cpu']}, "
         f"{report['machine']['torch_threads']} threads), {args.repeats} interleaved samples")
-    common.print_table(report["ratios"], [("arch", "arch", ""), ("batch_size", "batch", "d"), ("ours", "ours", ""),
-                                          ("peer", "peer", ""), ("img_per_s_ratio", "ours/peer", ".3f")],
-                       "throughput ratios (ours / peer, same run)")
+    common.print_table(report["ratios"], common.RATIO_COLUMNS, common.RATIO_TITLE)
     common.write_json(args.json, report)
     return report
 

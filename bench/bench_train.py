@@ -94,7 +94,8 @@ def run(args: argparse.Namespace) -> dict:
                 rows.append({"arch": arch, "batch_size": batch, "image_size": size, "precision": args.precision,
                              **common.entry_record(entry), "img_per_s": batch / med, "step_ms_median": 1e3 * med,
                              "step_ms_min": 1e3 * min(times), "step_ms_max": 1e3 * max(times),
-                             "first_step_s": first[entry.label], "peak_memory_mib": memory[entry.label]})
+                             "first_step_s": first[entry.label], "samples_s": times,
+                             "peak_memory_mib": memory[entry.label]})
             del steps
     return {"benchmark": "train_step", "machine": common.machine_info(ctx), "settings": common.settings(args, ctx),
             "results": rows, "ratios": common.ratios(rows, "img_per_s", ("arch", "batch_size"))}
@@ -116,9 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
         ("peak_memory_mib", "peak MiB", ".0f")],
         f"training step, {report['machine']['device']} ({report['machine']['cpu']}, "
         f"{report['machine']['torch_threads']} threads), median of {args.repeats}")
-    common.print_table(report["ratios"], [("arch", "arch", ""), ("batch_size", "batch", "d"), ("ours", "ours", ""),
-                                          ("peer", "peer", ""), ("img_per_s_ratio", "ours/peer", ".3f")],
-                       "throughput ratios (ours / peer, same run)")
+    common.print_table(report["ratios"], common.RATIO_COLUMNS, common.RATIO_TITLE)
     common.write_json(args.json, report)
     return report
 

@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from image_classification.context import ExecutionContext, create_context  # noqa: E402
+from image_classification.context import (  # noqa: E402
+    CPU_ALLOCATORS, M_MMAP_THRESHOLD, ExecutionContext, create_context, glibc, glibc_mallopt, set_cpu_allocator)
 
 PEERS = ("timm", "torchvision")
 PRECISIONS = ("fp32", "bf16", "amp")
@@ -127,6 +128,8 @@ def add_common_arguments(p: argparse.ArgumentParser, *, default_models: str, def
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: %(default)s)")
+    p.add_argument("--cpu-allocator", default="retain", choices=CPU_ALLOCATORS,
+                   help="main.py's --cpu-allocator, for every entry alike: it is the process's (default: %(default)s)")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this path")
 
 
@@ -155,7 +158,18 @@ def context_from_args(args: argparse.Namespace) -> ExecutionContext:
                          memory_format=args.memory_format)
     if args.precision == "bf16" and ctx.is_cuda:
         raise ValueError("--precision bf16 is the CPU autocast; on GPU use --precision amp (fp16 with loss scaling)")
+    if not ctx.is_cuda:
+        _use_cpu_allocator(args.cpu_allocator)
     return ctx
+
+
+_cpu_allocator = "system"  # what context_from_args chose; PeakMemory puts it back after measuring
+
+
+def _use_cpu_allocator(mode: str) -> None:
+    global _cpu_allocator
+    set_cpu_allocator(mode)
+    _cpu_allocator = mode
 
 
 def context_for(ctx: ExecutionContext, entry: Entry) -> ExecutionContext:
@@ -249,19 +263,16 @@ class PeakMemory:
         peak = _status_kib("VmHWM")
         if self._start is not None and peak is not None:
             self.mib = (peak * 1024 - self._start) / 2**20
-        _glibc_mmap_threshold(32 * 2**20)  # glibc's own upper bound for its adaptive threshold
+        if _cpu_allocator == "retain":
+            set_cpu_allocator("retain")
+        else:
+            _glibc_mmap_threshold(32 * 2**20)  # glibc's own upper bound for its adaptive threshold
 
 
 def _glibc_mmap_threshold(size: int) -> None:
     """mallopt(M_MMAP_THRESHOLD, size) and malloc_trim(0) where the C library is glibc; no-op elsewhere."""
-    import ctypes
-    import ctypes.util
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, size)  # -3 is M_MMAP_THRESHOLD in glibc's malloc.h
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    if glibc_mallopt((M_MMAP_THRESHOLD, size)):
+        glibc().malloc_trim(0)
 
 
 def _status_kib(field: str) -> int | None:
@@ -332,7 +343,13 @@ def settings(args: argparse.Namespace, ctx: ExecutionContext) -> dict:
 
 
 def ratios(rows: list[dict], key: str, group: tuple[str, ...]) -> list[dict]:
-    """For each group of rows (same arch, batch, ...): every `ours*` entry's `key` divided by each peer's."""
+    """For each group of rows (same arch, batch, ...): every `ours*` entry's `key` divided by each peer's.
+
+    Where rows carry `samples_s` (seconds per call, one per interleaved round), also the paired ratio: the
+    median over rounds of peer seconds / ours seconds in the same round. A shared machine drifts by more than
+    the few percent being compared; within one round both entries meet the same drift, so this ratio is the
+    steadier of the two.
+    """
     out = []
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
@@ -343,9 +360,18 @@ def ratios(rows: list[dict], key: str, group: tuple[str, ...]) -> list[dict]:
         for o in ours:
             for p in peers:
                 if o.get(key) and p.get(key):
-                    out.append({**{g: o[g] for g in group}, "ours": o["model"], "peer": p["model"],
-                                f"{key}_ratio": round(o[key] / p[key], 4)})
+                    ratio = {**{g: o[g] for g in group}, "ours": o["model"], "peer": p["model"],
+                             f"{key}_ratio": round(o[key] / p[key], 4)}
+                    if o.get("samples_s") and p.get("samples_s"):
+                        paired = [b / a for a, b in zip(o["samples_s"], p["samples_s"])]
+                        ratio["paired_ratio"] = round(median(paired), 4)
+                    out.append(ratio)
     return out
+
+
+RATIO_COLUMNS = [("arch", "arch", ""), ("batch_size", "batch", "d"), ("ours", "ours", ""), ("peer", "peer", ""),
+                 ("img_per_s_ratio", "ours/peer", ".3f"), ("paired_ratio", "paired", ".3f")]
+RATIO_TITLE = "throughput ratios (ours / peer, same run; paired: median of per-round ratios)"
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]], title: str) -> None:

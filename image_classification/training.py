@@ -20,6 +20,7 @@ import os
 import random
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt
-from .context import ExecutionContext, create_context
+from .context import ExecutionContext, create_context, set_cpu_allocator
 from .ema import EMA
 from .gpu_affinity import set_affinity
 from .logger import Logger, Progress
@@ -486,6 +487,9 @@ def main(args: argparse.Namespace, *, prepare_model: PrepareModel | None = None,
     """Run the job main.py describes (train + validate, or --evaluate) and return the summary metrics."""
     ctx = create_context(device=None if args.device == "auto" else args.device, amp=args.amp,
                          memory_format=args.memory_format, allow_tf32=args.tf32)
+    if not ctx.is_cuda and not set_cpu_allocator(args.cpu_allocator):
+        warnings.warn(f"--cpu-allocator {args.cpu_allocator} needs glibc; this C library keeps its own defaults",
+                      stacklevel=2)
     try:
         return _run(args, ctx, prepare_model, checkpoint_prefix)
     finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,3 +140,48 @@ def test_classify_says_how_to_turn_its_default_amp_off(monkeypatch, tmp_path):
     args = parse_args(["--arch", "efficientnet-b0", "--num_classes", "3", "--image", str(tmp_path / "x.jpg")])
     with pytest.warns(UserWarning, match=r"--precision AMP \(the default\) on this CPU .* pass --precision FP32"):
         build_classifier(args)
+
+
+def test_silu_works_in_place_only_where_autograd_records_nothing():
+    from image_classification.models.common import SiLU
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    h = x * 2  # an interior activation, as in the network
+    y = SiLU()(h)
+    assert y.data_ptr() != h.data_ptr()  # nothing to clone for backward: the input is kept as it is
+    torch.testing.assert_close(y, nn.functional.silu(h.detach()))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.func.grad(lambda t: nn.functional.silu(t * 2).sum())(x.detach()))
+    with torch.no_grad():
+        h = x * 2
+        assert SiLU()(h).data_ptr() == h.data_ptr()
+
+
+def test_cpu_allocator_retain_reuses_pages_instead_of_faulting_them_in(tmp_path):
+    """Freeing and re-allocating a 64 MiB tensor: glibc's defaults page-fault it in every time; under retain the
+    heap stops growing after a few (glibc 2.36's posix_memalign leaves freed blocks unused for a while) and the
+    pages are reused from then on."""
+    import subprocess
+    import sys
+    script = (
+        "import resource, sys, torch\n"
+        "from image_classification.context import set_cpu_allocator\n"
+        "assert set_cpu_allocator(sys.argv[1])\n"
+        "def faults():\n"
+        "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for _ in range(12):\n"
+        "    torch.ones(2**24)\n"
+        "start = faults()\n"
+        "for _ in range(5):\n"
+        "    torch.ones(2**24)\n"
+        "print(faults() - start)\n")
+    faults = {}
+    for mode in ("retain", "system"):
+        out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parents[1])
+        faults[mode] = int(out.stdout.split()[-1])
+    pages = 2**26 // 4096  # one 64 MiB tensor in 4 KiB pages
+    assert faults["system"] > 4 * pages
+    assert faults["retain"] < pages // 4
+    with pytest.raises(ValueError, match="--cpu-allocator"):
+        from image_classification.context import set_cpu_allocator
+        set_cpu_allocator("jemalloc")
