@@ -239,6 +239,9 @@ class PeakMemory:
     /proc/self/clear_refs). While measuring, glibc is told to mmap every block from 64 KiB up and to give freed
     memory back, so the resident set follows the live tensors rather than the allocator's caches (this slows
     allocation, which is why timings are taken before, never inside, this block). None where unsupported.
+    Under `--cpu-allocator retain` the earlier steps have left a large heap whose free blocks serve big tensors
+    again, and a freed block's pages stay resident: the peak then also counts blocks that were never live at
+    once (+10 % for b0, varying from run to run); compare models' memory from a `--cpu-allocator system` run.
     """
 
     def __init__(self, ctx: ExecutionContext):
