@@ -118,11 +118,17 @@ class FolderDataset(Dataset):
         raise DataError(f"none of the {len(self.samples)} images could be decoded (first: {failures[0][0]})")
 
     def _augment(self, image: Image.Image, epoch: int, index: int) -> torch.Tensor:
-        # The random draws of the transforms depend on (seed, epoch, index) only; fork_rng keeps the
-        # process's own RNG (dropout, mixup when workers=0) untouched.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(epoch_seed(self.seed, epoch, index))
+        # The random draws of the transforms depend on (seed, epoch, index) only. torchvision's transforms draw
+        # from the CPU default generator, seeded here and restored after so that the process's own draws
+        # (dropout, mixup when workers=0) are untouched. torch.manual_seed would do the same and seed every
+        # accelerator backend besides: 0.4 ms a call, 40 % of the time of a 64 px sample.
+        generator = torch.default_generator
+        state = generator.get_state()
+        generator.manual_seed(epoch_seed(self.seed, epoch, index))
+        try:
             return self.transform(image)
+        finally:
+            generator.set_state(state)
 
 
 class EpochShardSampler(Sampler):
