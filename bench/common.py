@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from image_classification.context import (  # noqa: E402
-    CPU_ALLOCATORS, M_MMAP_THRESHOLD, ExecutionContext, create_context, glibc, glibc_mallopt, set_cpu_allocator)
+    CPU_ALLOCATORS, ExecutionContext, create_context, set_cpu_allocator)
 
 PEERS = ("timm", "torchvision")
 PRECISIONS = ("fp32", "bf16", "amp")
@@ -159,17 +159,8 @@ def context_from_args(args: argparse.Namespace) -> ExecutionContext:
     if args.precision == "bf16" and ctx.is_cuda:
         raise ValueError("--precision bf16 is the CPU autocast; on GPU use --precision amp (fp16 with loss scaling)")
     if not ctx.is_cuda:
-        _use_cpu_allocator(args.cpu_allocator)
+        set_cpu_allocator(args.cpu_allocator)
     return ctx
-
-
-_cpu_allocator = "system"  # what context_from_args chose; PeakMemory puts it back after measuring
-
-
-def _use_cpu_allocator(mode: str) -> None:
-    global _cpu_allocator
-    set_cpu_allocator(mode)
-    _cpu_allocator = mode
 
 
 def context_for(ctx: ExecutionContext, entry: Entry) -> ExecutionContext:
@@ -233,15 +224,14 @@ def median(values: list[float]) -> float:
 # --- memory -------------------------------------------------------------------------------------------------
 
 class PeakMemory:
-    """Peak memory of a block of work, in MiB above what was in use when it started.
+    """Peak memory of a block of work: the most bytes of tensors live at once, in MiB above what was live when
+    it started.
 
-    On CUDA: the caching allocator's peak. On Linux CPUs: the process's peak resident set (VmHWM, reset through
-    /proc/self/clear_refs). While measuring, glibc is told to mmap every block from 64 KiB up and to give freed
-    memory back, so the resident set follows the live tensors rather than the allocator's caches (this slows
-    allocation, which is why timings are taken before, never inside, this block). None where unsupported.
-    Under `--cpu-allocator retain` the earlier steps have left a large heap whose free blocks serve big tensors
-    again, and a freed block's pages stay resident: the peak then also counts blocks that were never live at
-    once (+10 % for b0, varying from run to run); compare models' memory from a `--cpu-allocator system` run.
+    On CUDA: the caching allocator's peak. On CPUs: the running sum of the allocations and frees that
+    torch.profiler records (profile_memory=True) while the block runs; that counts every buffer PyTorch's CPU
+    allocator hands out (tensors, oneDNN's scratch and reordered weights) and nothing of how the C library
+    keeps its heap, so it is the same number whichever --cpu-allocator the process uses. The profiler slows
+    the block down, which is why timings are taken before, never inside, this block.
     """
 
     def __init__(self, ctx: ExecutionContext):
@@ -254,8 +244,9 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.ctx.device)
             self._start = torch.cuda.memory_allocated(self.ctx.device)
         else:
-            _glibc_mmap_threshold(64 * 1024)
-            self._start = _reset_rss_peak()
+            self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                    profile_memory=True)
+            self._profiler.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -263,39 +254,19 @@ class PeakMemory:
             torch.cuda.synchronize(self.ctx.device)
             self.mib = (torch.cuda.max_memory_allocated(self.ctx.device) - self._start) / 2**20
             return
-        peak = _status_kib("VmHWM")
-        if self._start is not None and peak is not None:
-            self.mib = (peak * 1024 - self._start) / 2**20
-        if _cpu_allocator == "retain":
-            set_cpu_allocator("retain")
-        else:
-            _glibc_mmap_threshold(32 * 2**20)  # glibc's own upper bound for its adaptive threshold
+        self._profiler.__exit__(*exc)
+        self.mib = peak_live_bytes(self._profiler.profiler.kineto_results.events()) / 2**20
 
 
-def _glibc_mmap_threshold(size: int) -> None:
-    """mallopt(M_MMAP_THRESHOLD, size) and malloc_trim(0) where the C library is glibc; no-op elsewhere."""
-    if glibc_mallopt((M_MMAP_THRESHOLD, size)):
-        glibc().malloc_trim(0)
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_rss_peak() -> int | None:
-    """Reset VmHWM to the current RSS and return the current RSS in bytes (None where unsupported)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return None
-    rss = _status_kib("VmRSS")
-    return None if rss is None else rss * 1024
+def peak_live_bytes(events) -> int:
+    """The highest running total of the profiler's `[memory]` events' sizes (allocations positive, frees
+    negative) in the order they happened."""
+    memory = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in memory:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 # --- reports ------------------------------------------------------------------------------------------------

@@ -406,8 +406,8 @@ def train_step(engine: Engine, images: torch.Tensor, target: torch.Tensor, optim
         else engine.train_model.no_sync()
     with sync:
         with engine.ctx.autocast():
-            output = engine.train_model(images)
-            loss = engine.criterion(output, target)
+            # One expression, so the logits are freed before backward (only the loss's own saved tensors stay).
+            loss = engine.criterion(engine.train_model(images), target)
         engine.scaler.scale(loss / engine.accumulation).backward()
     if optimizer_step:
         engine.scaler.step(engine.optimizer)

@@ -66,3 +66,23 @@ def test_bench_rejects_unknown_model(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "ours, timm or torchvision" in result.stderr
+
+
+def test_cpu_peak_memory_counts_live_tensors_not_the_heap():
+    """The CPU peak is the most tensor bytes live at once above the start, whatever the allocator keeps."""
+    import torch
+    sys.path.insert(0, str(ROOT / "bench"))
+    import common
+    from image_classification.context import create_context
+
+    ctx = create_context("cpu", amp=False)
+    mib = 2**20 // 4  # float32 elements in one MiB
+    held = torch.ones(3 * mib)  # live before the block: not counted
+    with common.PeakMemory(ctx) as peak:
+        a = torch.ones(2 * mib)
+        b = torch.ones(5 * mib)
+        del a, b
+        c = torch.ones(4 * mib)  # 4 MiB live now, below the 7 MiB peak
+        del held
+    assert peak.mib == pytest.approx(7.0, abs=0.01)
+    del c

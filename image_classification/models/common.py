@@ -109,14 +109,17 @@ class _Fp32Conv(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         stride, padding, groups = ctx.conv
+        grad = grad.float()
+        grad_input = grad_weight = None
+        # One gradient at a time, the weight's first, each fp32 temporary freed before the next is made: the
+        # peak of the bf16 step then stays at what the bf16 convolution's own backward would hold.
         with torch.autocast(x.device.type, enabled=False):
-            grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
-                grad.float(), x.float(), weight.float(), None, stride, padding, (1, 1), False, (0, 0), groups,
-                (ctx.needs_input_grad[0], ctx.needs_input_grad[1], False))
-        if grad_input is not None:
-            grad_input = grad_input.to(x.dtype)
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_weight = torch.nn.grad.conv2d_weight(x.float(), weight.shape, grad, stride, padding, 1,
+                                                          groups).to(weight.dtype)
+            if ctx.needs_input_grad[0]:
+                grad_input = torch.nn.grad.conv2d_input(x.shape, weight.float(), grad, stride, padding, 1,
+                                                        groups).to(x.dtype)
         return grad_input, grad_weight, None, None, None
 
 
