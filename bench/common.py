@@ -102,9 +102,8 @@ def default_image_size(arch: str) -> int:
 
 def maybe_compile(model: nn.Module, entry: Entry) -> nn.Module:
     """torch.compile (inductor) for +compile entries, with freezing for +freeze, the model itself otherwise."""
-    if entry.freeze:
-        return torch.compile(model, options={"freezing": True})
-    return torch.compile(model) if entry.compile else model
+    from image_classification.training import compile_model
+    return compile_model(model, "compile" if entry.compile else "no", frozen=entry.freeze)
 
 
 # --- flags and context --------------------------------------------------------------------------------------

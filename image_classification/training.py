@@ -201,8 +201,11 @@ def enter_stage(settings: StageSettings, built_for: StageSettings, train_loader,
     return train_loader
 
 
-def compile_model(model: nn.Module, jit: str) -> nn.Module:
-    """--jit: torch.jit.script or torch.compile; a clear error when the model cannot be scripted."""
+def compile_model(model: nn.Module, jit: str, *, frozen: bool = False) -> nn.Module:
+    """--jit: torch.jit.script or torch.compile; a clear error when the model cannot be scripted.
+
+    `frozen` (main.py --evaluate, whose weights never change): torch.compile with inductor's freezing.
+    """
     if jit == "no":
         return model
     if jit == "script":
@@ -212,8 +215,28 @@ def compile_model(model: nn.Module, jit: str) -> nn.Module:
             raise ValueError(f"--jit script: this model cannot be scripted ({type(err).__name__}: "
                              f"{str(err).splitlines()[0]}); use --jit compile or --jit no") from None
     if jit == "compile":
-        return torch.compile(model)
+        return FrozenCompiled(model) if frozen else torch.compile(model)
     raise ValueError(f"--jit must be no, script or compile, got {jit!r}")
+
+
+class FrozenCompiled(nn.Module):
+    """torch.compile with inductor's freezing, for a model that only runs inference.
+
+    Freezing compiles the weights in as constants: BN folds into the convolutions and, on CPU, oneDNN runs
+    each conv with its SiLU fused and its weights packed once (b0 fp32 CPU inference about 1.6x faster than
+    compiling without it). The weights must not change afterwards. inductor reads its `freezing` setting when
+    it compiles, on the first call and again for each new input shape, and torch.compile's options= does not
+    reach that point (torch 2.14 compiles such a model unfrozen), so every call runs under the setting.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.compiled = torch.compile(model)
+
+    def forward(self, *args, **kwargs):
+        import torch._inductor.config as inductor_config
+        with inductor_config.patch(freezing=True):
+            return self.compiled(*args, **kwargs)
 
 
 def wrap_distributed(model: nn.Module, ctx: ExecutionContext) -> nn.Module:
@@ -535,7 +558,7 @@ def _run(args, ctx: ExecutionContext, prepare_model, checkpoint_prefix: str) -> 
         model = model.to(ctx.device, memory_format=ctx.memory_format)
         if prepare_model is not None:
             prepare_model(args, model, train_loader, ctx, logger)
-        train_model = wrap_distributed(compile_model(model, args.jit), ctx)
+        train_model = wrap_distributed(compile_model(model, args.jit, frozen=args.evaluate), ctx)
         engine = Engine(ctx=ctx, model=model, train_model=train_model,
                         criterion=build_loss(args.label_smoothing, schedule.max_mixup,
                                              schedule.max_cutmix).to(ctx.device),

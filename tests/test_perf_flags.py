@@ -3,7 +3,7 @@
 Tolerances (stated here because the README quotes them):
   channels_last vs NCHW, fp32          logits agree to 1e-4 of the largest logit, gradients to 1e-4 of the
                                        model's largest gradient
-  torch.compile vs eager, fp32         the same at 1e-3
+  torch.compile vs eager, fp32         the same at 1e-3 (also with inductor's freezing, --evaluate)
   bf16 autocast vs fp32 (CPU)          logits within 5 % (relative L2), the loss within 2 %
 The fp32 bounds are summation-order differences of oneDNN kernels and inductor's fused reductions; bf16 keeps
 8 mantissa bits, so only a loose agreement is meaningful.
@@ -86,6 +86,25 @@ def test_compiled_matches_eager_inference():
     compiled = compile_model(model, "compile")
     with torch.inference_mode():
         assert_close_scaled(compiled(images), model(images), 1e-3, "logits")
+
+
+def test_frozen_compile_matches_eager_and_compiles_the_weights_in():
+    """main.py --evaluate --jit compile: inductor's freezing, which must really happen (torch.compile's
+    options={"freezing": True} silently compiles unfrozen), and give the eager logits."""
+    model, images, _ = model_and_batch(small=True)
+    model.eval()
+    frozen = compile_model(model, "compile", frozen=True).eval()
+    with torch.no_grad():
+        expected = model(images)
+        assert_close_scaled(frozen(images), expected, 1e-3, "logits")
+        bn = model.stem.bn
+        saved = bn.running_var.clone()
+        bn.running_var.mul_(4.0)  # changes the eager model's output; a frozen graph holds the old statistics
+        try:
+            assert not torch.allclose(model(images), expected, rtol=1e-3, atol=0)
+            assert_close_scaled(frozen(images), expected, 1e-3, "logits after the weights changed")
+        finally:
+            bn.running_var.copy_(saved)
 
 
 def test_compiled_matches_eager_training_step():
