@@ -22,6 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
 
 from image_classification.context import ExecutionContext, select_device  # noqa: E402
 from image_classification.data import build_train_loader, dataset_classes  # noqa: E402
@@ -115,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--augmentation", default=None, choices=("autoaugment", "randaugment", "trivialaugment"))
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds; checks that the bench runs")
+    p.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this path")
     args = p.parse_args(argv)
     if args.quick:
         args.image_size, args.source_size, args.images_per_class = 32, 48, 4
@@ -127,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:24s}{row['images_per_second']:12.1f}")
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     print(json.dumps({"settings": settings, "results": results}, indent=1))
+    common.write_json(args.json, {"benchmark": "data", "settings": settings, "results": results})
     return 0
 
 

@@ -13,7 +13,11 @@ the same thing. Its throughput is taken from the report's elapsed times between 
 iterations and the last one, so it counts everything the loop does per iteration (data, step, metrics,
 logging). The bare step is `training.train_step` on the same settings (bench_train.py's `ours` entry).
 Both start from a fresh model and leave out the same --skip warm-up iterations; they alternate --repeats
-times; overhead = 1 - e2e img/s / bare img/s, from the medians.
+times; overhead = 1 - e2e img/s / bare img/s, from the medians, and the paired overhead is the median of
+that per repeat (each run beside the bare one that followed it). On a machine whose speed drifts by more
+than the overhead, the exact number is `outside step`: within the same main.py iterations, the share of the
+loop's time not spent in training.train_step (timed by wrapping it; on a GPU the wrapper drains the device
+after each step).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import io
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -49,8 +54,8 @@ def launch_argv(args: argparse.Namespace, arch: str, batch: int, size: int, work
     return argv
 
 
-def loop_throughput(report: Path, batch: int, skip: int) -> float:
-    """img/s between the log of iteration `skip` and the last iteration of epoch 0, from elapsed times."""
+def loop_window(report: Path, skip: int) -> tuple[int, float]:
+    """(iterations, seconds) between the log of iteration `skip` and the last iteration of epoch 0."""
     times = {}
     for line in report.read_text().splitlines():
         record = json.loads(line[len("DLLL "):])
@@ -60,7 +65,30 @@ def loop_throughput(report: Path, batch: int, skip: int) -> float:
     last = max(times)
     if skip >= last:
         raise ValueError(f"--iterations {last} must exceed --skip {skip}")
-    return (last - skip) * batch / (times[last] - times[skip])
+    return last - skip, times[last] - times[skip]
+
+
+class StepTimer:
+    """Wraps training.train_step while main.py runs: the seconds of each call, the device drained after it."""
+
+    def __init__(self, ctx):
+        from image_classification import training
+        self.ctx, self.training, self.seconds = ctx, training, []
+
+    def __enter__(self) -> "StepTimer":
+        step = self.original = self.training.train_step
+
+        def timed_step(*args, **kwargs):
+            start = time.perf_counter()
+            out = step(*args, **kwargs)
+            self.ctx.synchronize()
+            self.seconds.append(time.perf_counter() - start)
+            return out
+        self.training.train_step = timed_step
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.training.train_step = self.original
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -75,13 +103,21 @@ def run(args: argparse.Namespace) -> dict:
             images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(ctx.device)
             target = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(1)).to(ctx.device)
             timed_steps = args.iterations - args.skip
-            e2e, bare = [], []
+            # The process's first steps also grow the C library's heap (under --cpu-allocator retain, for about
+            # 8 steps of b0): an untimed bare run first, so that neither side's first sample pays for it.
+            step, _ = make_step(entry, arch, ctx, images, target)
+            common.warm_up(step, ctx, args.iterations)
+            del step
+            e2e, bare, outside = [], [], []
             for _ in range(args.repeats):
                 with tempfile.TemporaryDirectory(prefix="bench_e2e_") as workspace:
                     # main.py prints a line per iteration here (print frequency 1): keep the table readable.
-                    with contextlib.redirect_stdout(io.StringIO()):
+                    with contextlib.redirect_stdout(io.StringIO()), StepTimer(ctx) as steps:
                         train_main(build_args(launch_argv(args, arch, batch, size, Path(workspace))))
-                    e2e.append(loop_throughput(Path(workspace) / "raport.json", batch, args.skip))
+                    iterations, seconds = loop_window(Path(workspace) / "raport.json", args.skip)
+                    e2e.append(iterations * batch / seconds)
+                    # Of the same iterations: the share of the loop's time spent outside the training step.
+                    outside.append(1.0 - sum(steps.seconds[args.skip:args.skip + iterations]) / seconds)
                 # The bare side starts as the run does: a fresh model, the same warm-up iterations left out.
                 step, _ = make_step(entry, arch, ctx, images, target)
                 common.warm_up(step, ctx, args.skip)
@@ -90,6 +126,8 @@ def run(args: argparse.Namespace) -> dict:
             rows.append({"arch": arch, "batch_size": batch, "image_size": size, "precision": args.precision,
                          **common.entry_record(entry), "e2e_img_per_s": e2e_ips, "bare_img_per_s": bare_ips,
                          "e2e_samples": e2e, "bare_samples": bare, "overhead": 1.0 - e2e_ips / bare_ips,
+                         "paired_overhead": common.median([1.0 - e / b for e, b in zip(e2e, bare)]),
+                         "outside_step": common.median(outside), "outside_step_samples": outside,
                          "iterations": args.iterations, "skipped": args.skip})
     return {"benchmark": "e2e_training", "machine": common.machine_info(ctx), "settings": common.settings(args, ctx),
             "results": rows}
@@ -119,7 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
     common.print_table(report["results"], [
         ("arch", "arch", ""), ("batch_size", "batch", "d"), ("image_size", "size", "d"), ("precision", "prec", ""),
         ("model", "model", ""), ("e2e_img_per_s", "launch.py img/s", ".2f"), ("bare_img_per_s", "bare step img/s", ".2f"),
-        ("overhead", "overhead", ".1%")],
+        ("overhead", "overhead", ".1%"), ("paired_overhead", "paired", ".1%"),
+        ("outside_step", "outside step", ".2%")],
         f"training loop vs bare step, {report['machine']['device']}, median of {args.repeats}")
     common.write_json(args.json, report)
     return report

@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "pass --arch)")
     g.add_argument("--jit", default="no", choices=("no", "script", "compile"),
                    help="compile the model: torch.jit.script (script) or torch.compile (compile; on CPU it needs "
-                        "a C++ compiler) (default: %(default)s)")
+                        "a C++ compiler; with --evaluate the weights are also frozen into the compiled graph) "
+                        "(default: %(default)s)")
     g.add_argument("--memory-format", default="nchw", choices=("nchw", "nhwc"),
                    help="tensor layout; nhwc is channels_last, faster with AMP on tensor cores "
                         "(default: %(default)s)")
