@@ -204,3 +204,24 @@ def test_cpu_allocator_retain_reuses_pages_instead_of_faulting_them_in(tmp_path)
     with pytest.raises(ValueError, match="--cpu-allocator"):
         from image_classification.context import set_cpu_allocator
         set_cpu_allocator("jemalloc")
+
+
+@pytest.mark.parametrize("batch, channels_last", [(1, False), (3, False), (4, True)])
+def test_fp32_depthwise_backward_matches_autograd(batch, channels_last):
+    """The bf16 step's depthwise conv in fp32, its backward half a batch at a time: autograd's fp32 gradients
+    of the same bf16 input, rounded as the layer rounds them."""
+    from image_classification.models.common import _Fp32Conv
+    torch.manual_seed(0)
+    x = torch.randn(batch, 8, 9, 9).to(torch.bfloat16)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(8, 1, 3, 3)
+    grad = torch.randn(batch, 8, 5, 5).to(torch.bfloat16)
+    x.requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    _Fp32Conv.apply(x, w, (2, 2), (1, 1), 8).backward(grad)
+    x32 = x.detach().float().requires_grad_(True)
+    w32 = weight.clone().requires_grad_(True)
+    torch.nn.functional.conv2d(x32, w32, None, 2, 1, 1, 8).backward(grad.float())
+    torch.testing.assert_close(x.grad, x32.grad.to(torch.bfloat16))
+    torch.testing.assert_close(w.grad, w32.grad, rtol=1e-5, atol=1e-5)
