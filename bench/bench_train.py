@@ -45,15 +45,14 @@ def make_step(entry: common.Entry, arch: str, ctx, images: torch.Tensor, target:
     images = images.contiguous(memory_format=ctx.memory_format)
     optimizer = build_optimizer(model, **{**RMSPROP, "lr": recipe_lr(images.shape[0])})
     criterion = nn.CrossEntropyLoss()
+    net = common.maybe_compile(model, entry)
     if entry.is_ours:
-        from image_classification.training import compile_model
-        engine = Engine(ctx=ctx, model=model, train_model=compile_model(model, "compile" if entry.compile else "no"),
-                        criterion=criterion, optimizer=optimizer, scaler=ctx.grad_scaler(128.0))
+        engine = Engine(ctx=ctx, model=model, train_model=net, criterion=criterion, optimizer=optimizer,
+                        scaler=ctx.grad_scaler(128.0))
 
         def step():
             return train_step(engine, images, target, optimizer_step=True)
     else:
-        net = common.maybe_compile(model, entry)
         scaler = ctx.grad_scaler(128.0)
 
         def step():

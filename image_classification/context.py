@@ -135,7 +135,7 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
 
 @functools.cache
-def glibc() -> ctypes.CDLL | None:
+def _glibc() -> ctypes.CDLL | None:
     """The process's C library when it is glibc (it has mallopt and malloc_trim), else None."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -143,12 +143,6 @@ def glibc() -> ctypes.CDLL | None:
     except (OSError, AttributeError):
         return None
     return libc
-
-
-def glibc_mallopt(*settings: tuple[int, int]) -> bool:
-    """mallopt(param, value) for each pair; False where the C library is not glibc or refused one."""
-    libc = glibc()
-    return libc is not None and all(libc.mallopt(param, value) == 1 for param, value in settings)
 
 
 def set_cpu_allocator(mode: str) -> bool:
@@ -167,8 +161,10 @@ def set_cpu_allocator(mode: str) -> bool:
         raise ValueError(f"--cpu-allocator must be one of {CPU_ALLOCATORS}, got {mode!r}")
     if mode == "system":
         return True
+    libc = _glibc()
     int_max = 2**31 - 1  # both parameters are C ints
-    return glibc_mallopt((M_MMAP_THRESHOLD, int_max), (M_TRIM_THRESHOLD, int_max))
+    return libc is not None and all(libc.mallopt(param, int_max) == 1
+                                    for param in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD))
 
 
 def create_context(
