@@ -243,18 +243,74 @@ def test_corrupt_and_missing_files_are_clear_errors(tmp_path):
         load_file(tmp_path / "absent.pth")
 
 
-def test_efficientnet_v2_s_matches_the_paper_layout():
-    model = get_entry("efficientnet-v2-s")()
-    # The same count as timm's tf_efficientnetv2_s and torchvision's efficientnet_v2_s.
-    assert sum(p.numel() for p in model.parameters()) == 21_458_488
-    assert (model.arch.default_image_size, model.arch.default_eval_image_size) == (300, 384)
-    assert model.stem.conv.out_channels == 24 and model.features.conv.out_channels == 1280
-    assert [len(stage) for stage in model.layers] == [2, 4, 4, 6, 9, 15]
+# EfficientNetV2 member: (parameters at 1000 classes, stem channels, blocks per stage, last stage channels,
+# train / eval size, dropout). The paper's hand-built tables; the counts are those of torchvision's
+# efficientnet_v2_<member> (and timm's tf_efficientnetv2_<member>).
+V2_LAYOUTS = {
+    "s": (21_458_488, 24, [2, 4, 4, 6, 9, 15], 256, (300, 384), 0.2),
+    "m": (54_139_356, 24, [3, 5, 5, 7, 14, 18, 5], 512, (384, 480), 0.3),
+    "l": (118_515_272, 32, [4, 7, 7, 10, 19, 25, 7], 640, (384, 480), 0.4),
+}
+
+
+# Module scope: pytest runs every test of one member before building the next, so L is built once.
+@pytest.fixture(scope="module", params=sorted(V2_LAYOUTS))
+def v2_member(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def v2_model(v2_member) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return get_entry(f"efficientnet-v2-{v2_member}")().eval()
+
+
+@pytest.fixture(scope="module")
+def torchvision_v2_model(v2_member) -> torch.nn.Module:
+    models = pytest.importorskip("torchvision.models")
+    return getattr(models, f"efficientnet_v2_{v2_member}")(weights=None).eval()
+
+
+def num_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def feature_shapes(blocks, size: int = 65) -> list[tuple[int, ...]]:
+    """Output shape after each block applied in sequence to one size×size image."""
+    x, shapes = small_input(batch=1, size=size), []
+    with torch.no_grad():
+        for block in blocks:
+            x = block(x)
+            shapes.append(tuple(x.shape))
+    return shapes
+
+
+def test_efficientnet_v2_matches_the_paper_layout(v2_member, v2_model):
+    count, stem, repeats, last_stage, sizes, dropout = V2_LAYOUTS[v2_member]
+    model = v2_model
+    assert num_parameters(model) == count
+    assert (model.arch.default_image_size, model.arch.default_eval_image_size) == sizes
+    assert model.stem.conv.out_channels == stem and model.features.conv.out_channels == 1280
+    assert [len(stage) for stage in model.layers] == repeats
+    assert model.layers[-1][-1].proj.conv.out_channels == last_stage
+    assert model.classifier.dropout.p == dropout
+    assert get_entry(f"efficientnet-v2-{v2_member}").parser().parse_args([]).survival_prob == 0.8
     for stage, spec in zip(model.layers, model.arch.stages):
         for block in stage:
             depthwise = [m for m in block.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
             assert bool(depthwise) != spec.fused  # fused blocks have no depthwise conv, MBConv blocks one
             assert (block.se is not None) != spec.fused
+
+
+def test_efficientnet_v2_parameter_count_equals_torchvision(v2_model, torchvision_v2_model):
+    assert num_parameters(v2_model) == num_parameters(torchvision_v2_model)
+
+
+def test_efficientnet_v2_stage_resolutions_equal_torchvision(v2_model, torchvision_v2_model):
+    # torchvision's `features` is [stem, stage 1 … stage N, head conv], ours stem, layers, features. An odd
+    # input size makes every stride-2 stage round, so a stride or padding placed differently would show.
+    ours = feature_shapes([v2_model.stem, *v2_model.layers, v2_model.features])
+    assert ours == feature_shapes(torchvision_v2_model.features)
 
 
 def test_v1_eval_size_defaults_to_train_size():

@@ -1,4 +1,4 @@
-"""EfficientNet B0…B7, WideSE B0…B7 and EfficientNetV2 S/M/L as architecture tables scaled per member.
+"""EfficientNet B0…B7 and WideSE B0…B7 scaled from the B0 table; EfficientNetV2 S/M/L, one table each.
 
 Module names and state-dict keys equal NVIDIA's reference (`stem`, `layers.<stage>.block<j>.
 {expand,depsep,se,proj}`, `features`, `classifier.fc`) so its published weights load unchanged.
@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
+
 
 from .common import (LayerBuilder, LayerConfig, SqueezeExcitation, depthwise_conv_bn_act, make_divisible,
                      stochastic_depth)
@@ -33,7 +34,7 @@ class StageSpec:
 
 @dataclass(frozen=True)
 class EfficientNetArch:
-    """An architecture table; `scale` derives the larger family members from the base one."""
+    """An architecture table; `scale` derives B1…B7 from B0 (EfficientNetV2's members are tables of their own)."""
 
     stages: tuple[StageSpec, ...]
     stem_channels: int = 32
@@ -45,8 +46,7 @@ class EfficientNetArch:
     # WideSE: the SE bottleneck is a quarter of the block's hidden (expanded) width instead of its input.
     squeeze_hidden: bool = False
 
-    def scale(self, width: float, depth: float, resolution: int, eval_resolution: int | None = None
-              ) -> "EfficientNetArch":
+    def scale(self, width: float, depth: float, resolution: int) -> "EfficientNetArch":
         """Compound scaling: channels × width (rounded to 8), repeats × depth (ceil), new input size."""
         stages = tuple(
             replace(s, channels=make_divisible(s.channels * width), num_repeat=int(math.ceil(s.num_repeat * depth)))
@@ -58,7 +58,7 @@ class EfficientNetArch:
             stem_channels=make_divisible(self.stem_channels * width),
             feature_channels=make_divisible(self.feature_channels * width),
             default_image_size=resolution,
-            eval_image_size=eval_resolution,
+            eval_image_size=None,
         )
 
     @property
@@ -81,29 +81,64 @@ EFFICIENTNET_B0 = EfficientNetArch(stages=tuple(StageSpec(*row) for row in (
     (3, 1, 1, 6, 320),
 )))
 
-# EfficientNetV2-S (Tan & Le, 2021, table 4): three Fused-MBConv stages without SE, then MBConv with SE 0.25.
+
+def v2_stages(*rows: tuple[int, int, int, int, int, bool]) -> tuple[StageSpec, ...]:
+    """EfficientNetV2 stage rows (kernel, stride, repeats, expansion, out channels, fused); fused stages lack SE."""
+    return tuple(StageSpec(*row[:5], fused=row[5], squeeze_excitation=not row[5]) for row in rows)
+
+
+# EfficientNetV2 (Tan & Le, 2021): Fused-MBConv stages without SE, then MBConv stages with SE 0.25, head 1×1 to
+# 1280. S is the paper's table 4; M and L are hand-built (wider, deeper, a seventh stage) in the paper's
+# released code, which timm and torchvision follow: 21,458,488 / 54,139,356 / 118,515,272 parameters.
 EFFICIENTNET_V2_S = EfficientNetArch(
-    stages=tuple(StageSpec(*row[:5], fused=row[5], squeeze_excitation=not row[5]) for row in (
+    stages=v2_stages(
         (3, 1, 2, 1, 24, True),
         (3, 2, 4, 4, 48, True),
         (3, 2, 4, 4, 64, True),
         (3, 2, 6, 4, 128, False),
         (3, 1, 9, 6, 160, False),
         (3, 2, 15, 6, 256, False),
-    )),
+    ),
     stem_channels=24,
-    feature_channels=1280,
     default_image_size=300,
     eval_image_size=384,
 )
 
-# V2 member: (width, depth, train resolution, eval resolution, dropout, survival_prob). S is the paper's
-# network (21,458,488 parameters, the same as timm and torchvision); M and L scale its table (the paper's
-# M/L tables differ in detail) to 54.3M and 116.9M parameters, close to the paper's 54M and 120M.
-V2_SCALING = {
-    "s": (1.0, 1.0, 300, 384, 0.2, 0.8),
-    "m": (1.2, 1.8, 384, 480, 0.3, 0.8),
-    "l": (1.6, 2.2, 384, 480, 0.4, 0.8),
+EFFICIENTNET_V2_M = EfficientNetArch(
+    stages=v2_stages(
+        (3, 1, 3, 1, 24, True),
+        (3, 2, 5, 4, 48, True),
+        (3, 2, 5, 4, 80, True),
+        (3, 2, 7, 4, 160, False),
+        (3, 1, 14, 6, 176, False),
+        (3, 2, 18, 6, 304, False),
+        (3, 1, 5, 6, 512, False),
+    ),
+    stem_channels=24,
+    default_image_size=384,
+    eval_image_size=480,
+)
+
+EFFICIENTNET_V2_L = EfficientNetArch(
+    stages=v2_stages(
+        (3, 1, 4, 1, 32, True),
+        (3, 2, 7, 4, 64, True),
+        (3, 2, 7, 4, 96, True),
+        (3, 2, 10, 4, 192, False),
+        (3, 1, 19, 6, 224, False),
+        (3, 2, 25, 6, 384, False),
+        (3, 1, 7, 6, 640, False),
+    ),
+    stem_channels=32,
+    default_image_size=384,
+    eval_image_size=480,
+)
+
+# V2 member: (architecture, dropout, survival_prob); dropout as torchvision's efficientnet_v2_s/m/l.
+V2_MEMBERS = {
+    "s": (EFFICIENTNET_V2_S, 0.2, 0.8),
+    "m": (EFFICIENTNET_V2_M, 0.3, 0.8),
+    "l": (EFFICIENTNET_V2_L, 0.4, 0.8),
 }
 
 # Member: (width, depth, resolution, dropout, survival_prob). Dropout and resolution follow the paper;
@@ -295,7 +330,6 @@ def efficientnet_specs() -> dict[str, ModelSpec]:
         for prefix, member_arch in (("efficientnet", arch), ("efficientnet-widese", replace(arch, squeeze_hidden=True))):
             name = f"{prefix}-{member}"
             specs[name] = ModelSpec(member_arch, params, pretrained_url=PRETRAINED_URLS.get(name))
-    for member, (width, depth, resolution, eval_resolution, dropout, survival) in V2_SCALING.items():
-        arch = EFFICIENTNET_V2_S.scale(width, depth, resolution, eval_resolution)
+    for member, (arch, dropout, survival) in V2_MEMBERS.items():
         specs[f"efficientnet-v2-{member}"] = ModelSpec(arch, EfficientNetParams(dropout=dropout, survival_prob=survival))
     return specs
