@@ -14,7 +14,9 @@ run() {  # run TITLE SCRIPT FLAGS...: one bench script, its command and output a
     local title="$1"; shift
     echo "### $title" | tee -a "$log"
     echo "\$ $py $*" | tee -a "$log"
-    "$py" "$@" 2>&1 | grep -v -e '^USDT:' -e 'gpuGetDeviceCount' -e 'No CUDA runtime is found' | tee -a "$log"
+    # grep -v exits 1 when every line is filtered out, which pipefail would take for the bench failing.
+    "$py" "$@" 2>&1 | { grep -v -e '^USDT:' -e 'gpuGetDeviceCount' -e 'No CUDA runtime is found' || [ $? -eq 1 ]; } \
+        | tee -a "$log"
 }
 
 run "train b0 fp32 224 bs32" bench/bench_train.py --models ours,ours+nhwc,ours+nhwc+compile,timm,torchvision \

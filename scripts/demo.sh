@@ -22,7 +22,12 @@ $py main.py "$data" --arch efficientnet-b0 --data-backend pytorch --image-size 6
   --lr-schedule cosine --warmup 1 --label-smoothing 0.1 --num_classes 10 --bn_momentum 0.1 \
   --workers 1 --print-freq 20 --seed 0 --workspace "$workspace" --raport-file raport.json "$@"
 
-image=$(find "$data/val" -name '*.jpg' | sort | head -n 1)
+# The first validation image, by a glob (sorted by bash): no pipeline whose reader may stop early, which under
+# pipefail would end the script with SIGPIPE's status 141 after a successful training run.
+shopt -s nullglob
+images=("$data"/val/*/*.jpg)
+[ ${#images[@]} -gt 0 ] || { echo "demo.sh: no validation image (*.jpg) under $data/val" >&2; exit 1; }
+image=${images[0]}
 $py classify.py --arch efficientnet-b0 --num_classes 10 --image-size 64 \
   --pretrained-from-file "$workspace/model_best.pth.tar" --class-names "$workspace/classes.txt" --precision FP32 \
   --image "$image"

@@ -12,6 +12,11 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 stamp="$venv/.installed-$(basename "$req" .txt)"
 digest=$(cat "$root/requirements.txt" "$root/$req" | sha256sum | cut -d' ' -f1)
+# requirements-dev.txt includes requirements.txt: a current dev install satisfies both.
+dev_digest=$(cat "$root/requirements.txt" "$root/requirements-dev.txt" | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$venv/.installed-requirements-dev" 2>/dev/null || true)" = "$dev_digest" ]; then
+  exit 0
+fi
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$digest" ]; then
   echo "setup: installing $req into .venv (one to two minutes on a fresh machine)"
   "$venv/bin/python" -m pip install --disable-pip-version-check -q -r "$root/$req"
