@@ -6,7 +6,8 @@
         --mode benchmark_inference --platform DGXA100 /imagenet -b 64 --raport-file raport_64.json
     python launch.py --model efficientnet-b0 --precision FP32 --mode benchmark_training_short --platform CPU
 """
+from image_classification.cli import exit_status
 from image_classification.launcher import main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(exit_status(main()))

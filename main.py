@@ -4,30 +4,21 @@
     python main.py /imagenet --arch efficientnet-b0 --epochs 400 -b 256 --amp --lr 0.08 ...
     python multiproc.py --nproc_per_node 8 main.py /imagenet --arch efficientnet-b0 ...
     torchrun --nproc_per_node 8 main.py /imagenet --arch efficientnet-b0 ...
+
+Exit status: 0 done, 1 bad input (one line on stderr), 2 bad command line, 75 stopped by SIGTERM/SIGINT with
+a checkpoint saved (continue with --resume).
 """
 from __future__ import annotations
 
-import sys
+from image_classification.cli import exit_status, run_cli
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse the flags and run the job; bad input becomes one error line and exit status 1."""
     from image_classification.arguments import parse_args
     from image_classification.training import main as run
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        if isinstance(err, RuntimeError) and not _is_user_error(err):
-            raise
-        print(f"main.py: error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
-
-
-def _is_user_error(err: RuntimeError) -> bool:
-    # Device requests that cannot be met (e.g. --device cuda without a GPU) are input errors, not crashes.
-    return "--device" in str(err) or "--gpu-affinity" in str(err)
+    return run_cli("main.py", lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(exit_status(main()))

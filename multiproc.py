@@ -13,16 +13,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from image_classification.cli import EXIT_ERROR, EXIT_INTERRUPTED, ArgumentParser, Number
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="multiproc.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("--nnodes", type=int, default=1, help="number of nodes (default: %(default)s)")
-    p.add_argument("--node_rank", type=int, default=0, help="rank of this node, 0..nnodes-1 (default: %(default)s)")
-    p.add_argument("--nproc_per_node", type=int, default=1,
+    p = ArgumentParser(prog="multiproc.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--nnodes", type=Number(int, low=1), default=1, help="number of nodes (default: %(default)s)")
+    p.add_argument("--node_rank", type=Number(int, low=0), default=0,
+                   help="rank of this node, 0..nnodes-1 (default: %(default)s)")
+    p.add_argument("--nproc_per_node", type=Number(int, low=1), default=1,
                    help="processes on this node, one per GPU (default: %(default)s)")
     p.add_argument("--master_addr", default="127.0.0.1", help="address of the node with rank 0 (default: %(default)s)")
-    p.add_argument("--master_port", type=int, default=29500, help="free port on that node (default: %(default)s)")
+    p.add_argument("--master_port", type=Number(int, low=1, high=65535), default=29500,
+                   help="free port on that node (default: %(default)s)")
     p.add_argument("training_script", help="the script each process runs (main.py, quant_main.py, launch.py)")
     p.add_argument("training_script_args", nargs=argparse.REMAINDER, help="its arguments")
     return p
@@ -30,9 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def torchrun_argv(args: argparse.Namespace) -> list[str]:
     """The equivalent torch.distributed.run command line."""
-    for name in ("nnodes", "nproc_per_node"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"multiproc.py: error: --{name} must be at least 1")
+    if not Path(args.training_script).is_file():
+        raise SystemExit(f"multiproc.py: error: {args.training_script}: no such file (the script each process runs)")
     if not 0 <= args.node_rank < args.nnodes:
         raise SystemExit(f"multiproc.py: error: --node_rank must be in 0..{args.nnodes - 1}")
     return [f"--nnodes={args.nnodes}", f"--node_rank={args.node_rank}", f"--nproc_per_node={args.nproc_per_node}",
@@ -48,10 +52,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         torchrun.main(torchrun_argv(args))
     except ChildFailedError as err:
+        codes = {f.exitcode for f in err.failures.values()}
+        if codes == {EXIT_INTERRUPTED}:  # every failed process stopped on a signal after saving: pass that on
+            print(f"multiproc.py: {args.training_script} stopped by a signal; continue with --resume",
+                  file=sys.stderr)
+            raise SystemExit(EXIT_INTERRUPTED) from None
         # The failing process has printed its own error; say which one and pass on a non-zero status.
         failures = ", ".join(f"rank {rank} (exit {f.exitcode})" for rank, f in err.failures.items())
         print(f"multiproc.py: {args.training_script} failed on {failures}", file=sys.stderr)
-        raise SystemExit(1) from None
+        raise SystemExit(EXIT_ERROR) from None
 
 
 if __name__ == "__main__":

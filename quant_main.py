@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from image_classification.cli import ArgumentParser, check_numbers, exit_status, run_cli
 from image_classification.quantization import add_arguments
 
 
@@ -22,12 +23,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """main.py's arguments (and the arch's model flags) together with the quantization flags."""
     from image_classification.arguments import parse_args as parse_main_args
     argv = list(sys.argv[1:] if argv is None else argv)
-    quant_parser = add_arguments(argparse.ArgumentParser(prog="quant_main.py", add_help=False, allow_abbrev=False))
+    quant_parser = add_arguments(ArgumentParser(prog="quant_main.py", add_help=False, allow_abbrev=False))
     if "-h" in argv or "--help" in argv:
         quant_parser.print_help()
         print()
     quant_args, rest = quant_parser.parse_known_args(argv)
-    args = parse_main_args(rest)
+    check_numbers(quant_args, quant_parser)
+    args = parse_main_args(rest, prog="quant_main.py")
     for name, value in vars(quant_args).items():
         setattr(args, name, value)
     return args
@@ -37,8 +39,9 @@ def main(argv: list[str] | None = None) -> dict:
     """Parse, then train/evaluate with calibration as training.main's prepare_model step."""
     from image_classification.quantization import calibration_hook
     from image_classification.training import main as run
-    return run(parse_args(argv), prepare_model=calibration_hook, checkpoint_prefix="quantized_")
+    return run_cli("quant_main.py", lambda: run(parse_args(argv), prepare_model=calibration_hook,
+                                                checkpoint_prefix="quantized_"))
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(exit_status(main()))

@@ -9,13 +9,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import gpu_affinity
+from .cli import ArgumentParser, Number, UserError, check_numbers
 from .context import CPU_ALLOCATORS
 from .data import AUGMENTATIONS
 from .models import available_models, get_entry
 from .progressive import RANDAUG_MAX_MAGNITUDE
 
-DEFAULT_ARCH = "resnet50"  # the reference's default; not a model of this suite, so -h falls back below
-HELP_ARCH = "efficientnet-b0"
+# The reference defaults to resnet50, a ConvNets model this EfficientNet suite does not have; its first
+# EfficientNet takes that place so that a reference command line without --arch still runs.
+DEFAULT_ARCH = "efficientnet-b0"
 
 DESCRIPTION = """Train or evaluate an image classifier (NVIDIA ConvNets main.py flags).
 
@@ -31,9 +34,9 @@ def _arch(name: str) -> str:
     return name
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
     """The main flags of spec §1 plus this suite's additions (--device, --no-tf32, --jit compile, ...)."""
-    p = argparse.ArgumentParser(prog="main.py", description=DESCRIPTION, add_help=False, allow_abbrev=False,
+    p = ArgumentParser(prog=prog, description=DESCRIPTION, add_help=False, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-h", "--help", action="store_true", help="show this help (main and model flags) and exit")
     p.add_argument("data", metavar="DIR", nargs="?", default=None,
@@ -45,20 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input pipeline (default: %(default)s)")
     g.add_argument("--interpolation", default="bilinear", choices=("bilinear", "bicubic", "triangular"),
                    help="resize interpolation of the data pipeline (default: %(default)s)")
-    g.add_argument("-j", "--workers", type=int, default=5, metavar="N",
+    g.add_argument("-j", "--workers", type=Number(int, low=0), default=5, metavar="N",
                    help="data loading workers per process (default: %(default)s)")
-    g.add_argument("--prefetch", type=int, default=2, metavar="N",
+    g.add_argument("--prefetch", type=Number(int, low=1), default=2, metavar="N",
                    help="batches prefetched per worker (default: %(default)s)")
-    g.add_argument("--image-size", type=int, default=None, metavar="N",
+    g.add_argument("--image-size", type=Number(int, low=1), default=None, metavar="N",
                    help="training image size (of the last stage with --n-stages), also the validation size unless "
                         "--eval-image-size says otherwise (default: the arch's own training size)")
-    g.add_argument("--eval-image-size", type=int, default=None, metavar="N",
+    g.add_argument("--eval-image-size", type=Number(int, low=1), default=None, metavar="N",
                    help="validation image size (not in the reference) (default: --image-size when given, else the "
                         "arch's evaluation size: 384 for efficientnet-v2-s, the training size for B0-B7)")
     g.add_argument("--augmentation", type=str, default=None, choices=AUGMENTATIONS,
                    help="extra training augmentation: autoaugment (ImageNet policy), randaugment (2 operations of "
                         "--randaug-magnitude), trivialaugment (not in the reference) (default: none)")
-    g.add_argument("--randaug-magnitude", type=int, default=9, metavar="M",
+    g.add_argument("--randaug-magnitude", type=Number(int, low=0, high=RANDAUG_MAX_MAGNITUDE), default=9,
+                   metavar="M",
                    help=f"RandAugment magnitude with --augmentation randaugment, 0-{RANDAUG_MAX_MAGNITUDE} on "
                         f"the scale of torchvision and DALI ({RANDAUG_MAX_MAGNITUDE + 1} bins; TF/timm magnitude m "
                         "is about 3m here); of the last stage with --n-stages (default: %(default)s)")
@@ -66,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("-a", "--arch", type=_arch, default=DEFAULT_ARCH, metavar="ARCH",
                    help="model architecture, one of: " + ", ".join(sorted(available_models()))
-                        + " (default: %(default)s, the reference's default, which this suite does not provide: "
-                          "pass --arch)")
+                        + " (default: %(default)s; the reference's default, resnet50, is not an EfficientNet and "
+                          "not in this suite)")
     g.add_argument("--jit", default="no", choices=("no", "script", "compile"),
                    help="compile the model: torch.jit.script (script) or torch.compile (compile; on CPU it needs "
                         "a C++ compiler; with --evaluate the weights are also frozen into the compiled graph) "
@@ -77,48 +81,52 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
 
     g = p.add_argument_group("schedule")
-    g.add_argument("--epochs", type=int, default=90, metavar="N", help="total epochs of the run (default: %(default)s)")
-    g.add_argument("--run-epochs", type=int, default=-1, metavar="N",
+    g.add_argument("--epochs", type=Number(int, low=1), default=90, metavar="N",
+                   help="total epochs of the run (default: %(default)s)")
+    g.add_argument("--run-epochs", type=Number(int, low=1, off=-1), default=-1, metavar="N",
                    help="run at most N epochs in this invocation, then save and exit (-1: all) (default: %(default)s)")
-    g.add_argument("--early-stopping-patience", type=int, default=-1, metavar="N",
+    g.add_argument("--early-stopping-patience", type=Number(int, low=1, off=-1), default=-1, metavar="N",
                    help="stop after N epochs without a better val top-1 (-1: never) (default: %(default)s)")
-    g.add_argument("-b", "--batch-size", type=int, default=256, metavar="N",
+    g.add_argument("-b", "--batch-size", type=Number(int, low=1), default=256, metavar="N",
                    help="batch size per process (GPU) (default: %(default)s)")
-    g.add_argument("--optimizer-batch-size", type=int, default=-1, metavar="N",
+    g.add_argument("--optimizer-batch-size", type=Number(int, low=1, off=-1), default=-1, metavar="N",
                    help="global batch per optimizer step, reached by gradient accumulation; must be a multiple "
                         "of world size x batch size (-1: no accumulation) (default: %(default)s)")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=0.1, metavar="LR", help="base learning rate (default: %(default)s)")
+    g.add_argument("--lr", "--learning-rate", type=Number(float, low=0), default=0.1, metavar="LR",
+                   help="base learning rate (default: %(default)s)")
     g.add_argument("--lr-schedule", default="step", choices=("step", "linear", "cosine", "exponential"),
                    help="per-epoch LR schedule after warmup: step (x0.1 at 30, 60, 80), linear (to 0), cosine "
                         "(to --end-lr), exponential (x --lr-decay every epoch) (default: %(default)s)")
-    g.add_argument("--end-lr", type=float, default=0.0, metavar="LR",
+    g.add_argument("--end-lr", type=Number(float, low=0), default=0.0, metavar="LR",
                    help="final LR of the cosine schedule (default: %(default)s)")
-    g.add_argument("--lr-decay", type=float, default=0.97, metavar="GAMMA",
+    g.add_argument("--lr-decay", type=Number(float, low=0, high=1, low_open=True), default=0.97, metavar="GAMMA",
                    help="per-epoch factor of --lr-schedule exponential (not in the reference) (default: %(default)s)")
-    g.add_argument("--warmup", type=int, default=0, metavar="E",
+    g.add_argument("--warmup", type=Number(int, low=0), default=0, metavar="E",
                    help="linear LR warmup epochs (default: %(default)s)")
-    g.add_argument("--label-smoothing", type=float, default=0.0, metavar="S",
+    g.add_argument("--label-smoothing", type=Number(float, low=0, high=1, high_open=True), default=0.0, metavar="S",
                    help="label smoothing (default: %(default)s)")
-    g.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
+    g.add_argument("--mixup", type=Number(float, low=0), default=0.0, metavar="ALPHA",
                    help="mixup alpha (of the last stage with --n-stages), 0 disables (default: %(default)s)")
-    g.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA",
+    g.add_argument("--cutmix", type=Number(float, low=0), default=0.0, metavar="ALPHA",
                    help="CutMix alpha (of the last stage with --n-stages), 0 disables; with --mixup too, each batch "
                         "uses one of the two, chosen with probability 0.5 (not in the reference) "
                         "(default: %(default)s)")
     g.add_argument("--optimizer", default="sgd", choices=("sgd", "rmsprop"), help="optimizer (default: %(default)s)")
-    g.add_argument("--momentum", type=float, default=0.9, metavar="M", help="momentum (default: %(default)s)")
-    g.add_argument("--weight-decay", "--wd", type=float, default=1e-4, metavar="W",
+    g.add_argument("--momentum", type=Number(float, low=0, high=1, high_open=True), default=0.9, metavar="M",
+                   help="momentum (default: %(default)s)")
+    g.add_argument("--weight-decay", "--wd", type=Number(float, low=0), default=1e-4, metavar="W",
                    help="weight decay (default: %(default)s)")
     g.add_argument("--bn-weight-decay", action="store_true",
                    help="apply weight decay to BatchNorm parameters too (default: they get 0)")
-    g.add_argument("--rmsprop-alpha", type=float, default=0.9, metavar="A",
+    g.add_argument("--rmsprop-alpha", type=Number(float, low=0, high=1, high_open=True), default=0.9, metavar="A",
                    help="RMSprop smoothing constant (default: %(default)s)")
-    g.add_argument("--rmsprop-eps", type=float, default=1e-3, metavar="EPS",
+    g.add_argument("--rmsprop-eps", type=Number(float, low=0, low_open=True), default=1e-3, metavar="EPS",
                    help="RMSprop epsilon (default: %(default)s)")
     g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD only)")
-    g.add_argument("--use-ema", type=float, default=None, metavar="DECAY",
+    g.add_argument("--use-ema", type=Number(float, low=0, high=1, low_open=True, high_open=True), default=None,
+                   metavar="DECAY",
                    help="keep an exponential moving average of the weights with this decay, validated as val_ema "
                         "(default: off)")
 
@@ -129,21 +137,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-size, --mixup, --cutmix and --randaug-magnitude. At each stage the training data pipeline is "
         "rebuilt at the new size; validation stays at --eval-image-size. With --n-stages 1 the --base-* values "
         "have no effect.")
-    g.add_argument("--n-stages", type=int, default=1, metavar="N",
+    g.add_argument("--n-stages", type=Number(int, low=1), default=1, metavar="N",
                    help="number of training stages, at most --epochs (default: %(default)s)")
-    g.add_argument("--base-image-size", type=int, default=None, metavar="N",
+    g.add_argument("--base-image-size", type=Number(int, low=1), default=None, metavar="N",
                    help="training image size of the first stage (default: --image-size)")
-    g.add_argument("--base-mixup", type=float, default=0.0, metavar="ALPHA",
+    g.add_argument("--base-mixup", type=Number(float, low=0), default=0.0, metavar="ALPHA",
                    help="mixup alpha of the first stage (default: %(default)s)")
-    g.add_argument("--base-cutmix", type=float, default=0.0, metavar="ALPHA",
+    g.add_argument("--base-cutmix", type=Number(float, low=0), default=0.0, metavar="ALPHA",
                    help="CutMix alpha of the first stage (default: %(default)s)")
-    g.add_argument("--base-randaug-magnitude", type=int, default=None, metavar="M",
+    g.add_argument("--base-randaug-magnitude", type=Number(int, low=0, high=RANDAUG_MAX_MAGNITUDE), default=None,
+                   metavar="M",
                    help="RandAugment magnitude of the first stage (default: --randaug-magnitude)")
 
     g = p.add_argument_group("precision and device")
     g.add_argument("--amp", action="store_true",
                    help="mixed precision: fp16 autocast + loss scaling on GPU, bf16 autocast on CPU")
-    g.add_argument("--static-loss-scale", type=float, default=1.0, metavar="S",
+    g.add_argument("--static-loss-scale", type=Number(float, low=0, low_open=True), default=1.0, metavar="S",
                    help="initial loss scale of the GradScaler (AMP on GPU only) (default: %(default)s)")
     g.add_argument("--device", default="auto", metavar="auto|cpu|cuda[:N]",
                    help="where to run; auto is CUDA when present, else CPU (not in the reference) "
@@ -154,20 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU runs under glibc: retain keeps freed memory for the next step instead of mapping every "
                         "large tensor afresh (b0 training 1.5x faster on 2 cores, resident memory stays near its "
                         "peak); system leaves glibc's defaults (not in the reference) (default: %(default)s)")
-    g.add_argument("--gpu-affinity", default="none",
-                   choices=("none", "socket", "single", "single_unique", "socket_unique_interleaved",
-                            "socket_unique_contiguous"),
-                   help="pin each process to the CPU cores near its GPU (GPU runs only) (default: %(default)s)")
+    g.add_argument("--gpu-affinity", default="none", type=gpu_affinity.canonical_mode, choices=gpu_affinity.MODES,
+                   help="pin each process to the CPU cores near its GPU (GPU runs only; single and single_unique "
+                        "are accepted for socket_single and socket_single_unique) (default: %(default)s)")
 
     g = p.add_argument_group("run control")
-    g.add_argument("-p", "--print-freq", type=int, default=10, metavar="N",
+    g.add_argument("-p", "--print-freq", type=Number(int, low=1), default=10, metavar="N",
                    help="print and log every N iterations (default: %(default)s)")
-    g.add_argument("--prof", type=int, default=-1, metavar="N",
+    g.add_argument("--prof", type=Number(int, low=1, off=-1), default=-1, metavar="N",
                    help="stop each phase (train, val) after N iterations; for benchmarks (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=None, metavar="S", help="random seed (default: none)")
+    g.add_argument("--seed", type=Number(int), default=None, metavar="S", help="random seed (default: none)")
     g.add_argument("--evaluate", action="store_true", help="only validate the model (no training)")
     g.add_argument("--training-only", action="store_true", help="do not validate during training")
-    g.add_argument("--topk", type=int, default=5, metavar="K",
+    g.add_argument("--topk", type=Number(int, low=1), default=5, metavar="K",
                    help="the second accuracy reported beside top-1 (logged as top5) (default: %(default)s)")
 
     g = p.add_argument_group("checkpoints and reports")
@@ -179,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not write checkpoints")
     g.add_argument("--checkpoint-filename", default="checkpoint.pth.tar", metavar="NAME",
                    help="name of the latest checkpoint in the workspace (default: %(default)s)")
-    g.add_argument("--gather-checkpoints", type=int, default=0, metavar="N",
+    g.add_argument("--gather-checkpoints", type=Number(int, low=0), default=0, metavar="N",
                    help="also keep the last N per-epoch checkpoints checkpoint_<epoch:04>.pth.tar; with 0 only the "
                         "latest and the best checkpoint are stored, as in the reference (default: %(default)s)")
     g.add_argument("--raport-file", type=str, default="experiment_raport.json", metavar="NAME",
@@ -201,7 +209,7 @@ def _apply_defaults(main: argparse.ArgumentParser, model: argparse.ArgumentParse
     model_dests = {a.dest for a in model._actions} if model is not None else set()
     unknown = sorted(set(defaults) - main_dests - model_dests)
     if unknown:
-        raise ValueError(f"unknown setting(s) {', '.join(unknown)}: not a main.py or model flag "
+        raise UserError(f"unknown setting(s) {', '.join(unknown)}: not a main.py or model flag "
                          f"(valid: {', '.join(sorted((main_dests | model_dests) - {'help'}))})")
     main.set_defaults(**{k: v for k, v in defaults.items() if k in main_dests})
     if model is not None:
@@ -214,28 +222,30 @@ def print_help(arch: str | None, main: argparse.ArgumentParser | None = None, fi
     file = file or sys.stdout
     main.print_help(file)
     if arch not in available_models():
-        arch = HELP_ARCH
+        arch = DEFAULT_ARCH
     print(f"\nmodel flags of {arch} (each arch has the same set; defaults differ):", file=file)
     help_text = _model_parser(arch).format_help()
     print("\n".join(line for line in help_text.splitlines() if line.strip() and "arguments:" not in line
                     and not line.startswith("options")), file=file)
 
 
-def parse_args(argv: list[str] | None = None, defaults: dict | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, defaults: dict | None = None, prog: str = "main.py"
+               ) -> argparse.Namespace:
     """Parse main.py's flags, then the arch's model flags; `args.model_args` holds the latter.
 
-    `defaults` (dest -> value, e.g. from configs.yml) become parser defaults before parsing.
+    `defaults` (dest -> value, e.g. from configs.yml) become parser defaults before parsing; `prog` is the
+    script named in errors (quant_main.py and launch.py parse main.py's flags too).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     defaults = dict(defaults or {})
     # The arch decides which model flags exist: find it first.
-    probe = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    probe = ArgumentParser(prog=prog, add_help=False, allow_abbrev=False)
     probe.add_argument("-a", "--arch", default=defaults.get("arch", DEFAULT_ARCH))
     probe.add_argument("-h", "--help", action="store_true")
     known, _ = probe.parse_known_args(argv)
-    main = build_parser()
+    main = build_parser(prog)
     registered = known.arch in available_models()
-    model = _model_parser(known.arch if registered else HELP_ARCH)
+    model = _model_parser(known.arch if registered else DEFAULT_ARCH)
     _apply_defaults(main, model, defaults)
     if known.help:
         print_help(known.arch, main)
@@ -243,11 +253,12 @@ def parse_args(argv: list[str] | None = None, defaults: dict | None = None) -> a
     if not registered:
         main.error(f"unknown --arch {known.arch!r}; available: {', '.join(sorted(available_models()))}")
     # One combined parser, so model flags may come anywhere (also before the data folder).
-    combined = argparse.ArgumentParser(prog="main.py", parents=[main, model], add_help=False, allow_abbrev=False)
+    combined = ArgumentParser(prog=prog, parents=[main, model], add_help=False, allow_abbrev=False)
     parsed, rest = combined.parse_known_args(argv)
     if rest:
-        combined.error(f"unrecognized arguments: {' '.join(rest)}\nvalid flags: "
+        combined.error(f"unrecognized arguments: {' '.join(rest)}; valid flags: "
                        + " ".join(_option_strings(main, model)))
+    check_numbers(parsed, combined)
     main_dests = {a.dest for a in main._actions} - {"help"}
     model_dests = {a.dest for a in model._actions}
     args = argparse.Namespace(**{k: v for k, v in vars(parsed).items() if k in main_dests})

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from .cli import UserError
+
 
 @dataclass
 class ExecutionContext:
@@ -109,17 +111,20 @@ def memory_format_from_name(name: str) -> torch.memory_format:
     """Map the reference's --memory-format value (nchw|nhwc) to a torch memory format."""
     formats = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
     if name not in formats:
-        raise ValueError(f"--memory-format must be one of {sorted(formats)}, got {name!r}")
+        raise UserError(f"--memory-format must be one of {sorted(formats)}, got {name!r}")
     return formats[name]
 
 
 def select_device(requested: str | None = None) -> torch.device:
-    """CUDA when present, otherwise CPU; `requested` ('cpu', 'cuda', 'cuda:1') overrides."""
+    """CUDA when present, otherwise CPU; `requested` ('cpu', 'cuda', 'cuda:1') overrides (ValueError when unmet)."""
     if requested in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UserError(f"--device {requested!r} is not a device: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {requested} was asked for, but this machine has no usable CUDA GPU")
+        raise UserError(f"--device {requested} was asked for, but this machine has no usable CUDA GPU")
     return device
 
 
@@ -158,7 +163,7 @@ def set_cpu_allocator(mode: str) -> bool:
     system: glibc's defaults, untouched. Elsewhere than glibc (macOS, musl) both mean the system allocator.
     """
     if mode not in CPU_ALLOCATORS:
-        raise ValueError(f"--cpu-allocator must be one of {CPU_ALLOCATORS}, got {mode!r}")
+        raise UserError(f"--cpu-allocator must be one of {CPU_ALLOCATORS}, got {mode!r}")
     if mode == "system":
         return True
     libc = _glibc()

@@ -10,6 +10,8 @@ import copy
 import torch
 from torch import nn
 
+from .cli import UserError
+
 
 def ema_decay(mu: float, step: int) -> float:
     """The reference's warm-started decay: small early, μ after a few dozen steps."""
@@ -21,7 +23,7 @@ class EMA:
 
     def __init__(self, model: nn.Module, mu: float):
         if not 0.0 < mu < 1.0:
-            raise ValueError(f"--use-ema decay must be in (0, 1), got {mu}")
+            raise UserError(f"--use-ema decay must be in (0, 1), got {mu}")
         self.mu = mu
         self.module = copy.deepcopy(model).eval()
         for p in self.module.parameters():

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .cli import USER_ERRORS, ArgumentParser, Number, UserError, error_message, print_error
 from .models import available_models, get_entry
 from .models.weights import WeightsError
 from .inference import weights_error_line
@@ -40,7 +41,7 @@ DEFAULT_TOLERANCE = 1e-3
 QUANTIZED_TOLERANCE = 0.15
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """An export that cannot be made, or a file that disagrees with PyTorch; the message says why."""
 
 
@@ -147,7 +148,7 @@ def default_output(weights: str | Path | None, arch: str) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     """model2onnx.py's own flags (the reference's, plus --opset, --dynamo, --tolerance, --verify-batch-size)."""
-    p = argparse.ArgumentParser(prog=PROG, add_help=False, allow_abbrev=False,
+    p = ArgumentParser(prog=PROG, add_help=False, allow_abbrev=False,
                                 description="Export a model to ONNX (dynamic batch) and check it in onnxruntime. "
                                             "The arch's model flags (--pretrained-from-file, --trt True, "
                                             "--num_classes ...) are accepted too.")
@@ -156,22 +157,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model architecture, one of: " + ", ".join(sorted(available_models())))
     p.add_argument("--device", default=None, choices=("cpu", "cuda"),
                    help="where the model runs during export (default: cuda when present, else cpu)")
-    p.add_argument("--image-size", type=int, default=None, metavar="N",
+    p.add_argument("--image-size", type=Number(int, low=1), default=None, metavar="N",
                    help="input resolution (default: the arch's evaluation size, e.g. 224 for b0, 384 for "
                         "efficientnet-v2-s)")
     p.add_argument("--output", default=None, metavar="PATH",
                    help="ONNX file to write (default: the --pretrained-from-file name with .onnx, or <arch>.onnx)")
-    p.add_argument("-b", "--batch-size", type=int, default=256, metavar="N",
+    p.add_argument("-b", "--batch-size", type=Number(int, low=1), default=256, metavar="N",
                    help="batch of the example input traced for export; the batch axis stays dynamic "
                         "(default: %(default)s)")
-    p.add_argument("--opset", type=int, default=REFERENCE_OPSET, metavar="N",
+    p.add_argument("--opset", type=Number(int, low=REFERENCE_OPSET), default=REFERENCE_OPSET, metavar="N",
                    help="ONNX opset, at least 13; 18 or more with --dynamo (default: %(default)s, as the reference)")
     p.add_argument("--dynamo", action="store_true",
                    help="use the torch.export-based exporter instead of the TorchScript-based one (float models)")
-    p.add_argument("--verify-batch-size", type=int, default=4, metavar="N",
+    p.add_argument("--verify-batch-size", type=Number(int, low=0), default=4, metavar="N",
                    help="after export, run a random batch of N images in onnxruntime and compare with PyTorch; "
                         "0 skips the check (default: %(default)s)")
-    p.add_argument("--tolerance", type=float, default=None, metavar="T",
+    p.add_argument("--tolerance", type=Number(float, low=0, low_open=True), default=None, metavar="T",
                    help="fail when max |onnxruntime - pytorch| exceeds T x max(1, largest |logit|) "
                         f"(default: {DEFAULT_TOLERANCE:g}; {QUANTIZED_TOLERANCE:g} for efficientnet-quant-*, whose "
                         "INT8 rounding turns last-bit differences into whole quantization steps)")
@@ -200,10 +201,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.model_args, rest = model_parser.parse_known_args(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    for flag, value, least in (("--image-size", args.image_size, 1), ("--batch-size", args.batch_size, 1),
-                               ("--verify-batch-size", args.verify_batch_size, 0)):
-        if value is not None and value < least:
-            parser.error(f"{flag} must be at least {least}, got {value}")
     return args
 
 
@@ -230,19 +227,12 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """model2onnx.py: 0 on success; bad input or a failed check prints one error line and returns 1."""
+    """model2onnx.py: 0 on success; bad input or a failed check prints one error line and exits with 1."""
     args = parse_args(argv)
     try:
         run(args)
     except WeightsError as err:
-        print(f"{PROG}: error: {weights_error_line(err, args.arch)}", file=sys.stderr)
-        return 1
-    except ValueError as err:  # ExportError, or flag values the model rejects
-        print(f"{PROG}: error: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 1
-    except RuntimeError as err:
-        if "--device" not in str(err):  # a request this machine cannot meet (no GPU) is input, anything else a bug
-            raise
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 1
+        return print_error(PROG, weights_error_line(err, args.arch))
+    except USER_ERRORS as err:  # ExportError, flag values the model rejects, an unwritable --output
+        return print_error(PROG, error_message(err).splitlines()[0])
     return 0

@@ -4,8 +4,8 @@ The cores near a GPU are read from sysfs (/sys/bus/pci/devices/<pci id>/local_cp
 local core list share a socket. Hyper-thread siblings stay together when cores are divided.
 
   socket                     all cores of the GPU's socket
-  single                     the first core of the socket
-  single_unique              one core per GPU of the socket, distinct
+  socket_single              the first core of the socket (alias: single)
+  socket_single_unique       one core per GPU of the socket, distinct (alias: single_unique)
   socket_unique_interleaved  the socket's cores split among its GPUs, round robin
   socket_unique_contiguous   the socket's cores split among its GPUs, in contiguous blocks
 """
@@ -14,9 +14,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-MODES = ("none", "socket", "single", "single_unique", "socket_unique_interleaved", "socket_unique_contiguous")
+from .cli import UserError
+
+# The reference's mode names; earlier releases of this suite called two of them by shorter names, kept as aliases.
+MODES = ("none", "socket", "socket_single", "socket_single_unique", "socket_unique_interleaved",
+         "socket_unique_contiguous")
+ALIASES = {"single": "socket_single", "single_unique": "socket_single_unique"}
 SYSFS_PCI = Path("/sys/bus/pci/devices")
 SYSFS_CPU = Path("/sys/devices/system/cpu")
+
+
+def canonical_mode(name: str) -> str:
+    """The reference's name of a --gpu-affinity mode (aliases resolved; unknown names pass through to be refused)."""
+    return ALIASES.get(name, name)
 
 
 def parse_cpulist(text: str) -> list[int]:
@@ -40,7 +50,7 @@ def _local_cpus(pci_id: str) -> list[int]:
     try:
         return parse_cpulist(path.read_text())
     except OSError as err:
-        raise RuntimeError(f"--gpu-affinity: cannot read the CPU list of GPU {pci_id} ({err})") from None
+        raise UserError(f"--gpu-affinity: cannot read the CPU list of GPU {pci_id} ({err})") from None
 
 
 def _physical_cores(cpus: list[int]) -> list[list[int]]:
@@ -59,17 +69,18 @@ def _physical_cores(cpus: list[int]) -> list[list[int]]:
 
 def affinity_for(mode: str, gpu_index: int, local_cpus_per_gpu: list[list[int]]) -> list[int]:
     """The CPUs the process driving GPU `gpu_index` is pinned to under `mode` (pure, for tests)."""
+    mode = canonical_mode(mode)
     if mode not in MODES or mode == "none":
-        raise ValueError(f"--gpu-affinity must be one of {', '.join(MODES[1:])} here, got {mode!r}")
+        raise UserError(f"--gpu-affinity must be one of {', '.join(MODES[1:])} here, got {mode!r}")
     socket = local_cpus_per_gpu[gpu_index]
     cores = _physical_cores(socket)
     peers = [i for i, cpus in enumerate(local_cpus_per_gpu) if cpus == socket]
     rank_on_socket = peers.index(gpu_index)
     if mode == "socket":
         return sorted(socket)
-    if mode == "single":
+    if mode == "socket_single":
         return list(cores[0])
-    if mode == "single_unique":
+    if mode == "socket_single_unique":
         return list(cores[rank_on_socket % len(cores)])
     if mode == "socket_unique_interleaved":
         mine = cores[rank_on_socket::len(peers)] or [cores[rank_on_socket % len(cores)]]
@@ -84,7 +95,7 @@ def set_affinity(mode: str, ctx) -> list[int] | None:
     if mode == "none":
         return None
     if not ctx.is_cuda:
-        raise ValueError(f"--gpu-affinity {mode} pins processes to the cores near their GPU; this run is on "
+        raise UserError(f"--gpu-affinity {mode} pins processes to the cores near their GPU; this run is on "
                          f"{ctx.device.type}, use --gpu-affinity none")
     pci_ids = ctx.pci_bus_ids()
     cpus = affinity_for(mode, ctx.device.index or 0, [_local_cpus(pci) for pci in pci_ids])

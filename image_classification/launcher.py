@@ -18,12 +18,14 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from .cli import ArgumentParser, UserError, run_cli
+
 PROG = "launch.py"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs.yml"
 SECTIONS = ("precision", "platform", "models", "mode")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configs.yml that cannot be read, or a combination it does not hold; the message lists what exists."""
 
 
@@ -97,7 +99,7 @@ def resolve_defaults(model: str, precision: str, mode: str, platform: str, confi
 
 def build_parser() -> argparse.ArgumentParser:
     """launch.py's own flags; everything else is passed to main.py's parser."""
-    p = argparse.ArgumentParser(prog=PROG, add_help=False, allow_abbrev=False,
+    p = ArgumentParser(prog=PROG, add_help=False, allow_abbrev=False,
                                 description="Run main.py with the defaults of configs.yml; other flags are "
                                             "main.py's and override those defaults.")
     p.add_argument("-h", "--help", action="store_true", help="show this help and main.py's flags, then exit")
@@ -112,7 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """main.py's arguments for a launch.py command line, without running anything (errors exit with status 2)."""
+    """main.py's arguments for a launch.py command line, without running anything.
+
+    A combination configs.yml does not hold exits with status 2 (a bad command line); a --cfg_file that cannot
+    be read raises ConfigError (bad input: status 1 from launch.py).
+    """
     from .arguments import parse_args
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -124,14 +130,14 @@ def build_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     config_names = ("--model", known.model), ("--precision", known.precision), ("--mode", known.mode), \
         ("--platform", known.platform)
     missing = [flag for flag, value in config_names if value is None]
+    config = load_config(known.cfg_file)
     try:
-        config = load_config(known.cfg_file)
         if missing:
             raise ConfigError(f"{' '.join(missing)} required; models: {', '.join(config['models'])}; "
                               f"platforms: {', '.join(config['platform'])}; precisions: "
                               f"{', '.join(config['precision'])}; modes: {', '.join(config['mode'])}")
         defaults = resolve_defaults(known.model, known.precision, known.mode, known.platform, config)
-        return parse_args(rest, defaults=defaults)
+        return parse_args(rest, defaults=defaults, prog=PROG)
     except ValueError as err:  # ConfigError, or a config key that is not a main.py flag
         parser.error(str(err))
 
@@ -139,14 +145,5 @@ def build_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict:
     """launch.py: build main.py's arguments from configs.yml and the command line, then run the job in-process."""
     from .training import main as run
-    args = build_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except RuntimeError as err:
-        if "--device" not in str(err) and "--gpu-affinity" not in str(err):
-            raise
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
+    args = run_cli(PROG, build_args, argv)
+    return run_cli(PROG, run, args)

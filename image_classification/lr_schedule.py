@@ -9,6 +9,8 @@ from typing import Callable
 
 import torch
 
+from .cli import UserError
+
 SCHEDULES = ("step", "linear", "cosine", "exponential")
 STEP_MILESTONES = (30, 60, 80)
 
@@ -17,7 +19,7 @@ def lr_at(epoch: int, *, schedule: str, base_lr: float, epochs: int, warmup: int
           decay: float = 0.97, milestones: tuple[int, ...] = STEP_MILESTONES) -> float:
     """The learning rate of `epoch` (0-based)."""
     if schedule not in SCHEDULES:
-        raise ValueError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+        raise UserError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     if warmup > 0 and epoch < warmup:
         return base_lr * (epoch + 1) / warmup
     e = epoch - warmup

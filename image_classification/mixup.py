@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .cli import UserError
+
 # (top, bottom, left, right): rows top..bottom-1 and columns left..right-1
 Box = tuple[int, int, int, int]
 
@@ -68,9 +70,9 @@ class Mixup:
     def __init__(self, alpha: float, num_classes: int, cutmix: float = 0.0, switch_prob: float = 0.5):
         for flag, value in (("--mixup", alpha), ("--cutmix", cutmix)):
             if value < 0:
-                raise ValueError(f"{flag} alpha must be >= 0 (0 disables), got {value}")
+                raise UserError(f"{flag} alpha must be >= 0 (0 disables), got {value}")
         if not 0.0 <= switch_prob <= 1.0:
-            raise ValueError(f"switch_prob must be in [0, 1], got {switch_prob}")
+            raise UserError(f"switch_prob must be in [0, 1], got {switch_prob}")
         self.alpha = alpha
         self.cutmix = cutmix
         self.num_classes = num_classes

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .cli import UserError
+
 
 def parameter_groups(model: nn.Module, weight_decay: float, bn_weight_decay: bool = False) -> list[dict]:
     """The reference's groups: parameters named like "*bn*" first with weight decay 0, then the rest.
@@ -28,10 +30,10 @@ def build_optimizer(model: nn.Module, *, optimizer: str, lr: float, momentum: fl
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
     if optimizer == "rmsprop":
         if nesterov:
-            raise ValueError("--nesterov applies to --optimizer sgd only")
+            raise UserError("--nesterov applies to --optimizer sgd only")
         return torch.optim.RMSprop(groups, lr=lr, alpha=rmsprop_alpha, eps=rmsprop_eps, momentum=momentum,
                                    weight_decay=weight_decay)
-    raise ValueError(f"--optimizer must be sgd or rmsprop, got {optimizer!r}")
+    raise UserError(f"--optimizer must be sgd or rmsprop, got {optimizer!r}")
 
 
 def optimizer_from_args(model: nn.Module, args) -> torch.optim.Optimizer:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from .cli import UserError
 from .data.loader import MAGNITUDE_BINS
 
 RANDAUG_MAX_MAGNITUDE = MAGNITUDE_BINS - 1  # the scale both data backends use (0..30)
@@ -48,9 +49,9 @@ class ProgressiveSchedule:
 
     def __post_init__(self):
         if self.n_stages < 1:
-            raise ValueError(f"--n-stages must be at least 1, got {self.n_stages}")
+            raise UserError(f"--n-stages must be at least 1, got {self.n_stages}")
         if self.n_stages > self.epochs:
-            raise ValueError(f"--n-stages {self.n_stages} is more than --epochs {self.epochs}: every stage needs "
+            raise UserError(f"--n-stages {self.n_stages} is more than --epochs {self.epochs}: every stage needs "
                              "at least one epoch")
         checks = [("--image-size", self.image_size, "size"), ("--mixup", self.mixup, "alpha"),
                   ("--cutmix", self.cutmix, "alpha"), ("--randaug-magnitude", self.randaug_magnitude, "magnitude")]
@@ -60,11 +61,11 @@ class ProgressiveSchedule:
                        ("--base-randaug-magnitude", self.base_randaug_magnitude, "magnitude")]
         for flag, value, kind in checks:
             if kind == "size" and value < 1:
-                raise ValueError(f"{flag} must be positive, got {value}")
+                raise UserError(f"{flag} must be positive, got {value}")
             if kind == "alpha" and value < 0:
-                raise ValueError(f"{flag} alpha must be >= 0 (0 disables), got {value}")
+                raise UserError(f"{flag} alpha must be >= 0 (0 disables), got {value}")
             if kind == "magnitude" and not 0 <= value <= RANDAUG_MAX_MAGNITUDE:
-                raise ValueError(f"{flag} must be between 0 and {RANDAUG_MAX_MAGNITUDE}, got {value}")
+                raise UserError(f"{flag} must be between 0 and {RANDAUG_MAX_MAGNITUDE}, got {value}")
 
     def stage_of(self, epoch: int) -> int:
         """Index of the stage that `epoch` (0-based) belongs to."""

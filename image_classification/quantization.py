@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .cli import Number, UserError
 from .models.quantized import CALIBRATORS, QuantEfficientNet, modelopt_quantization, quant_config, quantizers, \
     require_ranges
 
@@ -50,11 +51,11 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int = 10, calibr
     and the calibrated b0 drops to chance (bench/qat_accuracy.py), and entropy takes minutes on a CPU.
     """
     if calibrator not in CALIBRATORS:
-        raise ValueError(f"unknown --calibrator {calibrator!r}; choose from {', '.join(CALIBRATORS)}")
+        raise UserError(f"unknown --calibrator {calibrator!r}; choose from {', '.join(CALIBRATORS)}")
     if num_batches < 1:
-        raise ValueError(f"--calibration-batches must be at least 1, got {num_batches}")
+        raise UserError(f"--calibration-batches must be at least 1, got {num_batches}")
     if not 0.0 < percentile <= 100.0:
-        raise ValueError(f"--calibration-percentile must be in (0, 100], got {percentile}")
+        raise UserError(f"--calibration-percentile must be in (0, 100], got {percentile}")
     mtq = modelopt_quantization()
     # Re-applying the placement with this run's calibrator type also drops ranges of an earlier calibration.
     mtq.set_quantizer_by_cfg(model, quant_config(calibrator)["quant_cfg"])
@@ -97,7 +98,7 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int = 10, calibr
             quantizer.disable_calib()
         model.train(was_training)
     if stats["batches"] == 0:
-        raise ValueError("calibration saw no data: the training loader is empty")
+        raise UserError("calibration saw no data: the training loader is empty")
     require_ranges(model, source="calibration")
     total = stats["data_time"] + stats["compute_time"]
     return {
@@ -112,13 +113,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group = parser.add_argument_group("quantization")
     group.add_argument("--skip-calibration", action="store_true",
                        help="do not calibrate: the weights (e.g. an NGC QAT file) already carry quantizer ranges")
-    group.add_argument("--calibration-batches", type=int, default=10, metavar="N",
+    group.add_argument("--calibration-batches", type=Number(int, low=1), default=10, metavar="N",
                        help="training batches used for calibration (default: %(default)s)")
     group.add_argument("--calibrator", default="histogram", choices=CALIBRATORS,
                        help="how input ranges are chosen: histogram (the reference: 99.99th percentile of a "
                             "histogram of |x|), percentile (the same at --calibration-percentile) or max "
                             "(default: %(default)s)")
-    group.add_argument("--calibration-percentile", type=float, default=DEFAULT_PERCENTILE, metavar="P",
+    group.add_argument("--calibration-percentile", type=Number(float, low=0, high=100, low_open=True),
+                       default=DEFAULT_PERCENTILE, metavar="P",
                        help="with --calibrator percentile: percentile of |x| taken as the range "
                             "(default: %(default)s)")
     return parser
@@ -132,7 +134,7 @@ def calibration_hook(args: argparse.Namespace, model: nn.Module, train_loader: I
     --skip-calibration take them from the loaded weights.
     """
     if not is_quantized(model):
-        raise ValueError(f"quant_main.py trains efficientnet-quant-* models; --arch {args.arch} is a float model "
+        raise UserError(f"quant_main.py trains efficientnet-quant-* models; --arch {args.arch} is a float model "
                          f"(use main.py)")
     if getattr(args, "resume", None):
         return model
@@ -157,7 +159,7 @@ def export_onnx_quantized(model: nn.Module, output: str | Path, *, image_size: i
     `dynamo=False`; per-channel Q/DQ needs opset 13 or later.
     """
     if opset < 13:
-        raise ValueError(f"INT8 Q/DQ export needs opset 13 or later (per-channel scales), got {opset}")
+        raise UserError(f"INT8 Q/DQ export needs opset 13 or later (per-channel scales), got {opset}")
     require_ranges(model, source="export")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -12,11 +12,15 @@ Throughput is val.total_ips (all processes), latencies are per-batch compute lat
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from image_classification.cli import ArgumentParser, error_message, print_error  # noqa: E402  (run as a script)
+
+PROG = "inference_table.py"
 
 COLUMNS = ("Batch Size", "Throughput Avg", "Latency Avg", "Latency 90%", "Latency 95%", "Latency 99%")
 LATENCIES = ("compute_latency", "compute_latency_at90", "compute_latency_at95", "compute_latency_at99")
@@ -80,16 +84,15 @@ def markdown_table(rows: list[dict[str, float]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("reports", nargs="+", type=Path, metavar="RAPORT", help="raport_<bs>.json files")
     parser.add_argument("--prefix", default="val", choices=("val", "val_ema"),
                         help="which evaluation's metrics (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
         rows = [inference_row(path, args.prefix) for path in args.reports]
-    except (ValueError, OSError) as err:  # ReportError, or a file that is not UTF-8 text
-        print(f"inference_table.py: error: {err}", file=sys.stderr)
-        return 1
+    except (ValueError, OSError) as err:  # ReportError, or a file that is missing or not UTF-8 text
+        return print_error(PROG, error_message(err))
     print(markdown_table(rows))
     return 0
 

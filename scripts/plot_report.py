@@ -6,10 +6,14 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from image_classification.cli import ArgumentParser  # noqa: E402  (the project root, when run as a script)
+
+PROG = "plot_report.py"
 
 
 def read_epochs(path: Path) -> dict[int, dict[str, float]]:
@@ -21,7 +25,7 @@ def read_epochs(path: Path) -> dict[int, dict[str, float]]:
         try:
             record = json.loads(line[5:])
         except json.JSONDecodeError:
-            raise SystemExit(f"{path}:{number}: not a JSON record") from None
+            raise SystemExit(f"{PROG}: error: {path}:{number}: not a JSON record") from None
         step = record.get("step")
         if record.get("type") == "LOG" and isinstance(step, list) and len(step) == 1:
             epochs.setdefault(step[0], {}).update(record["data"])
@@ -57,15 +61,15 @@ def plot(epochs: dict[int, dict[str, float]], output: Path, title: str = "") -> 
 
 
 def main(argv: list[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("report", type=Path, help="the --raport-file of a run")
     p.add_argument("--output", "-o", type=Path, default=None, help="PNG to write (default: the report's name, .png)")
     args = p.parse_args(argv)
     if not args.report.is_file():
-        raise SystemExit(f"plot_report.py: error: {args.report}: no such file")
+        raise SystemExit(f"{PROG}: error: {args.report}: no such file")
     epochs = read_epochs(args.report)
     if not epochs:
-        raise SystemExit(f"plot_report.py: error: {args.report}: no epoch records (was the run trained?)")
+        raise SystemExit(f"{PROG}: error: {args.report}: no epoch records (was the run trained?)")
     output = args.output or args.report.with_suffix(".png")
     plot(epochs, output, title=str(args.report))
     print(output)

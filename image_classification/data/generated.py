@@ -11,7 +11,6 @@ The same arguments always write byte-identical files.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import math
 import sys
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ..cli import ArgumentParser, error_message, print_error
 
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
 TEXTURES = ("stripes", "checker", "dots", "waves")
@@ -170,7 +171,7 @@ def generate_dataset(root: str | Path, num_classes: int = DEFAULT_CLASSES,
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: write the dataset and print where it went."""
-    p = argparse.ArgumentParser(prog="python -m image_classification.data.generated",
+    p = ArgumentParser(prog="python -m image_classification.data.generated",
                                 description="Write a procedurally drawn ImageNet-layout dataset "
                                             f"(classes: {', '.join(CLASS_NAMES)}).")
     p.add_argument("--output", required=True, type=Path, help="dataset folder to write (train/ and val/)")
@@ -187,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         root = generate_dataset(args.output, args.classes, args.train_per_class, args.val_per_class,
                                 args.image_size, args.seed)
     except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return print_error(p.prog, error_message(err))
     total = args.classes * (args.train_per_class + args.val_per_class)
     print(f"wrote {total} images of {args.classes} classes to {root}")
     return 0

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+from ..cli import UserError
 from .efficientnet import EfficientNet, EfficientNetArch, efficientnet_specs
 from .entrypoints import EntryPoint
 from .quantized import quantized_specs
@@ -28,7 +29,7 @@ def available_models() -> dict[str, EntryPoint]:
 def get_entry(arch: str) -> EntryPoint:
     """The entry point of `arch`, or a ValueError listing the valid names."""
     if arch not in _REGISTRY:
-        raise ValueError(f"unknown --arch {arch!r}; available: {', '.join(sorted(_REGISTRY))}")
+        raise UserError(f"unknown --arch {arch!r}; available: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[arch]
 
 

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cli import UserError
+
 
 @dataclass(frozen=True)
 class LayerConfig:
@@ -23,7 +25,7 @@ class LayerBuilder:
 
     def __init__(self, config: LayerConfig):
         if config.conv_init not in ("fan_in", "fan_out"):
-            raise ValueError(f"--conv_init must be fan_in or fan_out, got {config.conv_init!r}")
+            raise UserError(f"--conv_init must be fan_in or fan_out, got {config.conv_init!r}")
         self.config = config
 
     def conv(self, kernel_size: int, in_channels: int, out_channels: int, stride: int = 1,

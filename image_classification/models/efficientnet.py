@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from ..cli import Number, UserError
 
 from .common import (LayerBuilder, LayerConfig, SqueezeExcitation, depthwise_conv_bn_act, make_divisible,
                      stochastic_depth)
@@ -182,17 +183,19 @@ class EfficientNetParams:
     def parser(self, name: str) -> argparse.ArgumentParser:
         """Argparse parser of the model flags, with the reference's underscored names."""
         p = argparse.ArgumentParser(description=f"{name} arguments", add_help=False, usage=argparse.SUPPRESS)
-        p.add_argument("--num_classes", "--num-classes", dest="num_classes", type=int, default=self.num_classes,
-                       metavar="N", help="number of output classes (default: %(default)s)")
+        p.add_argument("--num_classes", "--num-classes", dest="num_classes", type=Number(int, low=1),
+                       default=self.num_classes, metavar="N", help="number of output classes (default: %(default)s)")
         p.add_argument("--conv_init", default=self.conv_init, choices=("fan_in", "fan_out"),
                        help="kaiming_normal mode of the conv initialisation (default: %(default)s)")
-        p.add_argument("--bn_momentum", type=float, default=self.bn_momentum, metavar="M",
+        p.add_argument("--bn_momentum", type=Number(float, low=0, high=1), default=self.bn_momentum, metavar="M",
                        help="BatchNorm momentum, PyTorch convention (default: %(default)s)")
-        p.add_argument("--bn_epsilon", type=float, default=self.bn_epsilon, metavar="E",
+        p.add_argument("--bn_epsilon", type=Number(float, low=0, low_open=True), default=self.bn_epsilon, metavar="E",
                        help="BatchNorm epsilon (default: %(default)s)")
-        p.add_argument("--survival_prob", type=float, default=self.survival_prob, metavar="P",
+        p.add_argument("--survival_prob", type=Number(float, low=0, high=1, low_open=True),
+                       default=self.survival_prob, metavar="P",
                        help="stochastic depth survival probability of the last block (default: %(default)s)")
-        p.add_argument("--dropout", type=float, default=self.dropout, metavar="P",
+        p.add_argument("--dropout", type=Number(float, low=0, high=1, high_open=True), default=self.dropout,
+                       metavar="P",
                        help="dropout before the classifier (default: %(default)s)")
         p.add_argument("--trt", type=str2bool, nargs="?", const=True, default=self.trt, metavar="True|False",
                        help="TensorRT-friendly squeeze-excitation with 1x1 convs (default: %(default)s)")
@@ -256,9 +259,9 @@ class EfficientNet(nn.Module):
                  conv_init: str = "fan_in", bn_momentum: float = 0.01, bn_epsilon: float = 1e-3, trt: bool = False):
         super().__init__()
         if num_classes < 1:
-            raise ValueError(f"--num_classes must be positive, got {num_classes}")
+            raise UserError(f"--num_classes must be positive, got {num_classes}")
         if not 0.0 < survival_prob <= 1.0:
-            raise ValueError(f"--survival_prob must be in (0, 1], got {survival_prob}")
+            raise UserError(f"--survival_prob must be in (0, 1], got {survival_prob}")
         self.arch = arch
         builder = LayerBuilder(LayerConfig(conv_init=conv_init, bn_momentum=bn_momentum, bn_epsilon=bn_epsilon))
         self.stem = builder.conv(3, 3, arch.stem_channels, stride=2)

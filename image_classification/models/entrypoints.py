@@ -6,6 +6,7 @@ from dataclasses import asdict
 
 from torch import nn
 
+from ..cli import UserError
 from .efficientnet import ModelSpec
 from .weights import load_pretrained, load_weights
 
@@ -40,10 +41,10 @@ class EntryPoint:
         params.update(model_params)
         model = self.spec.build(self.spec.arch, **params)
         if pretrained and pretrained_from_file:
-            raise ValueError("give either --pretrained or --pretrained-from-file, not both")
+            raise UserError("give either --pretrained or --pretrained-from-file, not both")
         if pretrained:
             if self.pretrained_url is None:
-                raise ValueError(f"{self.name} has no published NGC weights; use --pretrained-from-file")
+                raise UserError(f"{self.name} has no published NGC weights; use --pretrained-from-file")
             load_pretrained(model, self.pretrained_url, reset_classifier=reset_classifier)
         elif pretrained_from_file:
             load_weights(model, pretrained_from_file, reset_classifier=reset_classifier)

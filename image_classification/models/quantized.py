@@ -23,6 +23,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ..cli import UserError
 from .common import SqueezeExcitation, stochastic_depth
 from .efficientnet import EFFICIENTNET_B0, NGC, SCALING, EfficientNet, EfficientNetArch, EfficientNetParams, \
     MBConvBlock, ModelSpec
@@ -51,7 +52,7 @@ def quant_config(calibrator: str = "histogram") -> dict:
     no calibration algorithm: building a model only places quantizers, calibration is a separate step.
     """
     if calibrator not in CALIBRATORS:
-        raise ValueError(f"unknown calibrator {calibrator!r}; choose from {', '.join(CALIBRATORS)}")
+        raise UserError(f"unknown calibrator {calibrator!r}; choose from {', '.join(CALIBRATORS)}")
     activation = {**_INPUT, "calibrator": "max" if calibrator == "max" else "histogram"}
     # Deny all first: Model Optimizer also wraps BatchNorm and pooling layers, which the reference left float.
     entries: list[dict] = [{"quantizer_name": "*", "enable": False}]
@@ -149,7 +150,7 @@ class QuantEfficientNet(EfficientNet):
     def __init__(self, arch: EfficientNetArch, dropout: float, survival_prob: float = 1.0, num_classes: int = 1000,
                  conv_init: str = "fan_in", bn_momentum: float = 0.01, bn_epsilon: float = 1e-3, trt: bool = True):
         if not trt:
-            raise ValueError("quantized EfficientNets always use the TensorRT form of squeeze-excitation; "
+            raise UserError("quantized EfficientNets always use the TensorRT form of squeeze-excitation; "
                              "--trt False is not available for efficientnet-quant-*")
         super().__init__(arch, dropout, survival_prob, num_classes, conv_init, bn_momentum, bn_epsilon, trt=True)
         mtq = modelopt_quantization()
