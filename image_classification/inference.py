@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from torch import nn
 
+from .cli import EXIT_ERROR, USER_ERRORS, ArgumentParser, Number, UserError, error_message, print_error
 from .context import ExecutionContext, create_context
 from .data.loader import Normalizer
 from .data.pytorch_backend import load_rgb, val_transform
@@ -30,7 +31,7 @@ TOPK = 5
 IMAGENET_CLASSES = 1000
 
 
-class ImageError(ValueError):
+class ImageError(UserError):
     """An --image that cannot be read as a picture; the message names the file."""
 
 
@@ -45,7 +46,7 @@ def read_class_names(path: str | Path) -> list[str]:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as err:
-        raise ValueError(f"--class-names {path}: cannot read ({err.strerror or err})") from None
+        raise UserError(f"--class-names {path}: cannot read ({err.strerror or err})") from None
     names = [line.strip() for line in lines]
     while names and not names[-1]:
         names.pop()
@@ -57,7 +58,7 @@ def class_names(num_classes: int, names_file: str | Path | None = None) -> list[
     if names_file is not None:
         names = read_class_names(names_file)
         if len(names) != num_classes:
-            raise ValueError(f"--class-names {names_file} lists {len(names)} classes, the model has {num_classes} "
+            raise UserError(f"--class-names {names_file} lists {len(names)} classes, the model has {num_classes} "
                              "(--num_classes)")
         return names
     if num_classes == IMAGENET_CLASSES:
@@ -66,7 +67,11 @@ def class_names(num_classes: int, names_file: str | Path | None = None) -> list[
 
 
 def load_image(path: str | Path, image_size: int, interpolation: str = "bilinear") -> torch.Tensor:
-    """uint8 [3,S,S] of an image file: short side to S+32, centre crop S (the validation geometry)."""
+    """uint8 [3,S,S] of an image file: short side to S+32, centre crop S (the validation geometry).
+
+    Decoded as the pytorch data backend decodes (16-bit grayscale scaled to 8 bits); a file that cannot be
+    used, decompression bombs included, raises ImageError naming it.
+    """
     path = Path(path)
     if not path.exists():
         raise ImageError(f"{path}: no such file")
@@ -76,6 +81,8 @@ def load_image(path: str | Path, image_size: int, interpolation: str = "bilinear
         image = load_rgb(str(path))
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image (unrecognised format)") from None
+    except Image.DecompressionBombError as err:  # Pillow refuses over 2 x Image.MAX_IMAGE_PIXELS at open
+        raise ImageError(f"{path}: too large to decode ({err})") from None
     except (OSError, ValueError, SyntaxError) as err:  # truncated or corrupt files surface as these from Pillow
         raise ImageError(f"{path}: cannot decode ({err})") from None
     return val_transform(image_size, interpolation)(image)
@@ -134,7 +141,7 @@ class Classifier:
 
 def build_parser() -> argparse.ArgumentParser:
     """classify.py's own flags (the reference's, plus several --image paths, --class-names, --interpolation)."""
-    p = argparse.ArgumentParser(prog=PROG, add_help=False, allow_abbrev=False,
+    p = ArgumentParser(prog=PROG, add_help=False, allow_abbrev=False,
                                 description="Top-5 classes of images (the arch's model flags are accepted too).",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-h", "--help", action="store_true", help="show this help (and the model flags) and exit")
@@ -142,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model architecture, one of: " + ", ".join(sorted(available_models())))
     p.add_argument("--image", action="extend", nargs="+", default=[], metavar="PATH",
                    help="image file(s) to classify; repeat the flag or list several paths")
-    p.add_argument("--image-size", type=int, default=None, metavar="N",
+    p.add_argument("--image-size", type=Number(int, low=1), default=None, metavar="N",
                    help="input size (default: the arch's evaluation size, e.g. 224 for b0, 384 for efficientnet-v2-s; "
                         "the reference always used 224)")
     p.add_argument("--interpolation", default="bilinear", choices=("bilinear", "bicubic", "triangular"),
@@ -180,8 +187,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if not args.image:
         parser.error("give at least one --image PATH")
-    if args.image_size is not None and args.image_size < 1:
-        parser.error(f"--image-size must be positive, got {args.image_size}")
     return args
 
 
@@ -215,16 +220,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         classifier = build_classifier(args)
     except WeightsError as err:
-        print(f"{PROG}: error: {weights_error_line(err, args.arch)}", file=sys.stderr)
-        return 1
-    except ValueError as err:  # e.g. a --class-names file that does not match --num_classes
-        print(f"{PROG}: error: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 1
+        return print_error(PROG, weights_error_line(err, args.arch))
+    except USER_ERRORS as err:  # e.g. a --class-names file that does not match --num_classes
+        return print_error(PROG, error_message(err).splitlines()[0])
     failed = 0
     for result in classifier.predict_all(args.image):
         if isinstance(result, ImageError):
             failed += 1
-            print(f"{PROG}: error: {result}", file=sys.stderr)
+            print_error(PROG, str(result))
         else:
             print(result.format(), flush=True)
-    return 1 if failed else 0
+    return EXIT_ERROR if failed else 0

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import re
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ from PIL import Image
 
 from image_classification.context import create_context
 from image_classification.data import build_val_loader
-from image_classification.inference import class_names, imagenet_class_names, main
+from image_classification.inference import ImageError, class_names, imagenet_class_names, load_image, main
 from image_classification.models import efficientnet_b0, efficientnet_widese_b0, get_entry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -167,3 +169,49 @@ def test_efficientnet_v2_s_classifies(files, capsys):
     assert code == 0, err
     [block] = _blocks(out)
     assert block[0] == str(files / "gray.jpg") and all(LINE.match(line) for line in block[1:]) and len(block) == 6
+
+
+def _bomb_png(path: Path) -> Path:
+    """A tiny PNG whose header claims 30000x30000 pixels (Pillow refuses it; nothing large is allocated)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 30001))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_decompression_bomb_is_one_error_line_and_the_others_still_run(files, capsys):
+    bomb = _bomb_png(files / "bomb.png")
+    with pytest.raises(ImageError, match=f"^{re.escape(str(bomb))}: too large to decode .*pixels"):
+        load_image(bomb, SIZE)
+    good = str(files / "gray.jpg")
+    code, out, err = _run(capsys, ["--arch", "efficientnet-b0", "--image", str(bomb), good, "--image-size", str(SIZE),
+                                   "--precision", "FP32", "--cpu"])
+    assert code == 1
+    assert out.splitlines()[0] == good and len(out.splitlines()) == 6
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"classify.py: error: {bomb}: too large to decode")
+
+
+def test_16bit_grayscale_is_scaled_to_8bit(tmp_path):
+    # 48 px is S + 32 for S = 16: no resize, the centre crop starts at 16.
+    values = (np.arange(48 * 48, dtype=np.int64) * 65535 // (48 * 48 - 1)).reshape(48, 48)
+    Image.fromarray(values.astype(np.uint16)).save(tmp_path / "ramp16.png")
+    image = load_image(tmp_path / "ramp16.png", 16)
+    expected = np.round(values[16:32, 16:32] / 257)
+    assert image.dtype == torch.uint8 and image.shape == (3, 16, 16)
+    assert np.abs(image.numpy().astype(np.float64) - expected[None]).max() <= 1
+
+
+def test_weights_with_nan_are_refused_naming_file_and_tensor(files, tmp_path, capsys):
+    # What a diverged run writes (the reference's QAT lines at toy scale printed "tiger shark: nan%").
+    state = torch.load(files / "b0_10.pth", weights_only=True)
+    state["classifier.fc.bias"][7] = float("nan")
+    weights = tmp_path / "nan.pth"
+    torch.save(state, weights)
+    code, out, err = _run(capsys, ["--arch", "efficientnet-b0", "--pretrained-from-file", str(weights),
+                                   "--num_classes", "10", "--image", str(files / "gray.jpg")])
+    assert code == 1 and out == ""
+    assert err.strip().splitlines() == [f"classify.py: error: {weights}: classifier.fc.bias holds NaN or infinite "
+                                        "values (the run that wrote these weights diverged); use an earlier checkpoint"]

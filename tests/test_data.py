@@ -1,9 +1,19 @@
-"""Data pipelines: batch format, transform geometry, backend agreement, sharding, resume order, bad input."""
+"""Data pipelines: batch format, transform geometry, backend agreement, sharding, exact resume, bad input,
+folder rules, 16-bit images."""
 from __future__ import annotations
 
+import itertools
 import logging
+import os
+import pickle
+import random
+import re
+import signal
+import struct
 import subprocess
 import sys
+import threading
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +23,7 @@ from PIL import Image
 
 from image_classification.context import ExecutionContext
 from image_classification.data import (BACKENDS, MEAN, STD, DataError, build_train_loader, build_val_loader)
-from image_classification.data.folder import shard_indices
+from image_classification.data.folder import scan_split, shard_indices
 from image_classification.data.generated import CLASS_NAMES, generate_dataset
 from image_classification.data.generated import main as generated_main
 
@@ -59,30 +69,39 @@ def gray(tmp_path_factory) -> Path:
     return root
 
 
+def bomb_png() -> bytes:
+    """A PNG of a few dozen bytes whose header claims 30000x30000 pixels: Pillow refuses it at open."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 30001))
+            + chunk(b"IEND", b""))
+
+
 @pytest.fixture(scope="session")
 def bad(tmp_path_factory) -> Path:
-    """Every kind of awkward input beside good images; the three unreadable files are listed in BAD."""
+    """Every kind of awkward input beside good images, 16 files per split; the unreadable ones are listed in BAD."""
     root = tmp_path_factory.mktemp("bad")
     for split in ("train", "val"):
         folder = root / split
-        for i in range(6):
+        for i in range(7):
             write_image(folder / "good" / f"{i}.jpg", (50 + i, 40), (30 * i, 90, 200))
         good_bytes = (folder / "good" / "0.jpg").read_bytes()
         (folder / "odd" / "truncated.jpg").parent.mkdir(parents=True)
         (folder / "odd" / "truncated.jpg").write_bytes(good_bytes[: len(good_bytes) // 2])
         (folder / "odd" / "zero.JPG").write_bytes(b"")
         (folder / "odd" / "text.jpeg").write_text("not an image at all\n")
+        (folder / "odd" / "bomb.png").write_bytes(bomb_png())
         (folder / "odd" / "notes.txt").write_text("ignored: not an image extension\n")
         write_image(folder / "odd" / "picture.png", (64, 48), (10, 200, 10))
         write_image(folder / "odd" / "gray.jpg", (50, 50), 100, mode="L")
         write_image(folder / "odd" / "cmyk.jpg", (50, 50), (0, 100, 200, 0), mode="CMYK")
         write_image(folder / "odd" / "huge.jpg", (3000, 2000), (250, 250, 0))
         write_image(folder / "odd" / "tiny.jpg", (1, 1), (0, 0, 250))
-        (folder / "empty").mkdir()
     return root
 
 
-BAD = {"truncated.jpg", "zero.JPG", "text.jpeg"}
+BAD = {"truncated.jpg", "zero.JPG", "text.jpeg", "bomb.png"}
 
 
 # --- batch format -----------------------------------------------------------------------------------------
@@ -224,23 +243,177 @@ def test_pytorch_batches_do_not_depend_on_worker_count(generated):
     assert all(torch.equal(a, b) and torch.equal(la, lb) for (a, la), (b, lb) in zip(*results))
 
 
+def stop_after(data_loader, number: int, taken: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Iterate epoch `number` as the training loop does and stop after `taken` batches; the generator is dropped."""
+    data_loader.set_epoch(number)
+    batches = []
+    for batch in itertools.islice(data_loader, len(data_loader)):
+        batches.append(batch)
+        if len(batches) == taken:
+            break
+    return batches
+
+
+def assert_same_batches(actual, expected):
+    assert len(actual) == len(expected)
+    for (images, labels), (want_images, want_labels) in zip(actual, expected):
+        assert torch.equal(labels, want_labels) and torch.equal(images, want_images)
+
+
+@pytest.mark.parametrize(("backend", "workers"), [("pytorch", 0), ("pytorch", 2), ("dali-cpu", 2)],
+                         ids=["pytorch-w0", "pytorch-w2", "dali-cpu"])
+@pytest.mark.parametrize("augmentation", [None, "autoaugment"])
+def test_resume_mid_epoch_continues_with_the_uninterrupted_batches(generated, tmp_path, backend, workers,
+                                                                  augmentation):
+    def build():
+        return loader("train", backend, generated, size=16, batch=4, workers=workers, augmentation=augmentation)
+
+    uninterrupted = build()
+    expected, expected_next = epoch(uninterrupted, 1), epoch(uninterrupted, 2)
+    uninterrupted.close()
+    interrupted = build()
+    taken = stop_after(interrupted, 1, 3)
+    torch.save(interrupted.state_dict(), tmp_path / "loader.pt")  # as in a checkpoint
+    interrupted.close()
+    resumed = build()  # as in a new process
+    resumed.load_state_dict(torch.load(tmp_path / "loader.pt", weights_only=True))
+    assert_same_batches(taken + epoch(resumed, 1, skip=3), expected)
+    assert_same_batches(epoch(resumed, 2), expected_next)
+    resumed.close()
+
+
+@pytest.fixture(scope="session")
+def flawed(tmp_path_factory) -> Path:
+    """14 generated images (so that random crops show) and 2 unreadable files per split."""
+    root = generate_dataset(tmp_path_factory.mktemp("flawed"), num_classes=2, train_per_class=7, val_per_class=7,
+                            image_size=48, seed=0)
+    for split in ("train", "val"):
+        folder = root / split / CLASS_NAMES[0]
+        data = (folder / f"{CLASS_NAMES[0]}_00000.jpg").read_bytes()
+        (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+        (folder / "text.jpg").write_text("not an image\n")
+    return root
+
+
+def test_dali_resume_is_exact_across_decode_failures(flawed):
+    # A truncated file makes DALI fail and the loader rebuild its pipeline; the resumed run must agree about
+    # where that happened (same epoch) and that it does not happen again (next epoch).
+    def build():
+        return loader("train", "dali-cpu", flawed, size=16, batch=2)
+
+    uninterrupted = build()
+    expected = epoch(uninterrupted, 1)
+    expected_count = uninterrupted.epoch_bad_files
+    expected_next = epoch(uninterrupted, 2)
+    for taken in (1, 3):  # resuming at the batch that fails in epoch 1 (batch 1), and after it
+        interrupted = build()
+        batches = stop_after(interrupted, 1, taken)
+        resumed = build()
+        resumed.load_state_dict(interrupted.state_dict())
+        assert_same_batches(batches + epoch(resumed, 1, skip=taken), expected)
+        assert resumed.epoch_bad_files == expected_count == 2  # the batches before the resume count too
+        assert_same_batches(epoch(resumed, 2), expected_next)
+
+
+def global_rng_states() -> tuple:
+    return torch.get_rng_state(), pickle.dumps(np.random.get_state()), random.getstate()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_pytorch_loader_leaves_the_global_random_generators_alone(generated, workers):
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    before = global_rng_states()
+    data = loader("train", "pytorch", generated, size=16, batch=4, workers=workers)
+    for number in (0, 1):  # a first and a second iterator (persistent workers are reset, not recreated)
+        data.set_epoch(number)
+        batches = iter(data)
+        for _ in range(3):
+            next(batches)
+    data.close()
+    after = global_rng_states()
+    assert torch.equal(after[0], before[0]) and after[1:] == before[1:]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_pytorch_workers_ignore_stop_signals_and_close_still_stops_them(generated, signum):
+    data = loader("train", "pytorch", generated, size=16, batch=4, workers=2)
+    expected = epoch(loader("train", "pytorch", generated, size=16, batch=4, workers=0), 0)
+    data.set_epoch(0)
+    batches = iter(data)
+    taken = [next(batches), next(batches)]  # one from each worker: both have started
+    workers = list(data.loader._iterator._workers)
+    for worker in workers:
+        os.kill(worker.pid, signum)  # as a scheduler signals the whole process group
+    assert_same_batches(taken + list(batches), expected)
+    closing = threading.Thread(target=data.close, daemon=True)
+    closing.start()
+    closing.join(timeout=60)
+    assert not closing.is_alive() and not any(worker.is_alive() for worker in workers)
+
+
 # --- bad input --------------------------------------------------------------------------------------------
 
+def warnings_naming(caplog, name: str) -> list[str]:
+    return [record.getMessage() for record in caplog.records if name in record.getMessage()]
+
+
 @pytest.mark.parametrize("backend", FILE_BACKENDS)
-@pytest.mark.parametrize("kind", ["train", "val"])
-def test_bad_files_are_replaced_warned_and_counted(bad, backend, kind, caplog):
-    data = loader(kind, backend, bad, size=24, batch=2)  # 14 files per split: every one is in an epoch
-    assert data.classes == ["empty", "good", "odd"]  # the empty folder still counts
+def test_training_replaces_unreadable_images_warns_once_and_counts_them(bad, backend, caplog):
+    data = loader("train", backend, bad, size=24, batch=2)  # 16 files: every one is in each epoch
+    assert data.classes == ["good", "odd"]
     with caplog.at_level(logging.WARNING):
         batches = epoch(data)
+        first_count = data.epoch_bad_files
         again = epoch(data)
-    assert len(batches) == len(again) == len(data) == 7
-    assert sum(len(labels) for _, labels in batches) == 14
+    assert len(batches) == len(again) == len(data) == 8
+    assert all(len(labels) == len(images) == 2 for images, labels in batches + again)  # full batches
     assert {Path(p).name for p in data.bad_files} == BAD
+    assert first_count == data.epoch_bad_files == len(BAD)  # per epoch, not cumulative
     for name in BAD:
-        assert sum(name in record.getMessage() for record in caplog.records) == 1  # once, naming the file
+        [message] = warnings_naming(caplog, name)  # once, naming the file
+        assert "replaced" in message
+    assert "pixels" in warnings_naming(caplog, "bomb.png")[0]  # refused for its size, not left to the decoder
     for images, labels in batches:
-        assert bool(torch.isfinite(images).all()) and set(labels.tolist()) <= {1, 2}
+        assert bool(torch.isfinite(images).all()) and set(labels.tolist()) <= {0, 1}
+
+
+@pytest.mark.parametrize("backend", FILE_BACKENDS)
+def test_validation_drops_unreadable_images(bad, backend, caplog):
+    data = loader("val", backend, bad, size=24, batch=2)
+    samples = scan_split(bad, "val", 10).samples
+    readable = [label for path, label in samples if Path(path).name not in BAD]
+    # The readable images of each batch of two, in dataset order; a batch without any is not yielded.
+    sizes = [sum(Path(path).name not in BAD for path, _ in samples[i:i + 2]) for i in range(0, len(samples), 2)]
+    with caplog.at_level(logging.WARNING):
+        batches = epoch(data)
+    assert len(data) == 8 and 0 in sizes
+    assert [len(labels) for _, labels in batches] == [size for size in sizes if size]
+    assert all(len(images) == len(labels) for images, labels in batches)
+    assert [label for _, labels in batches for label in labels.tolist()] == readable  # each readable image once
+    assert data.epoch_bad_files == len(BAD)
+    for name in BAD:
+        [message] = warnings_naming(caplog, name)
+        assert "left out" in message
+
+
+@pytest.mark.parametrize("backend", FILE_BACKENDS)
+def test_epoch_bad_files_counts_this_epoch_and_rank(bad, backend):
+    totals = 0
+    for rank in range(2):
+        val = loader("val", backend, bad, size=24, batch=2, ctx=ExecutionContext(rank=rank, world_size=2))
+        epoch(val)
+        totals += val.epoch_bad_files
+        val.set_epoch(1)
+        assert val.epoch_bad_files == 0  # reset by set_epoch
+    assert totals == len(BAD)  # the validation shards cover every file once
+    train = loader("train", backend, bad, size=24, batch=2)
+    order = shard_indices(16, epoch=3, seed=0, rank=0, world_size=1, shuffle=True, equal_shards=True)
+    samples = scan_split(bad, "train", 10).samples
+    epoch(train, 3, skip=5)
+    assert train.epoch_bad_files == sum(Path(samples[i][0]).name in BAD for i in order[10:])
+    synthetic = build_train_loader("synthetic", None, image_size=8, batch_size=2, ctx=CPU, num_classes=3, seed=0)
+    epoch(synthetic)
+    assert synthetic.epoch_bad_files == 0 and synthetic.bad_files == []
 
 
 @pytest.mark.parametrize("backend", FILE_BACKENDS)
@@ -274,8 +447,65 @@ def test_unknown_choices_name_the_flag(generated):
 
 
 def test_dali_gpu_without_a_gpu_says_to_use_dali_cpu(generated):
-    with pytest.raises(RuntimeError, match="dali-gpu needs a CUDA GPU.*dali-cpu"):
+    with pytest.raises(ValueError, match="dali-gpu needs a CUDA GPU.*dali-cpu"):
         loader("train", "dali-gpu", generated)
+
+
+# --- folder layout ----------------------------------------------------------------------------------------
+
+def test_folder_scan_follows_imagefolder(tmp_path):
+    from torchvision.datasets import ImageFolder
+    root, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    train = root / "train"
+    for name in ["cat/b.png", "cat/a.JPG", "cat/sub/deeper/c.png", "cat/sub-2/d.png", "cat/sub/e.webp"]:
+        write_image(train / name, (8, 8))
+    (train / "cat" / "notes.txt").write_text("not an image\n")
+    for name in ["dogs/f.png", "dogs/x/g.png", "more/h.png"]:
+        write_image(elsewhere / name, (8, 8))
+    (train / "dog").symlink_to(elsewhere / "dogs", target_is_directory=True)  # a linked class folder
+    (train / "cat" / "linked").symlink_to(elsewhere / "more", target_is_directory=True)  # a linked subfolder
+    write_image(root / "val" / "cat" / "v.png", (8, 8))
+    reference = ImageFolder(str(train))
+    index = scan_split(root, "train", 10)
+    assert index.classes == reference.classes == ["cat", "dog"]
+    assert index.samples == reference.samples and len(index.samples) == 8
+    # A symlink back to a folder above it would make os.walk descend until the path is too long.
+    (train / "cat" / "sub" / "loop").symlink_to(train / "cat", target_is_directory=True)
+    assert scan_split(root, "train", 10).samples == reference.samples
+
+
+def test_class_folders_without_images_are_an_error_naming_them(tmp_path):
+    write_image(tmp_path / "train" / "a" / "0.png", (8, 8))
+    (tmp_path / "train" / "b").mkdir()
+    (tmp_path / "train" / "c" / "sub").mkdir(parents=True)
+    (tmp_path / "train" / "c" / "notes.txt").write_text("not an image\n")
+    write_image(tmp_path / "val" / "a" / "0.png", (8, 8))
+    write_image(tmp_path / "val" / "d" / "0.png", (8, 8))
+    split = re.escape(str(tmp_path / "train"))
+    with pytest.raises(DataError, match=f"^{split} has class folders without images: b, c "):
+        scan_split(tmp_path, "train", 10)
+    # A class that one split lacks altogether is fine: classes are the union of both splits' folders.
+    assert scan_split(tmp_path, "val", 10).classes == ["a", "b", "c", "d"]
+
+
+# --- 16-bit images ----------------------------------------------------------------------------------------
+
+def gray16(path: Path, side: int) -> np.ndarray:
+    """A 16-bit grayscale PNG ramp over the whole 0..65535 range; returns its expected 8-bit values."""
+    values = (np.arange(side * side, dtype=np.int64) * 65535 // (side * side - 1)).reshape(side, side)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(values.astype(np.uint16)).save(path)
+    assert Image.open(path).mode == "I;16"
+    return np.round(values / 257)
+
+
+@pytest.mark.parametrize("backend", FILE_BACKENDS)
+def test_16bit_images_are_scaled_to_8bit_not_clipped(tmp_path, backend):
+    expected = gray16(tmp_path / "val" / "c" / "ramp.png", 48)
+    # Validation at 16 px: 48 px is already S + 32, so no resize; the centre crop starts at 16.
+    images, _ = epoch(loader("val", backend, tmp_path, size=16, batch=1))[0]
+    pixels = (images[0] * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)).numpy()
+    assert np.abs(pixels - expected[None, 16:32, 16:32]).max() <= 1.01
 
 
 # --- generated dataset and bench --------------------------------------------------------------------------

@@ -8,14 +8,20 @@
 
 Backends: pytorch (torchvision transforms in DataLoader workers), dali-cpu and dali-gpu (NVIDIA DALI,
 CPU or nvJPEG decoding), synthetic (one random batch, no I/O). All file-based backends read
-`<data>/train/<class>/*` and `<data>/val/<class>/*`, number the classes the same way, shard by rank and
-order each epoch by (seed, epoch) identically; unreadable images are replaced, warned about and counted
-in `loader.bad_files`; an unusable folder raises DataError naming it.
+`<data>/train/<class>/**` and `<data>/val/<class>/**` by torchvision ImageFolder's rules (images at any
+depth, symlinks followed, an empty class folder is an error), number the classes the same way, shard by
+rank and order each epoch by (seed, epoch) identically; 16-bit grayscale images are scaled to 8 bits.
+Unreadable images (corrupt, empty, decompression bombs) are warned about once, naming the file, and
+counted per epoch in `loader.epoch_bad_files`: training replaces each by the next readable image (full
+batches), validation leaves it out (a shorter batch; every readable image scored once). An unusable
+folder raises DataError naming it. `loader.state_dict()` / `load_state_dict()` make a mid-epoch resume
+give exactly the batches of the uninterrupted run (see Loader).
 """
 from __future__ import annotations
 
 import os
 
+from ..cli import UserError
 from ..context import ExecutionContext
 from .folder import IMG_EXTENSIONS, DataError, ImageFolderIndex, dataset_classes, scan_split
 from .loader import MAGNITUDE_BINS, MEAN, STD, Loader
@@ -30,21 +36,21 @@ __all__ = ["AUGMENTATIONS", "BACKENDS", "IMG_EXTENSIONS", "INTERPOLATIONS", "MAG
 
 def _check_choices(backend: str, interpolation: str, augmentation: str | None = None) -> None:
     if backend not in BACKENDS:
-        raise ValueError(f"--data-backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        raise UserError(f"--data-backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
+        raise UserError(f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
     if augmentation not in AUGMENTATIONS:
         names = ", ".join(a for a in AUGMENTATIONS if a is not None)
-        raise ValueError(f"--augmentation must be None (no policy) or one of {names}, got {augmentation!r}")
+        raise UserError(f"--augmentation must be None (no policy) or one of {names}, got {augmentation!r}")
 
 
 def _check_sizes(image_size: int, batch_size: int, workers: int) -> None:
     if image_size < 1:
-        raise ValueError(f"--image-size must be positive, got {image_size}")
+        raise UserError(f"--image-size must be positive, got {image_size}")
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be positive, got {batch_size}")
+        raise UserError(f"--batch-size must be positive, got {batch_size}")
     if workers < 0:
-        raise ValueError(f"--workers must be >= 0, got {workers}")
+        raise UserError(f"--workers must be >= 0, got {workers}")
 
 
 def _resolve_seed(seed: int | None) -> int:
@@ -75,7 +81,7 @@ def build_train_loader(backend: str, data_dir: str | None, *, image_size: int, b
     _check_choices(backend, interpolation, augmentation)
     _check_sizes(image_size, batch_size, workers)
     if not 0 <= randaug_magnitude < MAGNITUDE_BINS:
-        raise ValueError(f"--randaug-magnitude must be between 0 and {MAGNITUDE_BINS - 1}, got {randaug_magnitude}")
+        raise UserError(f"--randaug-magnitude must be between 0 and {MAGNITUDE_BINS - 1}, got {randaug_magnitude}")
     seed = _resolve_seed(seed)
     if backend == "synthetic":
         from .synthetic import SyntheticLoader

@@ -4,27 +4,37 @@ Instead of letting fn.readers.file shuffle, the loader computes each epoch's sha
 order as the pytorch backend, see folder.shard_indices) and feeds the encoded files batch by batch
 through fn.external_source. That makes the data order an exact function of (seed, epoch, rank) and lets
 `skip_batches` start mid-epoch on exactly the right files. DALI's own random draws (crop window, flip,
-augmentation policy) come from the pipeline seed, which is derived from (seed, epoch, rank, first batch);
-an epoch started from its beginning is therefore reproduced exactly, while an epoch resumed mid-way sees
-the same images in the same batches but different random crops than the uninterrupted run would have.
+augmentation policy) come from the pipeline seed, derived from (seed, epoch, rank, first batch), so an
+epoch started from its beginning is reproduced exactly. A training epoch resumed mid-way is exact too:
+training pipelines run with DALI checkpointing on, `state_dict()` saves the live pipeline's checkpoint
+(its random generators' states after the last batch handed out, a few KiB) and the resumed loader
+rebuilds the pipeline from it, so the batches after a resume equal the uninterrupted run's bit for bit.
 
-Unreadable files: a file that is empty or does not start with the signature of a format DALI decodes is
-replaced before it reaches DALI, at no extra I/O since we read the bytes anyway. A file that passes that
-check but fails to decode (truncated or corrupt data) makes the pipeline raise; the loader then probes the
-batch's files one by one with a one-image DALI decoder, records the failing ones, and rebuilds the
-pipeline from that batch on. Replacements follow the pytorch backend's rule (the next readable file in
-dataset order, with its label), so both backends give the same batches' files and labels.
+Unreadable files: a file that is empty, does not start with the signature of a format DALI decodes, or
+whose header claims more pixels than Pillow would decode (a decompression bomb: over 2 x
+PIL.Image.MAX_IMAGE_PIXELS) never reaches DALI, at no extra I/O since we read the bytes anyway. A file
+that passes those checks but fails to decode (truncated or corrupt data) makes the pipeline raise; the
+loader then probes the batch's files one by one with a one-image DALI decoder, records the failing ones,
+and rebuilds the pipeline from that batch on. Training replaces an unreadable file by the next readable
+file in dataset order (with its label) and validation drops it, as the pytorch backend does, so both
+backends give the same batches' files and labels.
+
+16-bit PNGs: DALI's decoder scales them to 8 bits as round(v / 257), which the pytorch backend matches.
 """
 from __future__ import annotations
 
+import io
 import logging
+import warnings
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
+from PIL import Image
 
+from ..cli import UserError
 from ..context import ExecutionContext
-from .folder import DataError, ImageFolderIndex, epoch_seed, shard_indices, shard_size
+from .folder import DROPPED, REPLACED, DataError, ImageFolderIndex, epoch_seed, shard_indices, shard_size
 from .loader import MAGNITUDE_BINS, MEAN, STD, Batch, Loader
 
 log = logging.getLogger(__name__)
@@ -49,7 +59,7 @@ def interp_type(name: str):
     _, types, _ = dali_modules()
     modes = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC, "triangular": types.INTERP_TRIANGULAR}
     if name not in modes:
-        raise ValueError(f"--interpolation must be one of {', '.join(modes)}, got {name!r}")
+        raise UserError(f"--interpolation must be one of {', '.join(modes)}, got {name!r}")
     return modes[name]
 
 
@@ -58,6 +68,67 @@ def looks_like_image(data: bytes) -> bool:
     if not data.startswith(SIGNATURES):
         return False
     return not data.startswith(b"RIFF") or data[8:12] == b"WEBP"
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG or JPEG header (a few microseconds, no decoding), or None for other data."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n") and data[12:16] == b"IHDR" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data.startswith(b"\xff\xd8"):
+        return _jpeg_size(data)
+    return None
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the first start-of-frame segment of a JPEG."""
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD9:  # markers without a length
+            pos += 2
+        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOF0..SOF15
+            if pos + 9 > len(data):
+                return None
+            return int.from_bytes(data[pos + 7:pos + 9], "big"), int.from_bytes(data[pos + 5:pos + 7], "big")
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return None
+
+
+def unusable(data: bytes) -> str | None:
+    """Why encoded bytes must not reach DALI's decoder, or None when they may."""
+    if not data:
+        return "empty file"
+    if not looks_like_image(data):
+        return "not an image format DALI decodes"
+    return decompression_bomb(data)
+
+
+def decompression_bomb(data: bytes) -> str | None:
+    """Pillow's decompression-bomb rule (more than 2 x PIL.Image.MAX_IMAGE_PIXELS is refused) applied to the
+    header's size, so that DALI never allocates for such a file and both backends refuse the same files."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is None:
+        return None
+    size = header_size(data)
+    if size is None:  # formats other than PNG and JPEG: Pillow reads the header (and applies the rule)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                size = Image.open(io.BytesIO(data)).size
+        except Image.DecompressionBombError as err:
+            return f"DecompressionBombError: {err}"
+        except Exception:  # noqa: BLE001 - a header Pillow cannot read: DALI's decoder will judge the file
+            return None
+    pixels = size[0] * size[1]
+    if pixels > 2 * limit:
+        return (f"DecompressionBombError: {size[0]}x{size[1]} = {pixels} pixels, over twice "
+                f"PIL.Image.MAX_IMAGE_PIXELS ({2 * limit} pixels)")
+    return None
 
 
 def _augment(images, augmentation: str | None, magnitude: int, image_size: int, interp):
@@ -72,7 +143,7 @@ def _augment(images, augmentation: str | None, magnitude: int, image_size: int, 
     if augmentation == "trivialaugment":
         return trivial_augment.trivial_augment_wide(images, num_magnitude_bins=MAGNITUDE_BINS, shape=shape, fill_value=128,
                                                     interp_type=interp)
-    raise ValueError(f"--augmentation must be one of autoaugment, randaugment, trivialaugment, got {augmentation!r}")
+    raise UserError(f"--augmentation must be one of autoaugment, randaugment, trivialaugment, got {augmentation!r}")
 
 
 def _train_graph(source: Callable, *, decoder: str, image_size: int, interp, augmentation: str | None,
@@ -146,7 +217,7 @@ class DaliLoader(Loader):
                  ctx: ExecutionContext, workers: int, prefetch: int, interpolation: str,
                  augmentation: str | None, magnitude: int, seed: int) -> None:
         if gpu and not ctx.is_cuda:
-            raise RuntimeError("--data-backend dali-gpu needs a CUDA GPU (this run is on "
+            raise UserError("--data-backend dali-gpu needs a CUDA GPU (this run is on "
                                f"{ctx.device.type}); use --data-backend dali-cpu or pytorch")
         num_samples = shard_size(len(index.samples), rank=ctx.rank, world_size=ctx.world_size, equal_shards=train)
         super().__init__(classes=index.classes, batch_size=batch_size, num_samples=num_samples, drop_last=train,
@@ -156,59 +227,83 @@ class DaliLoader(Loader):
         self.graph_options = dict(decoder="mixed" if gpu else "cpu", image_size=image_size,
                                   interp=interp_type(interpolation), augmentation=augmentation,
                                   magnitude=magnitude, layout="HWC" if ctx.channels_last else "CHW")
+        # The training pipeline that made the last batch handed out, and the batch it started at: kept after
+        # the consumer stops mid-epoch, for state_dict().
+        self._live: tuple[object, int] | None = None
+        self._unreadable: dict[int, int] = {}  # batch number -> unreadable samples, from feeding to handing out
 
     # --- order ------------------------------------------------------------------------------------------
 
-    def batches(self, epoch: int, skip_batches: int) -> list[list[int]]:
-        """Dataset indices of each batch of the epoch from `skip_batches` on (full batches only when training)."""
+    def batches(self, epoch: int) -> list[list[int]]:
+        """Dataset indices of each batch of the epoch (full batches only when training)."""
         order = shard_indices(len(self.index.samples), epoch=epoch, seed=self.seed, rank=self.ctx.rank,
                               world_size=self.ctx.world_size, shuffle=self.train, equal_shards=self.train)
         size = self.batch_size
-        return [order[start:start + size] for start in range(skip_batches * size, len(self) * size, size)
-                if start < len(order)]
+        return [order[start:start + size] for start in range(0, len(self) * size, size) if start < len(order)]
 
     # --- reading ----------------------------------------------------------------------------------------
 
-    def _resolve(self, index: int) -> tuple[str, np.ndarray, int]:
-        """(path, encoded bytes, label) of sample `index`, or of the next readable file when it is bad."""
+    def _read(self, index: int) -> tuple[str, np.ndarray, int] | None:
+        """(path, encoded bytes, label) of sample `index`, or None (recorded) when its file is unusable."""
+        path, label = self.index.samples[index]
+        if path in self._bad:
+            return None
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as err:
+            problem = f"cannot read: {err.strerror}"
+        else:
+            problem = unusable(data)
+        if problem is None:
+            return path, np.frombuffer(data, dtype=np.uint8), label
+        self._bad.add(path, problem, REPLACED if self.train else DROPPED)
+        return None
+
+    def _resolve(self, index: int) -> tuple[tuple[str, np.ndarray, int] | None, bool]:
+        """(what to feed for sample `index`, whether its own file was unusable).
+
+        Training feeds the next usable file in dataset order instead of an unusable one; validation feeds
+        nothing (None).
+        """
+        sample = self._read(index)
+        if sample is not None or not self.train:
+            return sample, sample is None
         samples = self.index.samples
-        for attempt in range(len(samples)):
-            path, label = samples[(index + attempt) % len(samples)]
-            if path in self._bad:
-                continue
-            problem = None
-            try:
-                with open(path, "rb") as f:
-                    data = f.read()
-            except OSError as err:
-                problem = f"cannot read: {err.strerror}"
-            else:
-                if not data:
-                    problem = "empty file"
-                elif not looks_like_image(data):
-                    problem = "not an image format DALI decodes"
-            if problem is None:
-                return path, np.frombuffer(data, dtype=np.uint8), label
-            self._bad.add(path, problem)
+        for attempt in range(1, len(samples)):
+            sample = self._read((index + attempt) % len(samples))
+            if sample is not None:
+                return sample, True
         raise DataError(f"none of the {len(samples)} images under {self.index.root} could be read")
 
-    def _source(self, batches: list[list[int]]) -> Callable:
+    def _source(self, batches: list[list[int]], first: int) -> Callable:
         def source(info):
-            if info.iteration >= len(batches):
+            # DALI numbers iterations from the pipeline's first batch, also after restoring a checkpoint.
+            number = first + info.iteration
+            if number >= len(batches):
                 raise StopIteration
-            _, encoded, labels = zip(*(self._resolve(index) for index in batches[info.iteration]))
-            return list(encoded), np.asarray(labels, dtype=np.int64)
+            encoded, labels, unreadable = [], [], 0
+            for index in batches[number]:
+                sample, bad = self._resolve(index)
+                unreadable += bad
+                if sample is not None:
+                    encoded.append(sample[1])
+                    labels.append(sample[2])
+            self._unreadable[number] = unreadable
+            return encoded, np.asarray(labels, dtype=np.int64)
         return source
 
     # --- pipelines --------------------------------------------------------------------------------------
 
-    def _pipeline(self, batches: list[list[int]], seed: int):
+    def _pipeline(self, batches: list[list[int]], first: int, seed: int, checkpoint: bytes | None = None):
         _, _, pipeline_def = dali_modules()
         graph = _train_graph if self.train else _val_graph
-        build = pipeline_def(graph, enable_conditionals=True)
-        pipe = build(self._source(batches), batch_size=self.batch_size, num_threads=self.threads,
+        # Checkpointing only tracks the random generators' states ("no impact on performance" per DALI's
+        # documentation); validation has no random draws to track.
+        build = pipeline_def(graph, enable_conditionals=True, enable_checkpointing=self.train)
+        pipe = build(self._source(batches, first), batch_size=self.batch_size, num_threads=self.threads,
                      device_id=(self.ctx.device.index or 0) if self.gpu else None, seed=seed % 2**31,
-                     prefetch_queue_depth=self.prefetch, **self.graph_options)
+                     prefetch_queue_depth=self.prefetch, checkpoint=checkpoint, **self.graph_options)
         pipe.build()
         return pipe
 
@@ -231,48 +326,85 @@ class DaliLoader(Loader):
         """Probe the files a failed batch was built from; record those DALI cannot decode; return how many."""
         found = 0
         for index in batch:
-            path, data, _ = self._resolve(index)
-            if not self._decodes(data):
-                self._bad.add(path, "DALI could not decode it")
+            sample, _ = self._resolve(index)
+            if sample is not None and not self._decodes(sample[1]):
+                self._bad.add(sample[0], "DALI could not decode it", REPLACED if self.train else DROPPED)
                 found += 1
         return found
 
+    # --- resume -----------------------------------------------------------------------------------------
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Loader.set_epoch; forgets the pipeline of the previous selection."""
+        super().set_epoch(epoch, skip_batches)
+        self._live = None  # a pipeline of the previous selection describes nothing resumable now
+
+    def state_dict(self) -> dict:
+        """Loader.state_dict() plus, mid-way through a training epoch, the live pipeline's DALI checkpoint
+        ("dali_checkpoint", bytes: 392 B without --augmentation, 4-8 KiB with a policy, whatever the batch
+        size) and the batch that pipeline started at ("dali_first_batch")."""
+        state = super().state_dict()
+        if self._live is not None:
+            pipe, first = self._live
+            state["dali_checkpoint"] = pipe.checkpoint()
+            state["dali_first_batch"] = first
+        return state
+
     # --- iteration --------------------------------------------------------------------------------------
 
-    def _iterate(self, epoch: int, skip_batches: int) -> Iterator[Batch]:
-        return self._gpu_batches(epoch, skip_batches) if self.gpu else self._host_batches(epoch, skip_batches)
+    def _iterate(self, epoch: int, skip_batches: int) -> Iterator[tuple[Batch, int]]:
+        device = self.ctx.device if self.gpu else torch.device("cpu")
+        # With dali-gpu DALI normalised on the GPU already (its queue overlaps the work, no prefetcher needed);
+        # with dali-cpu on a GPU run the batches only need the copy.
+        for number, (images, labels) in self._run_batches(epoch, skip_batches):
+            unreadable = self._unreadable.pop(number, 0)
+            if len(labels) == 0:  # a validation batch whose every file was dropped (DALI cannot densify it)
+                yield (torch.empty(0), torch.empty(0, dtype=torch.int64)), unreadable
+                continue
+            batch = self.ctx.to_device(self._images(images, device)), self.ctx.to_device(self._labels(labels))
+            yield batch, unreadable
 
-    def _run_batches(self, epoch: int, skip_batches: int) -> Iterator[tuple]:
-        """DALI outputs batch by batch; a decode failure is diagnosed and the pipeline rebuilt after it."""
-        batches = self.batches(epoch, skip_batches)
-        done = 0
-        while done < len(batches):
-            first = skip_batches + done
-            pipe = self._pipeline(batches[done:], epoch_seed(self.seed, epoch, self.ctx.rank, first))
-            try:
-                while done < len(batches):
-                    try:
-                        outputs = pipe.run()
-                    except RuntimeError as err:
-                        if not self._find_bad_files(batches[done]):
-                            raise
-                        log.info("rebuilding the DALI pipeline after a decode failure in batch %d", first)
-                        break
-                    done += 1
-                    yield outputs
-            finally:
-                del pipe
+    def _run_batches(self, epoch: int, skip_batches: int) -> Iterator[tuple[int, tuple]]:
+        """(batch number, DALI outputs) from `skip_batches` on; a decode failure is diagnosed and the pipeline
+        rebuilt from the failed batch."""
+        batches = self.batches(epoch)
+        self._live = None
+        self._unreadable.clear()
+        resumed = self._resumed if self._resumed is not None and "dali_checkpoint" in self._resumed else None
+        number = skip_batches
+        while number < len(batches):
+            self._live = None
+            pipe = self._restored_pipeline(batches, epoch, resumed) if resumed is not None else None
+            first = resumed["dali_first_batch"] if pipe is not None else number
+            resumed = None
+            if pipe is None:
+                pipe = self._pipeline(batches, first, epoch_seed(self.seed, epoch, self.ctx.rank, first))
+            if self.train:
+                self._live = pipe, first
+            while number < len(batches):
+                try:
+                    outputs = pipe.run()
+                except RuntimeError:
+                    if not self._find_bad_files(batches[number]):
+                        raise
+                    log.info("rebuilding the DALI pipeline after a decode failure in batch %d", number)
+                    break
+                number += 1
+                yield number - 1, outputs
+            del pipe
+        self._live = None  # the epoch is complete: nothing left to resume
 
-    def _host_batches(self, epoch: int, skip_batches: int) -> Iterator[Batch]:
-        # DALI has normalised already; a GPU run with CPU decoding only needs the copy.
-        for images, labels in self._run_batches(epoch, skip_batches):
-            images = self._images(images, torch.device("cpu"))
-            yield self.ctx.to_device(images), self.ctx.to_device(self._labels(labels))
-
-    def _gpu_batches(self, epoch: int, skip_batches: int) -> Iterator[Batch]:
-        # DALI already normalised on the GPU: no prefetcher needed, DALI's queue overlaps the work.
-        for images, labels in self._run_batches(epoch, skip_batches):
-            yield self._images(images, self.ctx.device), self.ctx.to_device(self._labels(labels))
+    def _restored_pipeline(self, batches: list[list[int]], epoch: int, state: dict):
+        """The pipeline state_dict() saved, rebuilt from its DALI checkpoint; None when the graph has changed."""
+        first = state["dali_first_batch"]
+        try:
+            return self._pipeline(batches, first, epoch_seed(self.seed, epoch, self.ctx.rank, first),
+                                  state["dali_checkpoint"])
+        except RuntimeError as err:  # e.g. another --augmentation than the interrupted run's
+            log.warning("cannot restore the DALI pipeline of the interrupted run (%s); epoch %d continues with "
+                        "other random crops and augmentations than it would have had", str(err).splitlines()[0],
+                        epoch)
+            return None
 
     def _images(self, tensor_list, device: torch.device) -> torch.Tensor:
         """DALI's dense float batch as a torch tensor on `device` in the run's memory format."""

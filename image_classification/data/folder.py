@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..cli import UserError
+
 log = logging.getLogger(__name__)
 
 # torchvision's ImageFolder list, compared case-insensitively as torchvision does; every one of these is
@@ -21,7 +23,7 @@ log = logging.getLogger(__name__)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """The dataset cannot be used as given (missing folder, no images, too many classes); one-line message."""
 
 
@@ -43,7 +45,50 @@ class ImageFolderIndex:
 
 
 def _class_folders(split_dir: Path) -> list[str]:
+    # As ImageFolder's find_classes: entry.is_dir() follows symlinks, so a linked class folder counts.
     return sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+
+
+def class_images(class_dir: str) -> list[str]:
+    """Image paths under `class_dir` at any depth, in torchvision ImageFolder's order.
+
+    ImageFolder walks with os.walk(followlinks=True), sorts the (folder, subfolders, files) triples and
+    each folder's file names; this does the same, except that a symlink back to a folder above it (a loop,
+    which os.walk follows until the path is too long) is not followed.
+    """
+    found: list[tuple[str, list[str]]] = []
+    # (folder, the identities of it and of every folder above it up to class_dir)
+    pending = [(class_dir, frozenset([_identity(class_dir)]))]
+    while pending:
+        folder, ancestors = pending.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as err:
+            raise DataError(f"{folder} cannot be read: {err.strerror}") from None
+        names = []
+        for entry in entries:
+            if _is_dir(entry):
+                identity = _identity(entry.path)
+                if identity not in ancestors:
+                    pending.append((entry.path, ancestors | {identity}))
+            elif entry.name.lower().endswith(IMG_EXTENSIONS):
+                names.append(entry.name)
+        found.append((folder, sorted(names)))
+    found.sort(key=lambda item: item[0])
+    return [os.path.join(folder, name) for folder, names in found for name in names]
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows symlinks, as os.walk(followlinks=True)
+    except OSError:  # as os.walk: an entry that cannot be examined is not a folder
+        return False
+
+
+def _identity(folder: str) -> tuple[int, int]:
+    """(device, inode) of a folder, symlinks followed: the same for every path that reaches it."""
+    info = os.stat(folder)
+    return info.st_dev, info.st_ino
 
 
 def _check_root(data_dir: str | os.PathLike) -> Path:
@@ -60,7 +105,7 @@ def _check_root(data_dir: str | os.PathLike) -> Path:
 
 
 def dataset_classes(data_dir: str | os.PathLike) -> list[str]:
-    """Sorted class-folder names of train/ and val/ together (empty folders count, as in ImageFolder).
+    """Sorted class-folder names of train/ and val/ together (folders, or symlinks to folders).
 
     Taking the union keeps class i the same class in both splits even when one split lacks a folder;
     when both splits have the same folders this is exactly torchvision ImageFolder's class list.
@@ -78,7 +123,12 @@ def dataset_classes(data_dir: str | os.PathLike) -> list[str]:
 
 
 def scan_split(data_dir: str | os.PathLike, split: str, num_classes: int) -> ImageFolderIndex:
-    """Index `<data_dir>/<split>/<class>/*` (image extensions only), or raise DataError naming the path."""
+    """Index `<data_dir>/<split>/<class>/**` by torchvision ImageFolder's rules, or raise DataError naming the path.
+
+    Images (IMG_EXTENSIONS, any case) are found at any depth under each class folder, following symlinks,
+    in ImageFolder's order; a class folder without images is an error, as in ImageFolder. The classes are
+    the union of both splits' folders (see `dataset_classes`), so a class missing from one split is fine.
+    """
     root = _check_root(data_dir)
     split_dir = root / split
     if not split_dir.is_dir():
@@ -89,16 +139,19 @@ def scan_split(data_dir: str | os.PathLike, split: str, num_classes: int) -> Ima
     if len(classes) > num_classes:
         raise DataError(f"{root} has {len(classes)} classes but the model has --num_classes {num_classes}")
     samples: list[tuple[str, int]] = []
+    empty = []
     for label, name in enumerate(classes):
         class_dir = split_dir / name
         if not class_dir.is_dir():
-            continue
-        try:
-            files = sorted(os.scandir(class_dir), key=lambda e: e.name)
-        except OSError as err:
-            raise DataError(f"{class_dir} cannot be read: {err.strerror}") from None
-        samples.extend((entry.path, label) for entry in files
-                       if entry.name.lower().endswith(IMG_EXTENSIONS) and entry.is_file())
+            continue  # a class of the other split only
+        paths = class_images(str(class_dir))
+        if not paths:
+            empty.append(name)
+        samples.extend((path, label) for path in paths)
+    if empty:
+        # ImageFolder refuses empty class folders too ("Found no valid file for the classes ...").
+        raise DataError(f"{split_dir} has class folders without images: {', '.join(empty)} "
+                        f"(extensions {', '.join(IMG_EXTENSIONS)}); remove them or add images")
     if not samples:
         raise DataError(f"{split_dir} holds no images (extensions {', '.join(IMG_EXTENSIONS)})")
     return ImageFolderIndex(split_dir, classes, samples)
@@ -138,19 +191,28 @@ def shard_size(num_items: int, *, rank: int, world_size: int, equal_shards: bool
     return math.ceil((num_items - rank) / world_size) if rank < num_items else 0
 
 
+# What happens to a sample whose file is unreadable (BadFiles.add's `outcome`): training keeps its batches
+# full, validation must score the readable images only, each once.
+REPLACED = "replaced by the next readable image"
+DROPPED = "left out of its validation batch"
+
+
 class BadFiles:
-    """Files that could not be decoded: each is warned about once (naming it) and counted."""
+    """Files that could not be decoded: each is warned about once (naming it) and remembered."""
 
     def __init__(self) -> None:
         self._reasons: dict[str, str] = {}
 
-    def add(self, path: str, reason: str, replacement: str | None = None) -> None:
-        """Record `path` as unreadable; the first time, log a warning naming it and what replaced it."""
+    def add(self, path: str, reason: str, outcome: str = REPLACED) -> None:
+        """Record `path` as unreadable; the first time, log a warning naming it and what became of its sample."""
         if path in self._reasons:
             return
         self._reasons[path] = reason
-        instead = f"replaced by {replacement}" if replacement else "replaced by the next readable image"
-        log.warning("unreadable image %s (%s); %s", path, reason, instead)
+        log.warning("unreadable image %s (%s); %s", path, reason, outcome)
+
+    def restore(self, reasons: dict[str, str]) -> None:
+        """Remember files another process found unreadable (and warned about already), without warning again."""
+        self._reasons.update(reasons)
 
     def __contains__(self, path: str) -> bool:
         return path in self._reasons

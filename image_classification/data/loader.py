@@ -1,13 +1,18 @@
-"""What every backend's loader shares: epoch/skip bookkeeping, on-device normalisation, GPU prefetching."""
+"""What every backend's loader shares: epoch/skip bookkeeping, resume state, unreadable-file counts,
+on-device normalisation, GPU prefetching."""
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Iterator
 
 import torch
 
+from ..cli import UserError
 from ..context import ExecutionContext
 from .folder import BadFiles
+
+log = logging.getLogger(__name__)
 
 # ImageNet statistics on the 0..255 scale: batches stay uint8 until they reach the device.
 MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -25,6 +30,16 @@ class Loader:
 
     images: float32 [B, 3, S, S], normalised, in ctx.memory_format; labels: int64 [B].
     `len(loader)` counts the whole epoch's batches for this rank, also when `skip_batches` starts later.
+
+    Unreadable images (undecodable, empty, decompression bombs) are warned about once each, naming the
+    file. Training replaces one by the next readable image in dataset order (with its label), so its
+    batches stay full; validation drops it, so a batch comes out shorter (one with no readable image at
+    all is not yielded) and every readable image is scored exactly once. `epoch_bad_files` counts them.
+
+    Exact mid-epoch resume: after the consumer has taken batch i, `state_dict()` holds what a new process
+    needs beyond (epoch, i + 1); it calls `load_state_dict(state)` on a loader built with the same
+    arguments, then `set_epoch(epoch, skip_batches=i + 1)`, and gets the batches the uninterrupted run
+    would have had from batch i + 1 on.
     """
 
     def __init__(self, *, classes: list[str], batch_size: int, num_samples: int, drop_last: bool,
@@ -37,6 +52,11 @@ class Loader:
         self.epoch = 0
         self.skip_batches = 0
         self._bad = BadFiles()
+        self._next_batch = 0  # the batch after the last one handed out
+        self._epoch_bad = 0  # unreadable samples of this epoch's batches handed out so far
+        self._epoch_bad_before = 0  # ... of the batches before skip_batches (known after a resume)
+        self._restored: dict | None = None  # load_state_dict's state, until set_epoch
+        self._resumed: dict | None = None  # that state, when set_epoch selected the position it was taken at
 
     def __len__(self) -> int:
         if self.drop_last:
@@ -51,11 +71,38 @@ class Loader:
             raise ValueError(f"skip_batches must be between 0 and {len(self)} (batches per epoch), got {skip_batches}")
         self.epoch = epoch
         self.skip_batches = skip_batches
+        self._next_batch = skip_batches
+        state, self._restored = self._restored, None
+        self._resumed = None
+        if state is not None and (state["epoch"], state["next_batch"]) == (epoch, skip_batches):
+            self._resumed = state
+        elif state is not None and state["next_batch"] < len(self):
+            log.warning("the data loader state was saved at epoch %d batch %d but iteration resumes at epoch %d "
+                        "batch %d: the batches may differ from an uninterrupted run's", state["epoch"],
+                        state["next_batch"], epoch, skip_batches)
+        self._epoch_bad_before = self._resumed["epoch_bad_files"] if self._resumed else 0
+        self._epoch_bad = self._epoch_bad_before
 
     def __iter__(self) -> Iterator[Batch]:
-        return self._iterate(self.epoch, self.skip_batches)
+        self._next_batch = self.skip_batches
+        self._epoch_bad = self._epoch_bad_before
+        return self._hand_out(self._iterate(self.epoch, self.skip_batches))
 
-    def _iterate(self, epoch: int, skip_batches: int) -> Iterator[Batch]:
+    def _hand_out(self, batches: Iterator[tuple[Batch, int]]) -> Iterator[Batch]:
+        for batch, unreadable in batches:
+            # Counted before the yield: a consumer that stops after this batch never resumes this generator,
+            # and state_dict() must already include the batch.
+            self._next_batch += 1
+            self._epoch_bad += unreadable
+            if len(batch[1]):
+                yield batch
+
+    def _iterate(self, epoch: int, skip_batches: int) -> Iterator[tuple[Batch, int]]:
+        """(batch, how many of its samples were unreadable) from batch `skip_batches` on, in order.
+
+        A validation batch whose samples were all unreadable comes as an empty batch (0 labels); it is
+        counted but not handed out.
+        """
         raise NotImplementedError(f"{type(self).__name__} must implement _iterate")
 
     def close(self) -> None:
@@ -63,8 +110,36 @@ class Loader:
 
     @property
     def bad_files(self) -> list[str]:
-        """Paths that could not be decoded so far (each was warned about and replaced by another image)."""
+        """Paths found unreadable so far, in every epoch (each was warned about once)."""
         return self._bad.paths()
+
+    @property
+    def epoch_bad_files(self) -> int:
+        """Unreadable samples in the selected epoch's batches handed out so far on this rank (reset by set_epoch).
+
+        Each such sample was replaced (training) or dropped (validation). After a resume the batches before
+        `skip_batches` count too, so the total matches the uninterrupted run's.
+        """
+        return self._epoch_bad
+
+    def state_dict(self) -> dict:
+        """What resuming after the last batch handed out needs besides (epoch, skip_batches).
+
+        Plain values only (str, int, bytes, dicts), so `torch.load(weights_only=True)` reads it back: the
+        position, the epoch's unreadable count so far, and the files found unreadable (so that a resumed
+        run neither warns about them again nor treats them differently). Backends add their own entries.
+        """
+        return {"epoch": self.epoch, "next_batch": self._next_batch, "epoch_bad_files": self._epoch_bad,
+                "bad_files": self._bad.reasons()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take `state_dict()` of a loader built with the same arguments; the next `set_epoch` at its position
+        (epoch, next_batch) then continues that loader's epoch exactly."""
+        missing = [key for key in ("epoch", "next_batch", "epoch_bad_files", "bad_files") if key not in state]
+        if missing:
+            raise UserError(f"data loader state lacks {', '.join(missing)}: not a Loader.state_dict()")
+        self._bad.restore(state["bad_files"])
+        self._restored = dict(state)
 
 
 class Normalizer:

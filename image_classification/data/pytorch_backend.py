@@ -1,12 +1,18 @@
 """The `pytorch` backend: torchvision transforms on PIL images in DataLoader workers, uint8 batches.
 
 Augmentation randomness is seeded per sample from (seed, epoch, dataset index), so a batch's pixels do
-not depend on the number of workers, on which worker made it, or on where an epoch was resumed.
+not depend on the number of workers, on which worker made it, or on where an epoch was resumed: a
+resumed epoch is exact with no state beyond the Loader's own. The loader never draws from the process's
+global torch, numpy or python generators (the training loop's dropout and mixup draws are its own), and
+its worker processes ignore SIGTERM and SIGINT: a scheduler signals the whole process group, and the
+main process, which owns the stop, must outlive its workers long enough to save a checkpoint.
 """
 from __future__ import annotations
 
 import functools
 import random
+import signal
+from collections import deque
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -16,8 +22,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+from ..cli import UserError
 from ..context import ExecutionContext
-from .folder import DataError, ImageFolderIndex, epoch_seed, shard_indices, shard_size
+from .folder import DROPPED, DataError, ImageFolderIndex, epoch_seed, shard_indices, shard_size
 from .loader import MAGNITUDE_BINS, Batch, Loader, device_batches
 
 # --interpolation -> torchvision mode. On PIL images torchvision resizes with Pillow, whose BILINEAR
@@ -32,14 +39,18 @@ INTERPOLATIONS = {
 # Gray fill for pixels that geometric augmentations move in from outside (as DALI's auto_aug fills).
 FILL = [128, 128, 128]
 
-# (path that failed, why, the file used instead)
+# (path that failed, why, what became of its sample)
 BadRecord = tuple[str, str, str]
+
+# Pillow opens 16-bit grayscale PNG/TIFF as I;16 (or as 32-bit I), whose convert("RGB") clips every value
+# above 255 to white.
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 def interpolation_mode(name: str) -> InterpolationMode:
     """The torchvision mode for an --interpolation value."""
     if name not in INTERPOLATIONS:
-        raise ValueError(f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, got {name!r}")
+        raise UserError(f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, got {name!r}")
     return INTERPOLATIONS[name]
 
 
@@ -55,7 +66,7 @@ def augmentation_policy(augmentation: str | None, magnitude: int, interpolation:
                               fill=FILL)]
     if augmentation == "trivialaugment":
         return [T.TrivialAugmentWide(num_magnitude_bins=MAGNITUDE_BINS, interpolation=interpolation, fill=FILL)]
-    raise ValueError(f"--augmentation must be one of autoaugment, randaugment, trivialaugment, got {augmentation!r}")
+    raise UserError(f"--augmentation must be one of autoaugment, randaugment, trivialaugment, got {augmentation!r}")
 
 
 def train_transform(image_size: int, interpolation: str = "bilinear", augmentation: str | None = None,
@@ -81,40 +92,62 @@ def val_transform(image_size: int, interpolation: str = "bilinear") -> T.Compose
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Decode an image file fully as RGB (grayscale, palette, CMYK, 16-bit are converted)."""
+    """Decode an image file fully as RGB (grayscale, palette, CMYK, 16-bit are converted).
+
+    Pillow refuses decompression bombs (more than 2 x Image.MAX_IMAGE_PIXELS) with DecompressionBombError.
+    """
     with open(path, "rb") as f:
         image = Image.open(f)
+        if image.mode in SIXTEEN_BIT_MODES:
+            image = to_8bit(image)
         return image.convert("RGB")  # convert() reads all pixel data, so truncation fails here
 
 
-class FolderDataset(Dataset):
-    """Samples of an ImageFolderIndex, addressed by (epoch, index) keys; unreadable files are replaced.
+def to_8bit(image: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image as 8-bit "L": round(v / 257), the scaling DALI's decoder applies.
 
-    Returns (uint8 image, label, bad records). An undecodable file is replaced by the next readable file
-    in dataset order (with that file's label), so batches stay full and epochs keep their length; the
-    records travel with the batch so that the main process can warn once and count.
+    Mode I (32 bits) is taken to hold 16-bit values, as it does when Pillow reads 16-bit files; values
+    outside 0..65535 are clipped. (Pillow reads 16-bit colour PNGs as RGB itself, keeping the high byte,
+    v >> 8, which differs from round(v / 257) by at most 1.)
+    """
+    values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+    # round(v / 257) without floats: v / 257 is never exactly half way, 257 being odd.
+    return Image.fromarray(((values + 128) // 257).astype(np.uint8))
+
+
+class FolderDataset(Dataset):
+    """Samples of an ImageFolderIndex, addressed by (epoch, index) keys.
+
+    Returns (uint8 image or None, label, bad records). With `replace` (training) an undecodable file is
+    replaced by the next readable file in dataset order (with that file's label), so batches stay full and
+    epochs keep their length; without it (validation) its image is None and `collate` drops it. The
+    records travel with the batch so that the main process can warn once and count; they are non-empty
+    exactly when the sample's own file was unreadable.
     """
 
-    def __init__(self, index: ImageFolderIndex, transform: Callable, seed: int) -> None:
+    def __init__(self, index: ImageFolderIndex, transform: Callable, seed: int, replace: bool = True) -> None:
         self.samples = index.samples
         self.transform = transform
         self.seed = seed
+        self.replace = replace
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, list[BadRecord]]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor | None, int, list[BadRecord]]:
         epoch, index = key
         failures: list[tuple[str, str]] = []
-        for attempt in range(len(self.samples)):
+        for attempt in range(len(self.samples) if self.replace else 1):
             path, label = self.samples[(index + attempt) % len(self.samples)]
             try:
                 image = load_rgb(path)
             except Exception as err:  # noqa: BLE001 - any decoder failure of one file must not end the run
                 failures.append((path, f"{type(err).__name__}: {err}"))
                 continue
-            bad = [(failed, reason, path) for failed, reason in failures]
+            bad = [(failed, reason, f"replaced by {path}") for failed, reason in failures]
             return self._augment(image, epoch, index), label, bad
+        if not self.replace:
+            return None, label, [(path, reason, DROPPED) for path, reason in failures]
         raise DataError(f"none of the {len(self.samples)} images could be decoded (first: {failures[0][0]})")
 
     def _augment(self, image: Image.Image, epoch: int, index: int) -> torch.Tensor:
@@ -157,15 +190,23 @@ class EpochShardSampler(Sampler):
         return max(size - self.skip_items, 0)
 
 
-def collate(samples: list[tuple[torch.Tensor, int, list[BadRecord]]]) -> tuple[torch.Tensor, torch.Tensor, list]:
-    """Stack uint8 images (no float conversion in the workers), labels as int64, bad records as one list."""
-    images = torch.stack([image for image, _, _ in samples])
-    labels = torch.tensor([label for _, label, _ in samples], dtype=torch.int64)
+def collate(samples: list[tuple[torch.Tensor | None, int, list[BadRecord]]]
+            ) -> tuple[torch.Tensor, torch.Tensor, list[BadRecord], int]:
+    """Stack the uint8 images (no float conversion in the workers) and int64 labels of the samples that have
+    an image; the bad records as one list; how many samples' own files were unreadable."""
+    kept = [(image, label) for image, label, _ in samples if image is not None]
+    # A validation batch whose every file was dropped: an empty batch, which Loader counts but does not yield.
+    images = torch.stack([image for image, _ in kept]) if kept else torch.zeros((0, 3, 1, 1), dtype=torch.uint8)
+    labels = torch.tensor([label for _, label in kept], dtype=torch.int64)
     bad = [record for _, _, records in samples for record in records]
-    return images, labels, bad
+    return images, labels, bad, sum(1 for _, _, records in samples if records)
 
 
-def _seed_worker(base_seed: int, worker_id: int) -> None:
+def _init_worker(base_seed: int, worker_id: int) -> None:
+    # A scheduler's SIGTERM (or a terminal's SIGINT) reaches the whole process group; the main process stops
+    # the run and then shuts the workers down through their queues (close() kills any that do not exit).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The reference's worker seeds (seed + rank + worker id), for anything outside our per-sample seeding.
     seed = base_seed + worker_id
     random.seed(seed)
@@ -183,29 +224,41 @@ class PytorchLoader(Loader):
         super().__init__(classes=index.classes, batch_size=batch_size, drop_last=train, ctx=ctx,
                          num_samples=shard_size(len(index.samples), rank=ctx.rank, world_size=ctx.world_size,
                                                 equal_shards=train))
-        self.dataset = FolderDataset(index, transform, seed)
+        self.dataset = FolderDataset(index, transform, seed, replace=train)
         worker_options = {}
         if workers > 0:
             worker_options = dict(prefetch_factor=max(prefetch, 1), persistent_workers=True,
-                                  worker_init_fn=functools.partial(_seed_worker, seed + ctx.rank))
+                                  worker_init_fn=functools.partial(_init_worker, seed + ctx.rank))
+        # Each new DataLoader iterator draws its workers' base seed from `generator`; the default would be the
+        # global torch generator, and a resumed run, which creates its iterator after restoring that
+        # generator's state, would then shift every later dropout draw.
         self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, drop_last=train,
                                  num_workers=workers, collate_fn=collate, pin_memory=ctx.pin_memory(),
-                                 **worker_options)
+                                 generator=torch.Generator().manual_seed(seed + ctx.rank), **worker_options)
 
     def close(self) -> None:
         """Stop the persistent workers now (a progressive run replaces its train loader at every stage)."""
         iterator = getattr(self.loader, "_iterator", None)
         if iterator is not None:
+            workers = list(getattr(iterator, "_workers", []))
             # What DataLoader does when it is garbage-collected; torch has no public call for it.
             iterator._shutdown_workers()
             self.loader._iterator = None
+            for worker in workers:
+                # torch's fallback, terminate(), sends the SIGTERM our workers ignore.
+                if worker.is_alive():
+                    worker.kill()
+                    worker.join()
 
-    def _iterate(self, epoch: int, skip_batches: int) -> Iterator[Batch]:
+    def _iterate(self, epoch: int, skip_batches: int) -> Iterator[tuple[Batch, int]]:
         self.sampler.select(epoch, skip_batches * self.batch_size)
-        return device_batches(self._host_batches(), self.ctx)
+        unreadable: deque[int] = deque()  # per host batch, until the device batch made from it is handed out
+        for batch in device_batches(self._host_batches(unreadable), self.ctx):
+            yield batch, unreadable.popleft()
 
-    def _host_batches(self) -> Iterator[Batch]:
-        for images, labels, bad in self.loader:
-            for path, reason, replacement in bad:
-                self._bad.add(path, reason, replacement)
+    def _host_batches(self, unreadable: deque[int]) -> Iterator[Batch]:
+        for images, labels, bad, count in self.loader:
+            for path, reason, outcome in bad:
+                self._bad.add(path, reason, outcome)
+            unreadable.append(count)
             yield images, labels

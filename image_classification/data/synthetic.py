@@ -31,6 +31,6 @@ class SyntheticLoader(Loader):
         self.images = images.to(ctx.device).contiguous(memory_format=ctx.memory_format)
         self.labels = labels.to(ctx.device)
 
-    def _iterate(self, epoch: int, skip_batches: int) -> Iterator[Batch]:
+    def _iterate(self, epoch: int, skip_batches: int) -> Iterator[tuple[Batch, int]]:
         for _ in range(len(self) - skip_batches):
-            yield self.images, self.labels
+            yield (self.images, self.labels), 0  # no files, none unreadable
