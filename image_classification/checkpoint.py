@@ -11,42 +11,50 @@ and, with --gather-checkpoints N, the last N of <prefix>checkpoint_<epoch:04>.pt
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import random
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 
-from .models.weights import WeightsError, load_file
+from .cli import UserError
+from .models.weights import WeightsError, first_non_finite, load_file
 
 REQUIRED_KEYS = ("epoch", "best_prec1", "state_dict", "optimizer")
+CLASS_NAMES_FILE = "classes.txt"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A --resume file that is missing, unreadable or not a training checkpoint of this run."""
 
 
 # --- atomic files -------------------------------------------------------------------------------------------
 
-def _atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)`, fsync, then rename over `path`: readers see the old file or the new one."""
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None], needed: int) -> None:
+    """Call `write(file)` on a new file beside `path`, fsync it, then put it in place of `path`.
+
+    Readers see the old file or the new one, never part of one. On Linux the new file has no name until it
+    is complete (O_TMPFILE): a process killed mid-write, even by SIGKILL, leaves nothing behind, and a failed
+    write gives its space back at once. Elsewhere it is a hidden `.<name>.<random>.tmp`, removed when the
+    write fails and by the next CheckpointWriter in that folder. The file gets the mode the umask gives, as
+    torch.save's files do. `needed` (bytes, an estimate) is for the message when the disk is full.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        if not _write_unnamed(path, write):
+            _write_named(path, write)
+    except Exception as err:  # noqa: BLE001 - torch.save reports a full disk as RuntimeError
+        full = _disk_full_message(err, path, needed)
+        if full is None:
+            raise
+        raise CheckpointError(full) from None
     # Make the rename itself durable.
     try:
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -58,14 +66,101 @@ def _atomic_write(path: Path, write) -> None:
         pass
 
 
+def _write_unnamed(path: Path, write: Callable[[BinaryIO], None]) -> bool:
+    """The O_TMPFILE way; False where the system or file system does not offer it."""
+    flag = getattr(os, "O_TMPFILE", None)
+    if flag is None:
+        return False
+    try:
+        fd = os.open(path.parent, flag | os.O_WRONLY, 0o666)
+    except OSError as err:
+        if err.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+            return False
+        raise
+    with os.fdopen(fd, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+        # Give the finished file a (hidden) name through /proc, then rename it over the target.
+        tmp = path.parent / f".{path.name}.{os.getpid()}.{fd}.tmp"
+        try:
+            os.link(f"/proc/self/fd/{fd}", tmp, follow_symlinks=True)
+        except OSError:  # no /proc (some containers): the caller writes a named file instead
+            return False
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return True
+
+
+def _write_named(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _disk_full_message(err: BaseException, path: Path, needed: int) -> str | None:
+    """One line for a write that failed for lack of space (ENOSPC/EDQUOT, or torch.save's own error while the
+    folder has less free space than the file needs); None for any other failure."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    no_space = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not no_space and (free is None or free >= needed):
+        return None
+    space = f"{_size(free)} free" if free is not None else "free space unknown"
+    return (f"cannot write {path}: no space left on its file system ({space}, about {_size(needed)} needed); "
+            "the previous file is kept")
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors inside `obj` (nested dicts and lists): about the size torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file next to `path`, then rename."""
-    _atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
+    """torch.save `obj` to `path` atomically (see _atomic_write)."""
+    _atomic_write(Path(path), lambda f: torch.save(obj, f), _tensor_bytes(obj))
 
 
 def atomic_copy(src: str | Path, dst: str | Path) -> None:
-    """Copy `src` to `dst` through a temporary file and a rename."""
-    _atomic_write(Path(dst), lambda tmp: shutil.copyfile(src, tmp))
+    """Copy `src` to `dst` atomically."""
+    def copy(f: BinaryIO) -> None:
+        with open(src, "rb") as source:
+            shutil.copyfileobj(source, f, 1 << 20)
+    _atomic_write(Path(dst), copy, os.path.getsize(src))
 
 
 # --- RNG state ------------------------------------------------------------------------------------------------
@@ -127,16 +222,26 @@ class CheckpointWriter:
         self.latest = self.workspace / f"{prefix}{filename}"
         self.best = self.workspace / f"{prefix}model_best.pth.tar"
         self.keep_last = keep_last
-        # Temporary files of a write that was killed before its rename are garbage.
+        # Temporary files of a write killed before its rename (where O_TMPFILE is not available) are garbage.
         if self.workspace.is_dir():
-            for stale in self.workspace.glob(f".{prefix}*.pth.tar.*.tmp"):
-                stale.unlink(missing_ok=True)
+            for pattern in (f".{prefix}*.pth.tar.*.tmp", f".{CLASS_NAMES_FILE}.*.tmp"):
+                for stale in self.workspace.glob(pattern):
+                    stale.unlink(missing_ok=True)
 
     def epoch_path(self, epoch: int) -> Path:
         return self.workspace / f"{self.prefix}checkpoint_{epoch:04}.pth.tar"
 
     def save(self, state: dict, *, is_best: bool) -> Path:
-        """Write the latest checkpoint, then copy it to the best and per-epoch files as asked."""
+        """Write the latest checkpoint, then copy it to the best and per-epoch files as asked.
+
+        Weights with NaN or infinite values are refused (CheckpointError): a diverged run never replaces a
+        finite checkpoint.
+        """
+        for key in ("state_dict", "state_dict_ema"):
+            bad = first_non_finite(state.get(key) or {})
+            if bad is not None:
+                raise CheckpointError(f"not writing {self.latest}: {key} {bad} holds NaN or infinite values (the run "
+                                      "diverged); the previous checkpoint is kept")
         atomic_save(state, self.latest)
         if is_best:
             atomic_copy(self.latest, self.best)
@@ -154,9 +259,8 @@ class CheckpointWriter:
 
 def write_class_names(workspace: str | Path, classes: list[str]) -> None:
     """<workspace>/classes.txt, one class name per line in index order (classify.py --class-names reads it)."""
-    path = Path(workspace) / "classes.txt"
-    text = "".join(f"{name}\n" for name in classes)
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    data = "".join(f"{name}\n" for name in classes).encode("utf-8")
+    _atomic_write(Path(workspace) / CLASS_NAMES_FILE, lambda f: f.write(data), len(data))
 
 
 # --- reading --------------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ METRIC_METADATA: dict[str, dict[str, str]] = {
     "lr": {"unit": None, "format": ":.5f"},
     "grad_scale": {"unit": None, "format": ":.1f"},
     "image_size": {"unit": "px", "format": ":d"},
+    "bad_files": {"unit": "files", "format": ":d"},
 }
 
 
@@ -73,7 +74,10 @@ def format_step(step) -> str:
 def format_value(name: str, value: Any) -> str:
     meta = METRIC_METADATA.get(name.split(".")[-1])
     if meta and isinstance(value, (int, float)) and not isinstance(value, bool):
-        text = ("{" + meta["format"] + "}").format(value)
+        spec = meta["format"]
+        if spec.endswith("d") and isinstance(value, float):  # an integer metric averaged over epochs
+            spec = ":g"
+        text = ("{" + spec + "}").format(value)
         return f"{name} : {text}" + (f" {meta['unit']}" if meta["unit"] else "")
     return f"{name} : {value}"
 
@@ -83,20 +87,35 @@ class Logger:
 
     `.log(step, data)`, `.metadata(name, meta)`, `.flush()`, `.close()`. Steps: "PARAMETER", (), (epoch,),
     (epoch, it) or (epoch, it, val_it).
+
+    With `deferred`, the file is neither created nor truncated until `begin()`: records logged before are
+    kept in memory, so a run refused while it is being set up leaves no report (and an earlier report in the
+    workspace untouched).
     """
 
     def __init__(self, json_path: str | Path | None = None, *, enabled: bool = True, stdout: IO | None = None,
-                 print_stdout: bool = True, append: bool = False):
+                 print_stdout: bool = True, append: bool = False, deferred: bool = False):
         self.enabled = enabled
         self.start = time.time()
         self.stdout = stdout if stdout is not None else sys.stdout
         self.print_stdout = print_stdout and enabled
         self.file: IO | None = None
-        if enabled and json_path is not None:
-            path = Path(json_path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # Line-buffered: every record reaches the file as it is written.
-            self.file = open(path, "a" if append else "w", buffering=1, encoding="utf-8")
+        self._path = Path(json_path) if enabled and json_path is not None else None
+        self._append = append
+        self._pending: list[str] | None = [] if self._path is not None and deferred else None
+        if self._path is not None and not deferred:
+            self.begin()
+
+    def begin(self) -> None:
+        """Open the report file (creating its folder) and write what was logged before; a no-op once open."""
+        if self._path is None or self.file is not None:
+            return
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        # Line-buffered: every record reaches the file as it is written.
+        self.file = open(self._path, "a" if self._append else "w", buffering=1, encoding="utf-8")
+        for line in self._pending or ():
+            self.file.write(line)
+        self._pending = None
 
     def _record(self, kind: str, step, data: dict, extra: dict | None = None) -> None:
         now = _dt.datetime.now()
@@ -110,14 +129,18 @@ class Logger:
         }
         if extra:
             record.update(_jsonable(extra))
-        self.file.write("DLLL " + json.dumps(record) + "\n")
+        line = "DLLL " + json.dumps(record) + "\n"
+        if self.file is not None:
+            self.file.write(line)
+        else:
+            self._pending.append(line)
 
     def log(self, step, data: Mapping[str, Any], verbose: bool = True) -> None:
         """Write one LOG record (and, when `verbose`, a stdout line)."""
         if not self.enabled:
             return
         data = dict(data)
-        if self.file is not None:
+        if self._path is not None:
             self._record("LOG", step, data)
         if self.print_stdout and verbose:
             values = " ".join(format_value(k, _jsonable(v)) for k, v in data.items())
@@ -128,7 +151,7 @@ class Logger:
 
     def metadata(self, name: str, meta: Mapping[str, Any]) -> None:
         """Describe metric `name` (unit, format, ...) with a METADATA record."""
-        if not self.enabled or self.file is None:
+        if not self.enabled or self._path is None:
             return
         self._record("METADATA", "PARAMETER", {name: dict(meta)}, extra={"metric": name, "metadata": dict(meta)})
 
@@ -153,6 +176,7 @@ class Logger:
         if self.file is not None:
             self.file.close()
             self.file = None
+        self._path, self._pending = None, None  # closed: later records go nowhere (a deferred report unwritten)
 
     def __enter__(self) -> "Logger":
         return self

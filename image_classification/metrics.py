@@ -59,6 +59,15 @@ class SumMeter:
         self.sums += values.detach().to(torch.float64)
         self.count += count
 
+    def state_dict(self) -> dict:
+        """This process's sums as plain floats (exact: they are float64), for a checkpoint taken mid-phase."""
+        return {"sums": self.sums.tolist(), "count": float(self.count)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict()`'s sums."""
+        self.sums = torch.tensor(state["sums"], dtype=torch.float64, device=self.device)
+        self.count = torch.tensor(state["count"], dtype=torch.float64, device=self.device)
+
     def averages(self, distributed: bool = True) -> dict[str, float]:
         """Per-sample averages, over all processes when `distributed` (one host sync)."""
         packed = torch.cat([self.sums, self.count.view(1)])

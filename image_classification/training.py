@@ -1,14 +1,17 @@
 """The training engine behind main.py: build everything from the flags, then train/validate epoch by epoch.
 
     main(args)                    the whole job; returns the run summary
-      setup_run                   context, seeds, report, model, loaders, resume
-      enter_stage                 progressive training: the stage's train loader and mixing strengths
-      train_one_epoch             forward, loss, backward, (accumulated) optimizer step, EMA, log
-      validate                    loss, top-1/top-k, throughput and latency percentiles
-      save                        the reference's checkpoint files, atomically
+      setup_run                   model, loaders, optimizer, resume: everything checked before a file is written
+      evaluate                    --evaluate: one validation
+      train                       the epochs: stages, LR, train_one_epoch, validate, checkpoints, stopping
+        enter_stage               progressive training: the stage's train loader and mixing strengths
+        train_one_epoch           forward, loss, backward, (accumulated) optimizer step, EMA, log
+        validate                  loss, top-1/top-k, throughput and latency percentiles
+        save_checkpoint           the reference's checkpoint files, atomically, with every rank's resume state
 
 Device, precision and memory format come from one `ExecutionContext`; the loop never asks torch.cuda.
-Per step nothing waits for the device: metrics stay tensors until print frequency.
+Per step nothing waits for the device: metrics stay tensors until print frequency, where a loss that is no
+longer finite also stops the run (divergence.py).
 """
 from __future__ import annotations
 
@@ -31,7 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt
+from .cli import UserError
 from .context import ExecutionContext, create_context, set_cpu_allocator
+from .divergence import DivergenceGuard, causes_for
 from .ema import EMA
 from .gpu_affinity import set_affinity
 from .logger import Logger, Progress
@@ -44,10 +49,13 @@ from .models.weights import fit_state_dict
 from .optimizers import optimizer_from_args
 from .progressive import ProgressiveSchedule, StageSettings, progressive_schedule
 
-# image_size (per epoch only) is not in the reference: the training resolution, which progressive training changes.
-TRAIN_METRICS = ["loss", "total_ips", "compute_ips", "data_time", "compute_time", "lr", "grad_scale", "image_size"]
+# Not in the reference: image_size (per epoch), the training resolution, which progressive training changes, and
+# bad_files (per epoch), the unreadable images met (replaced in training, left out of validation).
+TRAIN_METRICS = ["loss", "total_ips", "compute_ips", "data_time", "compute_time", "lr", "grad_scale", "image_size",
+                 "bad_files"]
 VAL_METRICS = ["loss", "top1", "top5", "total_ips", "compute_ips", "data_time", "compute_latency",
-               "compute_latency_at100", "compute_latency_at99", "compute_latency_at95", "compute_latency_at90"]
+               "compute_latency_at100", "compute_latency_at99", "compute_latency_at95", "compute_latency_at90",
+               "bad_files"]
 # How a metric is summarised over epochs in the run summary (step []), as DLLogger's aggregators.
 SUMMARY_BEST = {"top1": max, "top5": max, "loss": min}
 SIGNAL_CHECK_EVERY = 20  # distributed runs agree on a stop request every N iterations (the reference's bound)
@@ -98,7 +106,10 @@ class RunState:
     optimizer_steps: int = 0         # EMA warm-up counts these
     epochs_without_improvement: int = 0
     data_seed: int = 0
-    history: list = field(default_factory=list)
+    history: list = field(default_factory=list)   # epoch records, for the run summary (kept across --resume)
+    # The epoch's loss sums so far, set by a mid-epoch stop and restored by --resume so that the epoch's train.loss
+    # is the uninterrupted run's.
+    epoch_meter: dict | None = None
 
 
 @dataclass
@@ -114,6 +125,7 @@ class Engine:
     ema: EMA | None = None
     mixup: Mixup | None = None
     accumulation: int = 1
+    guard: DivergenceGuard | None = None
 
 
 # --- setup ----------------------------------------------------------------------------------------------------
@@ -139,7 +151,7 @@ def accumulation_steps(optimizer_batch_size: int, batch_size: int, world_size: i
         return 1
     per_iteration = batch_size * world_size
     if optimizer_batch_size <= 0 or optimizer_batch_size % per_iteration:
-        raise ValueError(f"--optimizer-batch-size {optimizer_batch_size} must be a positive multiple of "
+        raise UserError(f"--optimizer-batch-size {optimizer_batch_size} must be a positive multiple of "
                          f"world size x batch size = {world_size} x {batch_size} = {per_iteration}")
     return optimizer_batch_size // per_iteration
 
@@ -148,7 +160,7 @@ def eval_image_size(args, entry) -> int:
     """--eval-image-size, else --image-size, else the arch's evaluation size (EfficientNetV2 evaluates larger)."""
     size = args.eval_image_size or args.image_size or entry.default_eval_image_size
     if size < 1:
-        raise ValueError(f"--eval-image-size must be positive, got {size}")
+        raise UserError(f"--eval-image-size must be positive, got {size}")
     return size
 
 
@@ -212,11 +224,11 @@ def compile_model(model: nn.Module, jit: str, *, frozen: bool = False) -> nn.Mod
         try:
             return torch.jit.script(model)
         except Exception as err:  # TorchScript reports many error types
-            raise ValueError(f"--jit script: this model cannot be scripted ({type(err).__name__}: "
+            raise UserError(f"--jit script: this model cannot be scripted ({type(err).__name__}: "
                              f"{str(err).splitlines()[0]}); use --jit compile or --jit no") from None
     if jit == "compile":
         return FrozenCompiled(model) if frozen else torch.compile(model)
-    raise ValueError(f"--jit must be no, script or compile, got {jit!r}")
+    raise UserError(f"--jit must be no, script or compile, got {jit!r}")
 
 
 class FrozenCompiled(nn.Module):
@@ -256,24 +268,37 @@ def log_parameters(logger: Logger, args) -> None:
 
 
 def read_resume_checkpoint(path: str, args) -> dict:
-    """The --resume checkpoint, refused (as the reference) when it has already run --epochs epochs."""
+    """The --resume checkpoint, refused when it is another arch's or has already run --epochs epochs."""
     saved = ckpt.load_checkpoint(path)
+    arch = saved.get("arch")
+    if arch is not None and arch != args.arch:
+        raise ckpt.CheckpointError(f"--resume {path}: the checkpoint is {arch}, --arch is {args.arch}; resume with "
+                                   f"--arch {arch}")
     if saved["epoch"] >= args.epochs and not args.evaluate:
         raise ckpt.CheckpointError(f"--resume {path}: the checkpoint has already run {saved['epoch']} epochs, "
                                    f"--epochs is {args.epochs}; nothing left to train (raise --epochs)")
     return saved
 
 
-def resume_from(saved: dict, path: str, engine: Engine, state: RunState, logger: Logger) -> None:
-    """Restore model, optimizer, scaler, EMA, RNG and run state from a training checkpoint."""
-    engine.model.load_state_dict(fit_state_dict(engine.model, saved["state_dict"], source=str(path)))
+def _this_rank(saved: dict, key: str, ctx: ExecutionContext):
+    """This process's value of a per-rank checkpoint entry (a list in rank order for distributed runs), or None
+    when the checkpoint lacks it or was written by another number of processes."""
+    value = saved.get(key)
+    if value is None or saved.get("world_size", 1) != ctx.world_size:
+        return None
+    return value[ctx.rank] if isinstance(value, list) else value
+
+
+def resume_from(saved: dict, path: str, engine: Engine, state: RunState, train_loader, logger: Logger) -> None:
+    """Restore model, optimizer, scaler, EMA, RNG, data position and run state from a training checkpoint."""
+    engine.model.load_state_dict(fit_state_dict(engine.model, saved["state_dict"], source=str(path), resuming=True))
     if engine.optimizer is not None and saved.get("optimizer"):
         engine.optimizer.load_state_dict(saved["optimizer"])
     if engine.scaler is not None and saved.get("scaler"):
         engine.scaler.load_state_dict(saved["scaler"])
     if engine.ema is not None:
         source = saved.get("state_dict_ema") or saved["state_dict"]
-        engine.ema.load_state_dict(fit_state_dict(engine.ema.module, source, source=f"{path} (EMA)"))
+        engine.ema.load_state_dict(fit_state_dict(engine.ema.module, source, source=f"{path} (EMA)", resuming=True))
     state.epoch = int(saved["epoch"])
     state.iteration = int(saved.get("iteration", 0))
     state.best_prec1 = float(saved["best_prec1"])
@@ -281,17 +306,23 @@ def resume_from(saved: dict, path: str, engine: Engine, state: RunState, logger:
     state.optimizer_steps = int(saved.get("optimizer_steps", 0))
     state.epochs_without_improvement = int(saved.get("epochs_without_improvement", 0))
     state.data_seed = int(saved.get("data_seed", state.data_seed))
-    if "rng" in saved and saved.get("world_size", 1) == engine.ctx.world_size:
-        rng = saved["rng"]
-        rng = rng[engine.ctx.rank] if isinstance(rng, list) else rng
+    state.history = list(saved.get("history", []))
+    engine.guard.resumed(state.history)
+    rng = _this_rank(saved, "rng", engine.ctx)
+    if rng is not None:
         ckpt.restore_rng_state(rng, engine.ctx)
+    if state.iteration:
+        state.epoch_meter = _this_rank(saved, "epoch_meter", engine.ctx)
+        loader_state = _this_rank(saved, "loader", engine.ctx)
+        if train_loader is not None and loader_state is not None:
+            train_loader.load_state_dict(loader_state)
     logger.print(f"=> resumed from {path}: epoch {state.epoch}"
                  + (f", iteration {state.iteration}" if state.iteration else "")
                  + f", best top-1 {state.best_prec1:.2f}")
 
 
 def checkpoint_state(engine: Engine, state: RunState, args) -> dict:
-    """The checkpoint dict (reference keys first). RNG states of every rank are gathered by the caller."""
+    """The checkpoint dict (reference keys first), without the per-rank entries save_checkpoint gathers."""
     out = {
         "epoch": state.epoch,
         "best_prec1": state.best_prec1,
@@ -307,6 +338,7 @@ def checkpoint_state(engine: Engine, state: RunState, args) -> dict:
         "optimizer_steps": state.optimizer_steps,
         "epochs_without_improvement": state.epochs_without_improvement,
         "data_seed": state.data_seed,
+        "history": state.history,
         "world_size": engine.ctx.world_size,
         "arch": args.arch,
         "args": ckpt.plain_args(args),
@@ -314,15 +346,14 @@ def checkpoint_state(engine: Engine, state: RunState, args) -> dict:
     return out
 
 
-def gather_rng_states(ctx: ExecutionContext) -> dict | list:
-    """This rank's RNG state, or every rank's (a list, rank order) in distributed runs."""
-    mine = ckpt.capture_rng_state(ctx)
+def gather_rank_states(ctx: ExecutionContext, **values) -> dict:
+    """`values` of this rank, or of every rank (each a list in rank order) in distributed runs: a collective."""
     if not ctx.distributed:
-        return mine
+        return values
     import torch.distributed as dist
     everyone: list = [None] * ctx.world_size
-    dist.all_gather_object(everyone, mine)
-    return everyone
+    dist.all_gather_object(everyone, values)
+    return {key: [rank_values[key] for rank_values in everyone] for key in values}
 
 
 # --- the loops ------------------------------------------------------------------------------------------------
@@ -345,6 +376,9 @@ def train_one_epoch(engine: Engine, loader, epoch: int, state: RunState, logger:
         length = min(length, args.prof)
     optimizer.zero_grad(set_to_none=True)  # an accumulation never spans two epochs
     epoch_meter = SumMeter(["loss"], ctx.device)
+    if start_iteration and state.epoch_meter is not None:  # resumed mid-epoch: the epoch's loss sums so far
+        epoch_meter.load_state_dict(state.epoch_meter)
+    state.epoch_meter = None
     interval_meter = SumMeter(["loss"], ctx.device)
     progress = Progress(f"train {epoch}", length, enabled=ctx.is_main_process)
     epoch_images = interval_images = 0
@@ -354,6 +388,7 @@ def train_one_epoch(engine: Engine, loader, epoch: int, state: RunState, logger:
     stopped = False
     data_start = time.perf_counter()
     batches = itertools.islice(loader, max(length - start_iteration, 0))
+    iteration = start_iteration - 1
     for iteration, (images, target) in enumerate(batches, start=start_iteration):
         data_time = time.perf_counter() - data_start
         batch = _batch_size(images)
@@ -361,6 +396,7 @@ def train_one_epoch(engine: Engine, loader, epoch: int, state: RunState, logger:
         loss = train_step(engine, images, target, optimizer_step)
         if optimizer_step:
             state.optimizer_steps += 1
+            engine.guard.after_step(epoch, iteration + 1)
             if engine.ema is not None:
                 engine.ema.update(engine.model, state.optimizer_steps)
         weighted = (loss.detach() * batch).view(1)
@@ -377,13 +413,15 @@ def train_one_epoch(engine: Engine, loader, epoch: int, state: RunState, logger:
         if (iteration + 1) % args.print_freq == 0 or iteration + 1 == length:
             ctx.synchronize()
             elapsed = time.perf_counter() - interval_start
+            interval_loss = interval_meter.averages(ctx.distributed)["loss"]
             logger.log((epoch, iteration + 1), {
-                "train.loss": interval_meter.averages(ctx.distributed)["loss"],
+                "train.loss": interval_loss,
                 **_throughput("train", interval_images * ctx.world_size, interval_iterations, elapsed,
                               interval_data_time),
                 "train.lr": lr,
                 "train.grad_scale": scaler.get_scale() if scaler.is_enabled() else 1.0,
             })
+            engine.guard.check_loss(interval_loss, epoch, iteration + 1)
             interval_meter.reset()
             interval_images, interval_iterations, interval_data_time = 0, 0, 0.0
             interval_start = time.perf_counter()
@@ -397,12 +435,25 @@ def train_one_epoch(engine: Engine, loader, epoch: int, state: RunState, logger:
     state.iteration = iteration + 1 if stopped else 0
     ctx.synchronize()
     elapsed = time.perf_counter() - epoch_start
+    epoch_loss = epoch_meter.averages(ctx.distributed)["loss"]
+    if iterations:
+        engine.guard.check_loss(epoch_loss, epoch, iteration + 1)
+    if stopped:
+        state.epoch_meter = epoch_meter.state_dict()
     return {
-        "train.loss": epoch_meter.averages(ctx.distributed)["loss"],
+        "train.loss": epoch_loss,
         **_throughput("train", epoch_images * ctx.world_size, iterations, elapsed, epoch_data_time),
         "train.lr": lr,
         "train.grad_scale": scaler.get_scale() if scaler.is_enabled() else 1.0,
+        "train.bad_files": _count(loader.epoch_bad_files, ctx),
     }
+
+
+def _count(value: int, ctx: ExecutionContext) -> int:
+    """`value` summed over all processes."""
+    if not ctx.distributed:
+        return int(value)
+    return int(all_reduce_sum(torch.tensor([float(value)], dtype=torch.float64, device=ctx.device)).item())
 
 
 def _should_check_stop(ctx: ExecutionContext, optimizer_steps: int, engine: Engine) -> bool:
@@ -480,6 +531,7 @@ def validate(model: nn.Module, loader, ctx: ExecutionContext, logger: Logger, ar
         f"{prefix}.compute_ips": images_seen * ctx.world_size / compute if compute > 0 else 0.0,
         f"{prefix}.data_time": data_time_sum / max(len(latencies), 1),
         f"{prefix}.compute_latency": compute / max(len(latencies), 1),
+        f"{prefix}.bad_files": _count(loader.epoch_bad_files, ctx),
     }
     for q in (100, 99, 95, 90):
         result[f"{prefix}.compute_latency_at{q}"] = percentile(latencies, q)
@@ -501,6 +553,8 @@ def _summary(history: list[dict]) -> dict[str, float]:
             summary[key] = SUMMARY_BEST[name](values)
         elif name in ("lr", "grad_scale", "image_size"):
             summary[key] = values[-1]
+        elif name == "bad_files":  # unreadable images met over the run (a bad file counts once per epoch)
+            summary[key] = int(sum(values))
         else:
             summary[key] = sum(values) / len(values)
     return summary
@@ -508,14 +562,28 @@ def _summary(history: list[dict]) -> dict[str, float]:
 
 def main(args: argparse.Namespace, *, prepare_model: PrepareModel | None = None, checkpoint_prefix: str = ""
          ) -> dict:
-    """Run the job main.py describes (train + validate, or --evaluate) and return the summary metrics."""
+    """Run the job main.py describes (train + validate, or --evaluate) and return the summary metrics.
+
+    The summary's "interrupted" is True when SIGTERM/SIGINT stopped the run (its checkpoint written).
+    """
     ctx = create_context(device=None if args.device == "auto" else args.device, amp=args.amp,
                          memory_format=args.memory_format, allow_tf32=args.tf32)
     if not ctx.is_cuda and not set_cpu_allocator(args.cpu_allocator):
         warnings.warn(f"--cpu-allocator {args.cpu_allocator} needs glibc; this C library keeps its own defaults",
                       stacklevel=2)
     try:
-        return _run(args, ctx, prepare_model, checkpoint_prefix)
+        set_affinity(args.gpu_affinity, ctx)
+        if args.seed is not None:
+            seed_everything(args.seed + ctx.local_rank)
+        job = setup_run(args, ctx, prepare_model)
+        with job.logger, StopRequest() as stop:
+            job.logger.begin()
+            if ctx.is_main_process and job.args.save_checkpoints and not args.evaluate:
+                job.writer = ckpt.CheckpointWriter(args.workspace, prefix=checkpoint_prefix,
+                                                   filename=args.checkpoint_filename, keep_last=args.gather_checkpoints)
+                loader = job.train_loader if job.train_loader is not None else job.val_loader
+                ckpt.write_class_names(args.workspace, list(loader.classes))
+            return evaluate(job) if args.evaluate else train(job, stop)
     finally:
         if ctx.distributed:
             import torch.distributed as dist
@@ -523,128 +591,146 @@ def main(args: argparse.Namespace, *, prepare_model: PrepareModel | None = None,
                 dist.destroy_process_group()
 
 
-def _run(args, ctx: ExecutionContext, prepare_model, checkpoint_prefix: str) -> dict:
-    set_affinity(args.gpu_affinity, ctx)
-    if args.seed is not None:
-        seed_everything(args.seed + ctx.local_rank)
+@dataclass
+class Job:
+    """A run set up by setup_run, ready to train or evaluate."""
+
+    args: argparse.Namespace
+    engine: Engine
+    state: RunState
+    schedule: ProgressiveSchedule
+    stage: StageSettings             # the stage train_loader was built for
+    train_loader: object | None      # None with --evaluate
+    val_loader: object | None        # None with --training-only
+    logger: Logger
+    writer: ckpt.CheckpointWriter | None = None   # rank 0 of a run that saves checkpoints
+
+
+def setup_run(args, ctx: ExecutionContext, prepare_model: PrepareModel | None) -> Job:
+    """Build the model, loaders, optimizer and report and restore --resume; every check that can refuse the run
+    happens here, before a file is written (the report is kept in memory until the job's logger begins)."""
     saved = read_resume_checkpoint(args.resume, args) if args.resume else None
     accumulation = accumulation_steps(args.optimizer_batch_size, args.batch_size, ctx.world_size)
-    if args.use_ema is not None and not 0.0 < args.use_ema < 1.0:
-        raise ValueError(f"--use-ema decay must be in (0, 1), got {args.use_ema}")
-    if args.print_freq <= 0:
-        raise ValueError(f"--print-freq must be positive, got {args.print_freq}")
-    if args.topk < 1:
-        raise ValueError(f"--topk must be at least 1, got {args.topk}")
     entry = get_entry(args.arch)
     # --evaluate trains no stage: its --epochs (often 1) need not hold --n-stages.
     staged = args if not args.evaluate else argparse.Namespace(**{**vars(args), "n_stages": 1,
                                                                   "epochs": max(args.epochs, 1)})
     schedule = progressive_schedule(staged, entry.default_image_size)
     eval_size = eval_image_size(args, entry)
+    logger = Logger(Path(args.workspace) / args.raport_file, enabled=ctx.is_main_process, append=bool(args.resume),
+                    deferred=True)
+    log_parameters(logger, args)
+    model = entry(**vars(args.model_args))
+    state = RunState(data_seed=shared_seed(ctx, args.seed))
+    if saved is not None:
+        # The data order of a resumed run comes from the checkpoint: its seed is needed by the loaders, and its
+        # epoch decides the stage the train loader starts in.
+        state.data_seed = int(saved.get("data_seed", state.data_seed))
+    stage = schedule.settings(min(int(saved["epoch"]) if saved is not None else 0, schedule.epochs - 1))
+    train_loader, val_loader = build_loaders(args, ctx, stage, eval_size, state.data_seed)
+    model = model.to(ctx.device, memory_format=ctx.memory_format)
+    if prepare_model is not None:
+        prepare_model(args, model, train_loader, ctx, logger)
+    train_model = wrap_distributed(compile_model(model, args.jit, frozen=args.evaluate), ctx)
+    scaler = ctx.grad_scaler(args.static_loss_scale)
+    engine = Engine(ctx=ctx, model=model, train_model=train_model,
+                    criterion=build_loss(args.label_smoothing, schedule.max_mixup, schedule.max_cutmix).to(ctx.device),
+                    scaler=scaler, accumulation=accumulation, guard=DivergenceGuard(scaler, causes_for(args)))
+    if not args.evaluate:
+        engine.optimizer = optimizer_from_args(model, args)
+    if args.use_ema is not None:
+        engine.ema = EMA(model, args.use_ema)
+    if saved is not None:
+        resume_from(saved, args.resume, engine, state, train_loader, logger)
+    return Job(args=args, engine=engine, state=state, schedule=schedule, stage=stage, train_loader=train_loader,
+               val_loader=val_loader, logger=logger)
 
-    workspace = Path(args.workspace)
-    if ctx.is_main_process:
-        workspace.mkdir(parents=True, exist_ok=True)
-    logger = Logger(workspace / args.raport_file, enabled=ctx.is_main_process, append=bool(args.resume))
-    with logger, StopRequest() as stop:
-        log_parameters(logger, args)
-        model = entry(**vars(args.model_args))
-        state = RunState(data_seed=shared_seed(ctx, args.seed))
-        if saved is not None:
-            # The data order of a resumed run comes from the checkpoint: its seed is needed by the loaders,
-            # and its epoch decides the stage the train loader starts in.
-            state.data_seed = int(saved.get("data_seed", state.data_seed))
-        stage = schedule.settings(min(int(saved["epoch"]) if saved is not None else 0, schedule.epochs - 1))
-        train_loader, val_loader = build_loaders(args, ctx, stage, eval_size, state.data_seed)
-        model = model.to(ctx.device, memory_format=ctx.memory_format)
-        if prepare_model is not None:
-            prepare_model(args, model, train_loader, ctx, logger)
-        train_model = wrap_distributed(compile_model(model, args.jit, frozen=args.evaluate), ctx)
-        engine = Engine(ctx=ctx, model=model, train_model=train_model,
-                        criterion=build_loss(args.label_smoothing, schedule.max_mixup,
-                                             schedule.max_cutmix).to(ctx.device),
-                        scaler=ctx.grad_scaler(args.static_loss_scale), accumulation=accumulation)
-        if not args.evaluate:
-            engine.optimizer = optimizer_from_args(model, args)
-        if args.use_ema is not None:
-            engine.ema = EMA(model, args.use_ema)
-        if saved is not None:
-            resume_from(saved, args.resume, engine, state, logger)
-            del saved
 
-        save = args.save_checkpoints and ctx.is_main_process and not args.evaluate
-        writer = ckpt.CheckpointWriter(workspace, prefix=checkpoint_prefix, filename=args.checkpoint_filename,
-                                       keep_last=args.gather_checkpoints) if save else None
-        if save and (train_loader or val_loader) is not None:
-            ckpt.write_class_names(workspace, list((train_loader or val_loader).classes))
+def evaluate(job: Job) -> dict:
+    """--evaluate: validate the model (and its EMA) once; the summary of that one record."""
+    args, engine, state = job.args, job.engine, job.state
+    step = (state.epoch, 0)
+    record = validate(engine.train_model, job.val_loader, engine.ctx, job.logger, args, step=step)
+    if engine.ema is not None:
+        record.update(validate(engine.ema.module, job.val_loader, engine.ctx, job.logger, args, prefix="val_ema",
+                               step=step))
+    job.logger.log((state.epoch,), record)
+    summary = _summary([record])
+    job.logger.log((), summary)
+    return summary
 
-        if args.evaluate:
-            record = validate(engine.train_model, val_loader, ctx, logger, args, step=(state.epoch, 0))
+
+def save_checkpoint(job: Job, *, is_best: bool) -> None:
+    """Write the workspace's checkpoints (rank 0) with every rank's RNG state and, mid-epoch, its data position and
+    epoch sums: a collective, so every rank calls it."""
+    if not job.args.save_checkpoints:
+        return
+    ctx, state = job.engine.ctx, job.state
+    per_rank = {"rng": ckpt.capture_rng_state(ctx)}
+    if state.iteration:
+        per_rank.update(loader=job.train_loader.state_dict(), epoch_meter=state.epoch_meter)
+    per_rank = gather_rank_states(ctx, **per_rank)
+    if job.writer is not None:
+        job.writer.save({**checkpoint_state(job.engine, state, job.args), **per_rank}, is_best=is_best)
+
+
+def train(job: Job, stop: StopRequest) -> dict:
+    """Epochs from the run state's to --epochs (or --run-epochs of them); stops early on patience or a signal."""
+    args, engine, state, logger = job.args, job.engine, job.state, job.logger
+    lr_of = schedule_from_args(args)
+    last_epoch = args.epochs if args.run_epochs < 0 else min(args.epochs, state.epoch + args.run_epochs)
+    train_loader = job.train_loader
+    current = None  # the stage being trained; job.stage is the one train_loader was built for
+    interrupted = False
+    while state.epoch < last_epoch:
+        epoch = state.epoch
+        settings = job.schedule.settings(epoch)
+        if settings != current:
+            train_loader = enter_stage(settings, job.stage, train_loader, engine, args, job.schedule,
+                                       state.data_seed, logger)
+            job.train_loader, current, job.stage = train_loader, settings, settings
+        lr = lr_of(epoch)
+        set_lr(engine.optimizer, lr)
+        record = train_one_epoch(engine, train_loader, epoch, state, logger, args, stop, lr)
+        record["train.image_size"] = settings.image_size
+        if state.iteration:
+            # Stopped mid-epoch by a signal: save where we are and leave. The epoch's record is logged once, by
+            # the run that finishes it.
+            interrupted = True
+            save_checkpoint(job, is_best=False)
+            logger.print(f"=> stopped by signal at epoch {epoch} iteration {state.iteration}; "
+                         + (f"saved {job.writer.latest}; continue with --resume {job.writer.latest}"
+                            if job.writer is not None else "no checkpoint (--no-checkpoints)"))
+            break
+        is_best = False
+        if job.val_loader is not None:
+            step = (epoch, len(train_loader))
+            record.update(validate(engine.train_model, job.val_loader, engine.ctx, logger, args, step=step))
             if engine.ema is not None:
-                record.update(validate(engine.ema.module, val_loader, ctx, logger, args, prefix="val_ema",
-                                       step=(state.epoch, 0)))
-            logger.log((state.epoch,), record)
-            summary = _summary([record])
-            logger.log((), summary)
-            return summary
-
-        lr_of = schedule_from_args(args)
-        last_epoch = args.epochs if args.run_epochs < 0 else min(args.epochs, state.epoch + args.run_epochs)
-        interrupted = False
-        current = None  # the stage being trained; `stage` is the one train_loader was built for
-        while state.epoch < last_epoch:
-            epoch = state.epoch
-            settings = schedule.settings(epoch)
-            if settings != current:
-                train_loader = enter_stage(settings, stage, train_loader, engine, args, schedule, state.data_seed,
-                                           logger)
-                current = stage = settings
-            lr = lr_of(epoch)
-            set_lr(engine.optimizer, lr)
-            record = train_one_epoch(engine, train_loader, epoch, state, logger, args, stop, lr)
-            record["train.image_size"] = settings.image_size
-            if state.iteration:  # stopped mid-epoch by a signal: save where we are and leave
-                interrupted = True
-                if args.save_checkpoints:
-                    rng = gather_rng_states(ctx)  # a collective: every rank takes part
-                    if save:
-                        writer.save({**checkpoint_state(engine, state, args), "rng": rng}, is_best=False)
-                logger.log((epoch,), record)
-                logger.print(f"=> stopped by signal at epoch {epoch} iteration {state.iteration}; "
-                             + (f"saved {writer.latest}" if save else "no checkpoint (--no-checkpoints)"))
-                state.history.append(record)
-                break
-            is_best = False
-            if val_loader is not None:
-                record.update(validate(engine.train_model, val_loader, ctx, logger, args,
-                                       step=(epoch, len(train_loader))))
-                if engine.ema is not None:
-                    record.update(validate(engine.ema.module, val_loader, ctx, logger, args, prefix="val_ema",
-                                           step=(epoch, len(train_loader))))
-                is_best = record["val.top1"] > state.best_prec1 or not state.validated
-                if is_best:
-                    state.best_prec1 = record["val.top1"]
-                    state.validated = True
-                    state.epochs_without_improvement = 0
-                else:
-                    state.epochs_without_improvement += 1
-            logger.log((epoch,), record)
-            state.history.append(record)
-            state.epoch = epoch + 1
-            if args.save_checkpoints:
-                rng = gather_rng_states(ctx)
-                if save:
-                    writer.save({**checkpoint_state(engine, state, args), "rng": rng}, is_best=is_best)
-            logger.flush()
-            if (args.early_stopping_patience > 0 and val_loader is not None
-                    and state.epochs_without_improvement >= args.early_stopping_patience):
-                logger.print(f"=> early stopping: no better val top-1 for {state.epochs_without_improvement} "
-                             "epochs")
-                break
-            if stop.agreed(ctx):
-                interrupted = True
-                logger.print(f"=> stopped by signal after epoch {epoch}")
-                break
-        summary = _summary(state.history)
+                record.update(validate(engine.ema.module, job.val_loader, engine.ctx, logger, args, prefix="val_ema",
+                                       step=step))
+            is_best = record["val.top1"] > state.best_prec1 or not state.validated
+            if is_best:
+                state.best_prec1 = record["val.top1"]
+                state.validated = True
+                state.epochs_without_improvement = 0
+            else:
+                state.epochs_without_improvement += 1
+        logger.log((epoch,), record)
+        state.history.append(record)
+        state.epoch = epoch + 1
+        save_checkpoint(job, is_best=is_best)
+        logger.flush()
+        if (args.early_stopping_patience > 0 and job.val_loader is not None
+                and state.epochs_without_improvement >= args.early_stopping_patience):
+            logger.print(f"=> early stopping: no better val top-1 for {state.epochs_without_improvement} epochs")
+            break
+        if stop.agreed(engine.ctx):
+            interrupted = True
+            logger.print(f"=> stopped by signal after epoch {epoch}"
+                         + (f"; continue with --resume {job.writer.latest}" if job.writer is not None else ""))
+            break
+    summary = _summary(state.history)
+    if not interrupted:  # an interrupted run is summarised by the run that finishes it
         logger.log((), summary)
-        return {**summary, "best_prec1": state.best_prec1, "epoch": state.epoch, "interrupted": interrupted}
+    return {**summary, "best_prec1": state.best_prec1, "epoch": state.epoch, "interrupted": interrupted}

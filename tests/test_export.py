@@ -138,3 +138,17 @@ def test_efficientnet_v2_s_exports_and_defaults_to_its_evaluation_size(tmp_path,
     assert code == 0, err
     assert f"[batch, 3, {SIZE}, {SIZE}]" in out and "onnxruntime agrees" in out
     assert _batch_dim(tmp_path / "v2s.onnx") == "batch"
+
+
+def test_model2onnx_refuses_weights_with_nan_naming_file_and_tensor(tmp_path, capsys):
+    weights = tmp_path / "diverged.pth"
+    state = _model("efficientnet-b0").state_dict()
+    state["layers.2.block1.depsep.bn.running_var"][3] = float("nan")
+    torch.save(state, weights)
+    code = main(["--arch", "efficientnet-b0", "--pretrained-from-file", str(weights), "--num_classes", "10",
+                 "--image-size", str(SIZE), "--output", str(tmp_path / "x.onnx")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.strip().splitlines() == [
+        f"model2onnx.py: error: {weights}: layers.2.block1.depsep.bn.running_var holds NaN or infinite values (the "
+        "run that wrote these weights diverged); use an earlier checkpoint"]
+    assert not (tmp_path / "x.onnx").exists()

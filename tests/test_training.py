@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +22,7 @@ from torch import nn
 
 from image_classification import checkpoint as ckpt
 from image_classification.arguments import parse_args
+from image_classification.cli import EXIT_INTERRUPTED
 from image_classification.context import create_context
 from image_classification.ema import EMA, ema_decay
 from image_classification.gpu_affinity import affinity_for, parse_cpulist
@@ -172,7 +176,7 @@ def test_sigterm_mid_epoch_saves_and_exits_cleanly(tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    assert proc.returncode == EXIT_INTERRUPTED, err  # not 0: a retry loop must tell it from a finished run
     saved = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
     assert saved["epoch"] == 0 and 1 <= saved["iteration"] < 40
     assert "stopped by signal" in out
@@ -189,7 +193,7 @@ def test_killed_write_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch)
     ckpt.atomic_save({"epoch": 1, "w": torch.ones(3)}, path)
 
     def dying_save(obj, f, *args, **kwargs):
-        Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")
+        f.write(b"PK\x03\x04 half a checkpoint")
         raise KeyboardInterrupt  # the process is killed in the middle of the write
 
     monkeypatch.setattr(torch, "save", dying_save)
@@ -392,3 +396,241 @@ def test_plot_report_writes_png(tmp_path):
     assert result.returncode == 0, result.stderr
     png = tmp_path / "raport.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- runs that go wrong -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """4 classes of the generated dataset, 8 training and 2 validation images each, 48 px files."""
+    out = tmp_path_factory.mktemp("tiny") / "data"
+    subprocess.run([sys.executable, "-m", "image_classification.data.generated", "--output", str(out), "--classes",
+                    "4", "--train-per-class", "8", "--val-per-class", "2", "--image-size", "48"], cwd=ROOT,
+                   check=True, capture_output=True, timeout=120)
+    return out
+
+
+def folder_args(data: Path, workspace: Path, *extra: str) -> list[str]:
+    """A tiny efficientnet-b0 run on an image folder with the pytorch backend (8 batches of 4 per epoch)."""
+    return [str(data), "--arch", "efficientnet-b0", "--data-backend", "pytorch", "--image-size", str(SIZE), "-b",
+            "4", "--num_classes", "4", "--workers", "0", "--epochs", "2", "--print-freq", "2", "--seed", "3",
+            "--optimizer", "rmsprop", "--lr", "0.01", "--rmsprop-eps", "0.01", "--lr-schedule", "cosine",
+            "--warmup", "1", "--workspace", str(workspace), *extra]
+
+
+def float_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every floating-point tensor of a checkpoint: model, EMA and optimizer state."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    out = {f"state_dict.{k}": v for k, v in saved["state_dict"].items() if v.is_floating_point()}
+    out.update({f"state_dict_ema.{k}": v for k, v in (saved.get("state_dict_ema") or {}).items()
+                if v.is_floating_point()})
+    for index, values in saved["optimizer"]["state"].items():
+        out.update({f"optimizer.{index}.{k}": v for k, v in values.items()
+                    if isinstance(v, torch.Tensor) and v.is_floating_point()})
+    return out
+
+
+def stop_at_iteration(monkeypatch, stop_after: int) -> None:
+    """Deliver SIGTERM to this process during training step number `stop_after` (counted from 1, this run)."""
+    from image_classification import training
+    real_step = training.train_step
+    calls = {"n": 0}
+
+    def step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == stop_after:
+            signal.raise_signal(signal.SIGTERM)  # StopRequest's handler only sets its flag
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(training, "train_step", step)
+
+
+@pytest.mark.parametrize("backend", ["pytorch", "dali-cpu"])
+def test_resume_mid_epoch_equals_the_uninterrupted_run(tiny_data, tmp_path, monkeypatch, backend):
+    # Dropout (b0's 0.2), stochastic depth, mixup and EMA all draw random numbers during the steps after the stop.
+    extra = ["--data-backend", backend, "--survival_prob", "0.8", "--mixup", "0.2", "--use-ema", "0.9"]
+    if backend.startswith("dali"):
+        pytest.importorskip("nvidia.dali")
+    full, split = tmp_path / "full", tmp_path / "split"
+    train(folder_args(tiny_data, full, *extra))
+    with monkeypatch.context() as patch:
+        stop_at_iteration(patch, 8 + 3)  # epoch 1, after its third batch
+        summary = train(folder_args(tiny_data, split, *extra))
+    assert summary["interrupted"]
+    saved = torch.load(split / "checkpoint.pth.tar", weights_only=True)
+    assert (saved["epoch"], saved["iteration"]) == (1, 3)
+    train(folder_args(tiny_data, split, *extra, "--resume", str(split / "checkpoint.pth.tar")))
+    expected, resumed = float_tensors(full / "checkpoint.pth.tar"), float_tensors(split / "checkpoint.pth.tar")
+    assert expected.keys() == resumed.keys()
+    for name, value in expected.items():
+        assert (value - resumed[name]).abs().max().item() <= 1e-6, name
+    # The interrupted epoch is reported once, by the run that finished it, with the uninterrupted train.loss;
+    # the run summary once, over both runs' epochs.
+    ra, rb = read_report(full / "experiment_raport.json"), read_report(split / "experiment_raport.json")
+    epochs = [r["step"][0] for r in rb if r["type"] == "LOG" and isinstance(r["step"], list) and len(r["step"]) == 1]
+    assert epochs == [0, 1]
+    assert epoch_records(ra)[1]["train.loss"] == epoch_records(rb)[1]["train.loss"]
+    summaries = [r for r in rb if r["step"] == []]
+    assert len(summaries) == 1 and summaries[0]["data"]["val.top1"] == [r for r in ra if r["step"] == []][0][
+        "data"]["val.top1"]
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_saves_and_resumes(tiny_data, tmp_path):
+    # SLURM cancellation, preemption and systemd stop a job by sending SIGTERM to its whole process group: the
+    # DataLoader workers receive it too and must leave the stop to the main process.
+    argv = [sys.executable, "main.py", *folder_args(tiny_data, tmp_path, "--workers", "2", "--epochs", "3",
+                                                     "--print-freq", "1")]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    report = tmp_path / "experiment_raport.json"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:  # wait for the second epoch's first iteration
+        if report.is_file() and '"step": [1, 1]' in report.read_text():
+            break
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == EXIT_INTERRUPTED, err
+    assert "killed by signal" not in err and "Traceback" not in err
+    saved = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
+    assert saved["epoch"] in (1, 2)
+    summary = train(folder_args(tiny_data, tmp_path, "--workers", "2", "--epochs", "3", "--resume",
+                                str(tmp_path / "checkpoint.pth.tar")))
+    assert summary["epoch"] == 3 and not summary["interrupted"]
+
+
+def test_diverging_run_stops_with_one_line_and_keeps_the_finite_checkpoint(tmp_path):
+    # One finite epoch, then the same run resumed at a learning rate no network survives.
+    train(run_args(tmp_path, "--run-epochs", "1"))
+    finite = float_tensors(tmp_path / "checkpoint.pth.tar")
+    result = subprocess.run([sys.executable, "main.py", *run_args(tmp_path, "--lr", "1e30", "--resume",
+                                                                  str(tmp_path / "checkpoint.pth.tar"))],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("main.py: error: training diverged at epoch 1, iteration "), lines
+    assert "last finite loss" in lines[0] and "--lr" in lines[0]
+    after = float_tensors(tmp_path / "checkpoint.pth.tar")
+    assert all(torch.equal(finite[k], after[k]) for k in finite)  # not overwritten
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_checkpoint_writer_refuses_non_finite_weights(tmp_path):
+    writer = ckpt.CheckpointWriter(tmp_path)
+    writer.save({"epoch": 1, "state_dict": {"w": torch.ones(2)}}, is_best=True)
+    with pytest.raises(ckpt.CheckpointError, match=r"state_dict w holds NaN or infinite values"):
+        writer.save({"epoch": 2, "state_dict": {"w": torch.tensor([1.0, float("nan")])}}, is_best=True)
+    with pytest.raises(ckpt.CheckpointError, match=r"state_dict_ema w"):
+        writer.save({"epoch": 2, "state_dict": {"w": torch.ones(2)}, "state_dict_ema": {"w": torch.full((2,), float("inf"))}},
+                    is_best=False)
+    for name in ("checkpoint.pth.tar", "model_best.pth.tar"):
+        assert torch.load(tmp_path / name, weights_only=True)["epoch"] == 1
+
+
+def test_fp16_skipped_steps_are_normal_until_too_many_in_a_row():
+    from image_classification.divergence import MAX_SKIPPED_STEPS, DivergenceError, DivergenceGuard
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    # The fp16 path's scaler, on CPU, started high enough to halve 200 times without reaching 0.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 100, enabled=True)
+    guard = DivergenceGuard(scaler, "causes")
+    x = torch.ones(1, 2)
+
+    def step(factor: float) -> None:
+        loss = model(x).sum() * factor
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+        guard.after_step(0, 1)
+        guard.check_loss(loss.item(), 0, 1)  # a non-finite loss is the scaler's business here
+
+    for _ in range(MAX_SKIPPED_STEPS - 1):
+        step(float("inf"))
+    step(1.0)  # one finite step resets the count
+    assert guard.skipped_steps == 0
+    for _ in range(MAX_SKIPPED_STEPS - 1):
+        step(float("nan"))
+    with pytest.raises(DivergenceError, match=f"not finite for {MAX_SKIPPED_STEPS} steps in a row"):
+        step(float("nan"))
+    # Without loss scaling the first non-finite loss the loop reads stops the run.
+    plain = DivergenceGuard(torch.amp.GradScaler("cpu", enabled=False), "a learning rate too high (--lr)")
+    plain.check_loss(2.5, 0, 10)
+    with pytest.raises(DivergenceError, match=r"epoch 0, iteration 20: the training loss is nan \(last finite "
+                                              r"loss 2.50000 at epoch 0, iteration 10\); likely causes: a learning"):
+        plain.check_loss(float("nan"), 0, 20)
+
+
+# --- the workspace -------------------------------------------------------------------------------------------
+
+def test_full_disk_is_one_line_naming_the_file_and_keeps_the_previous_checkpoint(tmp_path):
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux) to mount a small tmpfs")
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot create a mount namespace here: {probe.stderr.decode().strip()}")
+    # The size of one checkpoint of this run, measured, then a file system with room for it but not for two.
+    measure = tmp_path / "measure"
+    train(run_args(measure, "--run-epochs", "1", "--training-only"))
+    size = (measure / "checkpoint.pth.tar").stat().st_size
+    small = tmp_path / "small"
+    small.mkdir()
+    command = " ".join(shlex.quote(a) for a in [sys.executable, "main.py", *run_args(small, "--training-only")])
+    script = f"mount -t tmpfs -o size={size * 3 // 2} tmpfs {shlex.quote(str(small))} && {command}; " \
+             f"status=$?; ls -a {shlex.quote(str(small))}; " \
+             f"{sys.executable} -c \"import torch; print('epoch', torch.load('{small}/checkpoint.pth.tar', " \
+             f"weights_only=True)['epoch'])\"; exit $status"
+    result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr
+    errors = result.stderr.strip().splitlines()
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"main.py: error: cannot write {small / 'checkpoint.pth.tar'}: no space left")
+    assert re.search(r"\(\d+\.\d (KiB|MiB) free, about \d+\.\d MiB needed\); the previous file is kept", errors[0])
+    listing = result.stdout.split()
+    assert "checkpoint.pth.tar" in listing and not [n for n in listing if n.endswith(".tmp")]
+    assert "epoch 1" in result.stdout  # the first epoch's checkpoint, intact
+
+
+def test_no_temporary_file_survives_a_killed_write_and_files_follow_the_umask(tmp_path):
+    path = tmp_path / "checkpoint.pth.tar"
+    code = ("import os, signal, torch\n"
+            "os.umask(0o027)\n"
+            "from image_classification import checkpoint as c\n"
+            f"c.atomic_save({{'epoch': 1}}, {str(path)!r})\n"
+            f"c.write_class_names({str(tmp_path)!r}, ['a', 'b'])\n"
+            "real = torch.save\n"
+            "def save(obj, f, *a, **k):\n"
+            "    real(obj, f, *a, **k); os.kill(os.getpid(), signal.SIGKILL)\n"
+            "torch.save = save\n"
+            f"c.atomic_save({{'epoch': 2, 'w': torch.zeros(100000)}}, {str(path)!r})\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=120)
+    assert result.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth.tar", "classes.txt"]
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    for name in ("checkpoint.pth.tar", "classes.txt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name  # 0o666 under umask 027, as torch.save
+
+
+def test_refused_run_leaves_no_report_and_an_earlier_report_untouched(tmp_path):
+    with pytest.raises(ckpt.CheckpointError):
+        train(run_args(tmp_path, "--resume", str(tmp_path / "missing.pth.tar")))
+    assert list(tmp_path.iterdir()) == []
+    report = tmp_path / "experiment_raport.json"
+    report.write_text("DLLL {}\n")
+    with pytest.raises(ValueError, match="data folder"):
+        train(run_args(tmp_path, "--data-backend", "pytorch", str(tmp_path / "no-such-data")))
+    assert report.read_text() == "DLLL {}\n"
+
+
+def test_resume_mismatch_names_the_architecture_and_the_class_count(tmp_path):
+    train(run_args(tmp_path, "--run-epochs", "1", "--arch", "efficientnet-b1"))
+    path = str(tmp_path / "checkpoint.pth.tar")
+    result = subprocess.run([sys.executable, "main.py", *run_args(tmp_path, "--resume", path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"main.py: error: --resume {path}: the checkpoint is efficientnet-b1, --arch is efficientnet-b0; resume "
+        "with --arch efficientnet-b1"]
+    with pytest.raises(ValueError, match=r"the checkpoint has 4 classes, --num_classes is 5; resume with "
+                                         r"--num_classes 4$"):
+        train(run_args(tmp_path, "--arch", "efficientnet-b1", "--num_classes", "5", "--resume", path))

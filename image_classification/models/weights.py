@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..cli import UserError
 
-class WeightsError(ValueError):
+
+class WeightsError(UserError):
     """Weights that cannot be read or do not fit the model; the message says what and where."""
 
 
@@ -75,9 +77,30 @@ def _fit_se_shapes(state_dict: dict[str, torch.Tensor], expected: Mapping[str, t
             state_dict[key] = value.reshape(target.shape)
 
 
+def first_non_finite(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or infinity, or None when all are finite."""
+    for key, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return key
+    return None
+
+
+def check_finite(state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """WeightsError naming `source` and its first tensor with NaN or infinite values (a run that diverged)."""
+    bad = first_non_finite(state_dict)
+    if bad is not None:
+        raise WeightsError(f"{source}: {bad} holds NaN or infinite values (the run that wrote these weights "
+                           "diverged); use an earlier checkpoint")
+
+
 def fit_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "weights",
-                   reset_classifier: bool = False) -> dict[str, torch.Tensor]:
-    """Return `state_dict` adapted to `model`, or raise WeightsError describing exactly what differs."""
+                   reset_classifier: bool = False, resuming: bool = False) -> dict[str, torch.Tensor]:
+    """Return `state_dict` adapted to `model`, or raise WeightsError describing exactly what differs.
+
+    `resuming`: the weights come from --resume, whose remedy for another class count is --num_classes
+    (--reset-classifier is for starting from weights).
+    """
+    check_finite(state_dict, source)
     fitted = remap_reference_keys(state_dict)
     # Families with state of their own (quantizer ranges of efficientnet-quant-*) adapt the dict first.
     adapt = getattr(model, "adapt_state_dict", None)
@@ -95,6 +118,9 @@ def fit_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], sou
                    if k in fitted and fitted[k].shape != v.shape]
     if classifier and wrong_shape and {k for k, *_ in wrong_shape} <= set(classifier):
         have, want = wrong_shape[0][1][0], wrong_shape[0][2][0]
+        if resuming:
+            raise WeightsError(f"{source}: the checkpoint has {have} classes, --num_classes is {want}; resume "
+                               f"with --num_classes {have}")
         raise WeightsError(f"{source}: trained for {have} classes, the model has {want} (--num_classes). "
                            f"To fine-tune on {want} classes from these weights, add --reset-classifier.")
     if missing or unexpected or wrong_shape:
