@@ -528,7 +528,9 @@ def test_generated_cli(tmp_path, capsys):
     assert generated_main(["--output", str(tmp_path / "d"), "--classes", "2", "--train-per-class", "1",
                            "--val-per-class", "1", "--image-size", "16"]) == 0
     assert "wrote 4 images" in capsys.readouterr().out
-    assert generated_main(["--output", str(tmp_path / "e"), "--classes", "99"]) == 2
+    with pytest.raises(SystemExit) as exc:
+        generated_main(["--output", str(tmp_path / "e"), "--classes", "99"])
+    assert exc.value.code == 2 and "--classes: must be an integer in [1, 10], got 99" in capsys.readouterr().err
 
 
 def test_bench_quick_runs():

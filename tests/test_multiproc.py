@@ -53,6 +53,11 @@ class Loader:
         self.x[torch.arange(n), self.y] += 1.0
         self.batch_size, self.ctx, self.seed, self.train = batch_size, ctx, seed, train
         self.classes, self.num_samples, self.epoch, self.skip = ["a", "b", "c"], n, 0, 0
+        self.epoch_bad_files = 0
+    def state_dict(self):
+        return {{}}
+    def load_state_dict(self, state):
+        pass
     def set_epoch(self, epoch, skip_batches=0):
         self.epoch, self.skip = epoch, skip_batches
     def __len__(self):

@@ -125,8 +125,8 @@ def test_stage_flags_defaults_and_one_stage_ignores_base_values():
         (300, 9, 0.0, 0.0)  # the base values default to the final size/magnitude and to no mixing
     args = parse_args(["/d", "--arch", "efficientnet-b0", "--epochs", "3", "--image-size", "64", "--mixup", "0.0",
                        "--base-image-size", "16", "--base-mixup", "0.5", "--base-cutmix", "1",
-                       "--base-randaug-magnitude", "99"])
-    schedule = progressive_schedule(args, 224)  # --n-stages 1 (default): base values are not even validated
+                       "--base-randaug-magnitude", "20"])
+    schedule = progressive_schedule(args, 224)  # --n-stages 1 (default): base values have no effect
     assert {(s.image_size, s.mixup, s.cutmix, s.randaug_magnitude) for s in map(schedule.settings, range(3))} == \
         {(64, 0.0, 0.0, 9)}
     assert not schedule.mixes()  # so the loss stays on integer labels, exactly as without the base flags
@@ -142,16 +142,19 @@ def test_help_documents_the_stage_flags(capsys):
     assert "With --n-stages 1 the --base-* values have no effect" in text
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--n-stages", "3"], "--n-stages 3 is more than --epochs 2"),
-    (["--n-stages", "0"], "--n-stages must be at least 1"),
-    (["--n-stages", "2", "--base-image-size", "0"], "--base-image-size must be positive"),
-    (["--augmentation", "randaugment", "--randaug-magnitude", "31"], "--randaug-magnitude must be between 0 and 30"),
-    (["--n-stages", "2", "--base-randaug-magnitude", "-1"], "--base-randaug-magnitude must be between 0 and 30"),
-    (["--cutmix", "-0.5"], "--cutmix alpha must be >= 0"),
-    (["--eval-image-size", "-3"], "--eval-image-size must be positive"),
+@pytest.mark.parametrize("extra,message,status", [
+    (["--n-stages", "3"], "--n-stages 3 is more than --epochs 2", 1),  # flags that disagree: found when set up
+    # A value out of its own range: refused while parsing (status 2).
+    (["--n-stages", "0"], "argument --n-stages: must be an integer >= 1", 2),
+    (["--n-stages", "2", "--base-image-size", "0"], "argument --base-image-size: must be an integer >= 1", 2),
+    (["--augmentation", "randaugment", "--randaug-magnitude", "31"],
+     "argument --randaug-magnitude: must be an integer in [0, 30]", 2),
+    (["--n-stages", "2", "--base-randaug-magnitude=-1"],
+     "argument --base-randaug-magnitude: must be an integer in [0, 30]", 2),
+    (["--cutmix=-0.5"], "argument --cutmix: must be a finite number >= 0", 2),
+    (["--eval-image-size=-3"], "argument --eval-image-size: must be an integer >= 1", 2),
 ])
-def test_inconsistent_stage_flags_are_one_line_errors(tmp_path, capsys, extra, message):
+def test_inconsistent_stage_flags_are_one_line_errors(tmp_path, capsys, extra, message, status):
     sys.path.insert(0, str(ROOT))
     try:
         import main as main_py
@@ -161,7 +164,7 @@ def test_inconsistent_stage_flags_are_one_line_errors(tmp_path, capsys, extra, m
             *extra]
     with pytest.raises(SystemExit) as exc:
         main_py.main(argv)
-    assert exc.value.code == 1
+    assert exc.value.code == status
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"main.py: error: {message}"), lines
     assert not (tmp_path / "experiment_raport.json").exists()  # refused before anything ran

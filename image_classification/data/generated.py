@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..cli import ArgumentParser, error_message, print_error
+from ..cli import ArgumentParser, Number, error_message, print_error
 
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
 TEXTURES = ("stripes", "checker", "dots", "waves")
@@ -175,12 +175,13 @@ def main(argv: list[str] | None = None) -> int:
                                 description="Write a procedurally drawn ImageNet-layout dataset "
                                             f"(classes: {', '.join(CLASS_NAMES)}).")
     p.add_argument("--output", required=True, type=Path, help="dataset folder to write (train/ and val/)")
-    p.add_argument("--classes", type=int, default=DEFAULT_CLASSES, help="number of classes (default: %(default)s)")
-    p.add_argument("--train-per-class", type=int, default=DEFAULT_TRAIN_PER_CLASS,
+    p.add_argument("--classes", type=Number(int, low=1, high=len(CLASS_NAMES)), default=DEFAULT_CLASSES,
+                   help="number of classes (default: %(default)s)")
+    p.add_argument("--train-per-class", type=Number(int, low=0), default=DEFAULT_TRAIN_PER_CLASS,
                    help="training images per class (default: %(default)s)")
-    p.add_argument("--val-per-class", type=int, default=DEFAULT_VAL_PER_CLASS,
+    p.add_argument("--val-per-class", type=Number(int, low=0), default=DEFAULT_VAL_PER_CLASS,
                    help="validation images per class (default: %(default)s)")
-    p.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE,
+    p.add_argument("--image-size", type=Number(int, low=8), default=DEFAULT_IMAGE_SIZE,
                    help="side of the square images in pixels (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed; the same seed writes the same bytes (default: 0)")
     args = p.parse_args(argv)
