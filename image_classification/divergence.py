@@ -42,6 +42,16 @@ class DivergenceGuard:
         elif not self.scaler.is_enabled():
             self._fail(f"the training loss is {loss}", epoch, iteration)
 
+    def check_weights(self, model: torch.nn.Module, epoch: int, iteration: int) -> None:
+        """At the end of an epoch (one synchronisation for all tensors): raise when a step after the last logged
+        loss left NaN or infinite weights, before validation and checkpoints see them."""
+        tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+        if bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+            return
+        bad = next(name for name, t in model.state_dict().items()
+                   if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+        self._fail(f"the weights hold NaN or infinite values ({bad}) after its last step", epoch, iteration)
+
     def resumed(self, history: list[dict]) -> None:
         """A resumed run: the last finite loss so far is the last finished epoch's."""
         for epoch, record in reversed(list(enumerate(history))):

@@ -438,6 +438,7 @@ def train_one_epoch(engine: Engine, loader, epoch: int, state: RunState, logger:
     epoch_loss = epoch_meter.averages(ctx.distributed)["loss"]
     if iterations:
         engine.guard.check_loss(epoch_loss, epoch, iteration + 1)
+        engine.guard.check_weights(engine.model, epoch, iteration + 1)
     if stopped:
         state.epoch_meter = epoch_meter.state_dict()
     return {

@@ -634,3 +634,25 @@ def test_resume_mismatch_names_the_architecture_and_the_class_count(tmp_path):
     with pytest.raises(ValueError, match=r"the checkpoint has 4 classes, --num_classes is 5; resume with "
                                          r"--num_classes 4$"):
         train(run_args(tmp_path, "--arch", "efficientnet-b1", "--num_classes", "5", "--resume", path))
+
+
+def test_weights_made_non_finite_by_the_last_step_stop_the_run_before_validation(tmp_path, monkeypatch):
+    # The loss of the epoch's last step is finite (computed before the step), the step itself leaves NaN weights.
+    from image_classification import training
+    real_step = training.train_step
+
+    calls = {"n": 0}
+
+    def poisoned_step(engine, *args, **kwargs):
+        loss = real_step(engine, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:  # the epoch's last (--prof 3)
+            with torch.no_grad():
+                engine.model.classifier.fc.bias.fill_(float("nan"))
+        return loss
+    monkeypatch.setattr(training, "train_step", poisoned_step)
+    from image_classification.divergence import DivergenceError
+    with pytest.raises(DivergenceError, match=r"epoch 0, iteration 3: the weights hold NaN or infinite values "
+                                              r"\(classifier.fc.bias\) after its last step"):
+        train(run_args(tmp_path, "--print-freq", "100"))
+    assert not (tmp_path / "checkpoint.pth.tar").exists()
