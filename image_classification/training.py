@@ -577,7 +577,7 @@ def main(args: argparse.Namespace, *, prepare_model: PrepareModel | None = None,
         if args.seed is not None:
             seed_everything(args.seed + ctx.local_rank)
         job = setup_run(args, ctx, prepare_model)
-        with job.logger, StopRequest() as stop:
+        with job.logger, job, StopRequest() as stop:
             job.logger.begin()
             if ctx.is_main_process and job.args.save_checkpoints and not args.evaluate:
                 job.writer = ckpt.CheckpointWriter(args.workspace, prefix=checkpoint_prefix,
@@ -605,6 +605,15 @@ class Job:
     val_loader: object | None        # None with --training-only
     logger: Logger
     writer: ckpt.CheckpointWriter | None = None   # rank 0 of a run that saves checkpoints
+
+    def __enter__(self) -> "Job":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Stop the loaders' worker processes and pipelines now, whether the run ended well or not."""
+        for loader in (self.train_loader, self.val_loader):
+            if loader is not None:
+                loader.close()
 
 
 def setup_run(args, ctx: ExecutionContext, prepare_model: PrepareModel | None) -> Job:

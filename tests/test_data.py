@@ -351,6 +351,22 @@ def test_pytorch_workers_ignore_stop_signals_and_close_still_stops_them(generate
     assert not closing.is_alive() and not any(worker.is_alive() for worker in workers)
 
 
+def test_a_process_that_fails_with_live_loader_workers_still_exits(generated):
+    # The exception's traceback keeps the loader and its workers alive until interpreter exit, where
+    # multiprocessing joins its children after a SIGTERM that our workers ignore: without closing the loaders
+    # first, the process (a run that stopped on an error) never exited.
+    code = ("from image_classification.context import ExecutionContext\n"
+            "from image_classification.data import build_train_loader\n"
+            f"data = build_train_loader('pytorch', {str(generated)!r}, image_size=16, batch_size=4, "
+            "ctx=ExecutionContext(), workers=2, seed=0)\n"
+            "data.set_epoch(0)\n"
+            "batches = iter(data)\n"
+            "next(batches)\n"
+            "raise RuntimeError('the run failed')\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "the run failed" in result.stderr
+
+
 # --- bad input --------------------------------------------------------------------------------------------
 
 def warnings_naming(caplog, name: str) -> list[str]:

@@ -9,9 +9,11 @@ main process, which owns the stop, must outlive its workers long enough to save 
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import random
 import signal
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 
@@ -214,6 +216,19 @@ def _init_worker(base_seed: int, worker_id: int) -> None:
     torch.manual_seed(seed)
 
 
+# Loaders with worker processes, closed at interpreter exit before multiprocessing's own exit handler runs
+# (atexit is last-in first-out, and torch registered that one when it was imported): that handler joins every
+# child after a terminate(), whose SIGTERM our workers ignore, so a process leaving with a live DataLoader
+# iterator (an exception's traceback keeps the loader alive) would wait for its workers forever.
+_LOADERS_WITH_WORKERS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_loaders_at_exit() -> None:
+    for loader in list(_LOADERS_WITH_WORKERS):
+        loader.close()
+
+
 class PytorchLoader(Loader):
     """torch DataLoader over a FolderDataset with a per-epoch shard sampler; normalises on the device."""
 
@@ -235,6 +250,8 @@ class PytorchLoader(Loader):
         self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, drop_last=train,
                                  num_workers=workers, collate_fn=collate, pin_memory=ctx.pin_memory(),
                                  generator=torch.Generator().manual_seed(seed + ctx.rank), **worker_options)
+        if workers > 0:
+            _LOADERS_WITH_WORKERS.add(self)
 
     def close(self) -> None:
         """Stop the persistent workers now (a progressive run replaces its train loader at every stage)."""
