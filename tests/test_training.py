@@ -204,14 +204,7 @@ def test_killed_write_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch)
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth.tar"]
 
 
-def test_killed_process_mid_write_leaves_previous_checkpoint(tmp_path):
-    path = tmp_path / "checkpoint.pth.tar"
-    ckpt.atomic_save({"epoch": 1}, path)
-    # A child starts a large atomic write and is SIGKILLed before the rename.
-    code = ("import sys, torch, os, signal\n"
-            "from image_classification import checkpoint as c\n"
-            "real = torch.save\n"
-            "def save(obj, f, *a, **k):\n"
+def save(obj, f, *a, **k):\n"
             "    real(obj, f, *a, **k); os.kill(os.getpid(), signal.SIGKILL)\n"
             "torch.save = save\n"
             f"c.atomic_save({{'epoch': 2, 'w': torch.zeros(1000)}}, {str(path)!r})\n")
