@@ -119,6 +119,11 @@ def build_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     A combination configs.yml does not hold exits with status 2 (a bad command line); a --cfg_file that cannot
     be read raises ConfigError (bad input: status 1 from launch.py).
     """
+    return _build(argv)[0]
+
+
+def _build(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict, list[str]]:
+    """(main.py's arguments, the configuration's defaults, the command-line flags after launch.py's own)."""
     from .arguments import parse_args
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -137,13 +142,43 @@ def build_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                               f"platforms: {', '.join(config['platform'])}; precisions: "
                               f"{', '.join(config['precision'])}; modes: {', '.join(config['mode'])}")
         defaults = resolve_defaults(known.model, known.precision, known.mode, known.platform, config)
-        return parse_args(rest, defaults=defaults, prog=PROG)
+        return parse_args(rest, defaults=defaults, prog=PROG), defaults, rest
     except ValueError as err:  # ConfigError, or a config key that is not a main.py flag
         parser.error(str(err))
+
+
+def fit_to_cpu(args: argparse.Namespace, defaults: Mapping, argv: Sequence[str]) -> list[str]:
+    """A GPU platform's settings on a run without a GPU (a DGX recipe tried on a laptop or a CPU node): the ones that
+    only make sense with GPUs are changed for the CPU, unless the command line itself asked for them. Returns one
+    note per change. gpu_affinity pins processes to their GPU's cores (none), dali-gpu decodes on the GPU
+    (dali-cpu runs the same pipeline on the CPU), and loader workers share the cores with the compute threads
+    (at most half the cores, as the CPU platform's)."""
+    from .context import select_device
+    try:
+        if select_device(None if args.device == "auto" else args.device).type != "cpu":
+            return []
+    except ValueError:
+        return []  # a device this machine lacks: the run itself says so
+    given = {token.split("=", 1)[0] for token in argv if token.startswith("-")}
+    notes = []
+    if defaults.get("gpu_affinity", "none") != "none" and "--gpu-affinity" not in given:
+        notes.append(f"gpu_affinity {args.gpu_affinity} of this platform pins processes near their GPU; off on "
+                     "this CPU run")
+        args.gpu_affinity = "none"
+    if defaults.get("data_backend") == "dali-gpu" and "--data-backend" not in given:
+        notes.append("data_backend dali-gpu of this platform decodes on the GPU; dali-cpu on this CPU run")
+        args.data_backend = "dali-cpu"
+    if "workers" in defaults and not given & {"-j", "--workers"} and args.workers > cpu_workers_limit():
+        notes.append(f"workers {args.workers} of this platform: {cpu_workers_limit()} on this CPU run (half the "
+                     "cores, which the model's compute threads share)")
+        args.workers = cpu_workers_limit()
+    return notes
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """launch.py: build main.py's arguments from configs.yml and the command line, then run the job in-process."""
     from .training import main as run
-    args = run_cli(PROG, build_args, argv)
+    args, defaults, rest = run_cli(PROG, _build, argv)
+    for note in fit_to_cpu(args, defaults, rest):
+        print(f"{PROG}: note: {note}", file=sys.stderr)
     return run_cli(PROG, run, args)

@@ -10,6 +10,7 @@ The quantizers are placed by models.quantized; this module never fake-quantizes 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -44,7 +45,9 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int = 10, calibr
 
     Weights: per-channel absolute max. Inputs: `histogram` (the reference: a histogram of |x|, the
     range at its 99.99th percentile), `percentile` (the same histogram at the `percentile`-th
-    percentile) or `max` (running absolute max, Model Optimizer's max calibration).
+    percentile) or `max` (running absolute max, Model Optimizer's max calibration), of the activations
+    QAT trains on: BatchNorm normalises with batch statistics (see `batch_statistics`). Ranges that are
+    not finite are refused, naming the quantizer.
 
     The KL-divergence (entropy) and MSE reads of the histogram are not offered: on the small
     generated data set they clip the SE inputs (a few values per image) to a tenth of their range
@@ -70,7 +73,8 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int = 10, calibr
             except StopIteration:
                 break
             start = time.perf_counter()
-            m(images)
+            with batch_statistics(m):
+                m(images)
             if synchronize is not None:
                 synchronize()
             now = time.perf_counter()
@@ -100,12 +104,50 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int = 10, calibr
     if stats["batches"] == 0:
         raise UserError("calibration saw no data: the training loader is empty")
     require_ranges(model, source="calibration")
+    check_finite_ranges(model)
     total = stats["data_time"] + stats["compute_time"]
     return {
         "calib.total_ips": stats["images"] / total if total > 0 else 0.0,
         "calib.data_time": stats["data_time"] / stats["batches"],
         "calib.compute_latency": stats["compute_time"] / stats["batches"],
     }
+
+
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module):
+    """BatchNorm layers normalise with each batch's own statistics; their running statistics stay untouched.
+
+    Calibration must see the activations QAT trains on, and QAT trains in training mode, where BatchNorm uses
+    batch statistics. Running statistics (eval mode) describe the same activations only once they have
+    converged: for a briefly trained float model (BN momentum 0.01, a few hundred steps) they are still near
+    their initial 0/1, eval-mode activations grow by orders of magnitude through the network (to inf in b4),
+    and ranges taken from them made the first QAT step's gradients NaN. Dropout and stochastic depth stay
+    off (the model itself is in eval mode).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.training, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+             for m in norms]
+    for m in norms:
+        m.train()
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+    try:
+        yield
+    finally:
+        for m, (training, momentum, tracked) in zip(norms, saved):
+            m.train(training)
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+
+
+def check_finite_ranges(model: nn.Module) -> None:
+    """Refuse calibrated ranges that are not finite (activations overflowed), naming the first quantizer."""
+    for name, quantizer in quantizers(model).items():
+        amax = quantizer.amax
+        if amax is not None and not bool(torch.isfinite(amax).all()):
+            raise UserError(f"calibration: {name} got a range of {float(amax.max())}: the model's activations "
+                            "overflow on the calibration batches, so its float weights cannot be quantized (did the "
+                            "float run diverge? check it with main.py --evaluate)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -151,3 +151,23 @@ def test_benchmark_runs_on_cpu_and_reports_latency_percentiles(tmp_path):
 def _summary(path: Path) -> dict:
     records = [json.loads(line[5:]) for line in path.read_text().splitlines() if line.startswith("DLLL ")]
     return [r["data"] for r in records if r["step"] == []][-1]
+
+
+def test_gpu_platform_settings_on_a_cpu_run_are_fitted_with_a_note():
+    from image_classification.launcher import _build, fit_to_cpu
+    args, defaults, rest = _build(_argv("efficientnet-b0", "AMP", "convergence", "DGXA100", "--device", "cpu"))
+    notes = fit_to_cpu(args, defaults, rest)
+    assert args.gpu_affinity == "none" and args.workers == cpu_workers_limit() and len(notes) == 2
+    assert notes[0].startswith("gpu_affinity socket_unique_contiguous of this platform")
+    # What the command line asks for itself stays, and a GPU-only request is then refused by the run.
+    args, defaults, rest = _build(_argv("efficientnet-b0", "AMP", "convergence", "DGXA100", "--device", "cpu",
+                                        "--gpu-affinity", "socket", "-j", "6"))
+    assert fit_to_cpu(args, defaults, rest) == [] and (args.gpu_affinity, args.workers) == ("socket", 6)
+    config = load_config()
+    gpu_decoding = [(m, p, prec) for m, p, prec in available_configurations(config)
+                    if config["models"][m][p][prec].get("data_backend") == "dali-gpu"]
+    if gpu_decoding:
+        model, platform, precision = gpu_decoding[0]
+        args, defaults, rest = _build(_argv(model, precision, "convergence", platform, "--device", "cpu"))
+        fit_to_cpu(args, defaults, rest)
+        assert args.data_backend == "dali-cpu"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import re
 import subprocess
 import sys
@@ -212,28 +213,6 @@ def test_onnx_export_has_qdq_and_onnxruntime_agrees(calibrated, tmp_path):
         export_onnx_quantized(build(), tmp_path / "uncalibrated.onnx", image_size=SIZE)
 
 
-def float_model_with_data_statistics(data: Path, image_size: int) -> torch.nn.Module:
-    """An untrained b0 whose BatchNorm running statistics are those of `data`'s training images, as any trained
-    model's are. Calibrating a model with the initial statistics (mean 0, variance 1) sets ranges that the
-    batch statistics of QAT's training mode exceed by orders of magnitude: clipped channels become constant,
-    BatchNorm's backward amplifies their gradient ~30x per layer, and the first steps diverge (now refused)."""
-    from image_classification.context import create_context
-    from image_classification.data import build_train_loader
-    torch.manual_seed(0)
-    model = get_entry("efficientnet-b0")(num_classes=2).train()
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None  # a cumulative average over the batches below
-    loader = build_train_loader("pytorch", str(data), image_size=image_size, batch_size=4,
-                                ctx=create_context(device="cpu"), workers=0, seed=0)
-    with torch.no_grad():
-        for epoch in range(3):
-            loader.set_epoch(epoch)
-            for images, _ in loader:
-                model(images)
-    return model
-
-
 def image_folder(root: Path, classes: int = 2, per_class: int = 4) -> Path:
     """A tiny ImageFolder tree (train/ and val/) of solid-colour-per-class PNGs."""
     from PIL import Image
@@ -253,7 +232,7 @@ def test_quant_main_calibrates_trains_evaluates_and_resumes(tmp_path, capsys):
     import quant_main
     data = image_folder(tmp_path / "data")
     float_weights = tmp_path / "float.pth"
-    torch.save(float_model_with_data_statistics(data, 64).state_dict(), float_weights)
+    torch.save(get_entry("efficientnet-b0")(num_classes=2).state_dict(), float_weights)
     # 64 px and batch 4: at 32 px and batch 2 the last stages are 1x1 and their BatchNorm normalises two values
     # per channel, whose backward multiplies the gradient ~10x per block (in float too): QAT diverges there.
     common = [str(data), "--arch", "efficientnet-quant-b0", "--num_classes", "2", "--data-backend", "pytorch",
@@ -278,3 +257,41 @@ def test_quant_main_calibrates_trains_evaluates_and_resumes(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         quant_main.main(common + ["--epochs", "1", "--evaluate", "--pretrained-from-file", str(float_weights)])
     assert exc.value.code == 1 and "stem.conv.input_quantizer" in capsys.readouterr().err
+
+
+def test_calibration_reads_batch_statistics_and_leaves_running_statistics_alone():
+    model = build(trt=True).train()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [(m.running_mean.clone(), m.running_var.clone(), int(m.num_batches_tracked)) for m in norms]
+    calibrate(model, batches(2), num_batches=2)
+    assert model.training and all(m.training and m.momentum == 0.01 for m in norms)
+    for m, (mean, var, tracked) in zip(norms, before):
+        assert torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var)
+        assert int(m.num_batches_tracked) == tracked
+    assert all(bool(torch.isfinite(q.amax).all()) for q in quantizers(model).values())
+
+
+@pytest.mark.parametrize("arch,recipe", [
+    ("b0", ["--optimizer", "sgd", "--lr", "0.0125", "--momentum", "0.89", "--weight-decay", "4.50e-05",
+            "--lr-schedule", "cosine"]),
+    ("b4", ["--optimizer", "rmsprop", "--lr", "4.09e-06", "--momentum", "0.9", "--weight-decay", "9.714e-04",
+            "--lr-schedule", "linear", "--rmsprop-alpha", "0.853", "--rmsprop-eps", "0.00422"]),
+])
+def test_qat_from_a_briefly_trained_float_model_stays_finite_at_the_recipes_settings(tmp_path, arch, recipe):
+    # One epoch of two steps leaves BN's running statistics near their initial 0/1 (momentum 0.01). Ranges
+    # calibrated with them (eval mode) were orders of magnitude off the activations QAT trains on (inf in b4,
+    # whose histogram calibration then crashed) and the first QAT step's gradients were NaN.
+    import quant_main
+    from image_classification.training import main as train
+    from image_classification.arguments import parse_args
+    data = image_folder(tmp_path / "data")
+    common = ["--num_classes", "2", "--data-backend", "pytorch", "--image-size", "32", "-b", "4", "-j", "0"]
+    train(parse_args([str(data), "--arch", f"efficientnet-{arch}", *common, "--epochs", "2", "--run-epochs", "1",
+                      "--workspace", str(tmp_path / "float")]))
+    summary = quant_main.main([str(data), "--arch", f"efficientnet-quant-{arch}", *common, *recipe,
+                               "--epochs", "2", "--run-epochs", "1", "--print-freq", "1", "--calibration-batches", "2",
+                               "--pretrained-from-file", str(tmp_path / "float" / "checkpoint.pth.tar"),
+                               "--workspace", str(tmp_path / "qat")])
+    assert math.isfinite(summary["train.loss"])
+    saved = torch.load(tmp_path / "qat" / "quantized_checkpoint.pth.tar", weights_only=True)
+    assert all(bool(torch.isfinite(v).all()) for v in saved["state_dict"].values() if v.is_floating_point())
