@@ -204,15 +204,6 @@ def test_killed_write_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch)
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth.tar"]
 
 
-def save(obj, f, *a, **k):\n"
-            "    real(obj, f, *a, **k); os.kill(os.getpid(), signal.SIGKILL)\n"
-            "torch.save = save\n"
-            f"c.atomic_save({{'epoch': 2, 'w': torch.zeros(1000)}}, {str(path)!r})\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=120)
-    assert result.returncode == -signal.SIGKILL
-    assert torch.load(path, weights_only=True)["epoch"] == 1
-
-
 def test_rng_state_round_trip_is_weights_only():
     torch.manual_seed(0), np.random.seed(0)
     import random
@@ -373,8 +364,8 @@ def test_gpu_affinity_modes_and_cpu_refusal():
     c, d = affinity_for("single_unique", 2, sockets), affinity_for("single_unique", 3, sockets)
     assert not set(c) & set(d)
     from image_classification.gpu_affinity import set_affinity
-    with pytest.raises(ValueError, match="--gpu-affinity socket"):
-        set_affinity("socket", create_context(device="cpu"))
+    with pytest.warns(UserWarning, match="--gpu-affinity socket pins .* this run is on cpu, so it is ignored"):
+        assert set_affinity("socket", create_context(device="cpu")) is None
 
 
 def test_plot_report_writes_png(tmp_path):
