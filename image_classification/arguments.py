@@ -164,8 +164,9 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
                         "large tensor afresh (b0 training 1.5x faster on 2 cores, resident memory stays near its "
                         "peak); system leaves glibc's defaults (not in the reference) (default: %(default)s)")
     g.add_argument("--gpu-affinity", default="none", type=gpu_affinity.canonical_mode, choices=gpu_affinity.MODES,
-                   help="pin each process to the CPU cores near its GPU (GPU runs only; single and single_unique "
-                        "are accepted for socket_single and socket_single_unique) (default: %(default)s)")
+                   help="pin each process to the CPU cores near its GPU (a run without a GPU ignores it with a "
+                        "warning; single and single_unique are accepted for socket_single and socket_single_unique) "
+                        "(default: %(default)s)")
 
     g = p.add_argument_group("run control")
     g.add_argument("-p", "--print-freq", type=Number(int, low=1), default=10, metavar="N",

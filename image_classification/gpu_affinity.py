@@ -12,6 +12,7 @@ local core list share a socket. Hyper-thread siblings stay together when cores a
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from .cli import UserError
@@ -91,13 +92,23 @@ def affinity_for(mode: str, gpu_index: int, local_cpus_per_gpu: list[list[int]])
 
 
 def set_affinity(mode: str, ctx) -> list[int] | None:
-    """Pin this process for its GPU; returns the CPU list, None for mode none. GPU runs only."""
+    """Pin this process for its GPU; returns the CPU list, or None when nothing was pinned (mode none, a run
+    without a GPU, or no allowed core near the GPU: the last two with a warning)."""
     if mode == "none":
         return None
     if not ctx.is_cuda:
-        raise UserError(f"--gpu-affinity {mode} pins processes to the cores near their GPU; this run is on "
-                         f"{ctx.device.type}, use --gpu-affinity none")
+        # A performance hint, as --amp is on a CPU: a DGX recipe run on a machine without a GPU still runs.
+        warnings.warn(f"--gpu-affinity {mode} pins processes to the cores near their GPU; this run is on "
+                      f"{ctx.device.type}, so it is ignored", stacklevel=2)
+        return None
     pci_ids = ctx.pci_bus_ids()
-    cpus = affinity_for(mode, ctx.device.index or 0, [_local_cpus(pci) for pci in pci_ids])
+    wanted = affinity_for(mode, ctx.device.index or 0, [_local_cpus(pci) for pci in pci_ids])
+    # A container's or job's cpuset may leave out some of those cores: pinning to them would be refused (EINVAL).
+    allowed = os.sched_getaffinity(0)
+    cpus = [cpu for cpu in wanted if cpu in allowed]
+    if not cpus:
+        warnings.warn(f"--gpu-affinity {mode}: none of the cores near GPU {ctx.device} ({wanted}) is available to "
+                      f"this process ({sorted(allowed)}); affinity left as it is", stacklevel=2)
+        return None
     os.sched_setaffinity(0, cpus)
     return cpus

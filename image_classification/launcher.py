@@ -149,10 +149,10 @@ def _build(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict, list[s
 
 def fit_to_cpu(args: argparse.Namespace, defaults: Mapping, argv: Sequence[str]) -> list[str]:
     """A GPU platform's settings on a run without a GPU (a DGX recipe tried on a laptop or a CPU node): the ones that
-    only make sense with GPUs are changed for the CPU, unless the command line itself asked for them. Returns one
-    note per change. gpu_affinity pins processes to their GPU's cores (none), dali-gpu decodes on the GPU
-    (dali-cpu runs the same pipeline on the CPU), and loader workers share the cores with the compute threads
-    (at most half the cores, as the CPU platform's)."""
+    cannot run or would crowd a CPU are changed, unless the command line itself asked for them. Returns one note
+    per change: dali-gpu decodes on the GPU (dali-cpu runs the same pipeline on the CPU), and loader workers
+    share the cores with the compute threads (at most half the cores, as the CPU platform's). gpu_affinity is
+    left to the run, which ignores it with a warning on a CPU."""
     from .context import select_device
     try:
         if select_device(None if args.device == "auto" else args.device).type != "cpu":
@@ -161,10 +161,6 @@ def fit_to_cpu(args: argparse.Namespace, defaults: Mapping, argv: Sequence[str])
         return []  # a device this machine lacks: the run itself says so
     given = {token.split("=", 1)[0] for token in argv if token.startswith("-")}
     notes = []
-    if defaults.get("gpu_affinity", "none") != "none" and "--gpu-affinity" not in given:
-        notes.append(f"gpu_affinity {args.gpu_affinity} of this platform pins processes near their GPU; off on "
-                     "this CPU run")
-        args.gpu_affinity = "none"
     if defaults.get("data_backend") == "dali-gpu" and "--data-backend" not in given:
         notes.append("data_backend dali-gpu of this platform decodes on the GPU; dali-cpu on this CPU run")
         args.data_backend = "dali-cpu"

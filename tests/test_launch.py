@@ -157,12 +157,13 @@ def test_gpu_platform_settings_on_a_cpu_run_are_fitted_with_a_note():
     from image_classification.launcher import _build, fit_to_cpu
     args, defaults, rest = _build(_argv("efficientnet-b0", "AMP", "convergence", "DGXA100", "--device", "cpu"))
     notes = fit_to_cpu(args, defaults, rest)
-    assert args.gpu_affinity == "none" and args.workers == cpu_workers_limit() and len(notes) == 2
-    assert notes[0].startswith("gpu_affinity socket_unique_contiguous of this platform")
-    # What the command line asks for itself stays, and a GPU-only request is then refused by the run.
+    assert args.workers == cpu_workers_limit() and notes == [
+        f"workers 10 of this platform: {cpu_workers_limit()} on this CPU run (half the cores, which the model's "
+        "compute threads share)"]
+    # What the command line asks for itself stays.
     args, defaults, rest = _build(_argv("efficientnet-b0", "AMP", "convergence", "DGXA100", "--device", "cpu",
-                                        "--gpu-affinity", "socket", "-j", "6"))
-    assert fit_to_cpu(args, defaults, rest) == [] and (args.gpu_affinity, args.workers) == ("socket", 6)
+                                        "-j", "6"))
+    assert fit_to_cpu(args, defaults, rest) == [] and args.workers == 6
     config = load_config()
     gpu_decoding = [(m, p, prec) for m, p, prec in available_configurations(config)
                     if config["models"][m][p][prec].get("data_backend") == "dali-gpu"]

@@ -150,13 +150,15 @@ def test_help_documents_main_and_model_flags():
         assert flag in result.stdout, flag
 
 
-def test_cpu_run_refuses_gpu_affinity(tmp_path):
+def test_cpu_run_ignores_gpu_affinity_with_a_warning(tmp_path):
+    # A performance hint, as --amp on a CPU: the reference's DGX lines (configs.yml sets the affinity) still run.
     result = subprocess.run([sys.executable, "main.py", "--arch", "efficientnet-b0", "--data-backend", "synthetic",
-                             "--image-size", "32", "-b", "2", "--num_classes", "2", "--device", "cpu",
-                             "--gpu-affinity", "socket", "--workspace", str(tmp_path)],
+                             "--image-size", "32", "-b", "2", "--num_classes", "2", "--device", "cpu", "--epochs", "1",
+                             "--prof", "1", "--gpu-affinity", "socket", "--workspace", str(tmp_path)],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.startswith("main.py: error: --gpu-affinity socket")
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    assert "--gpu-affinity socket pins processes to the cores near their GPU; this run is on cpu, so it is " \
+           "ignored" in result.stderr
 
 
 def test_jit_modes():
