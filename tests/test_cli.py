@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import prefork
 from image_classification.cli import EXIT_ERROR, EXIT_USAGE, Number
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +59,7 @@ BAD_FLAG = [
 
 
 def run_script(script: str, argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, script, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return prefork.run([sys.executable, script, *argv], cwd=ROOT, timeout=300)  # a process of its own, imports shared
 
 
 def one_error_line(result: subprocess.CompletedProcess) -> str:

@@ -44,31 +44,25 @@ class TinyEntry:
 
 register("tiny-bn-free", TinyEntry())
 
-class Loader:
+from image_classification.data import Loader as BaseLoader
+
+class Loader(BaseLoader):
     """Global permutation per epoch, interleaved shards (sample k goes to rank k % world), as DistributedSampler."""
     def __init__(self, n, batch_size, ctx, seed, train):
+        super().__init__(classes=["a", "b", "c"], batch_size=batch_size, num_samples=n // ctx.world_size,
+                         drop_last=True, ctx=ctx)
         g = torch.Generator().manual_seed(1234 if train else 4321)
         self.x = torch.randn(n, 3, 8, 8, generator=g)
         self.y = torch.randint(0, 3, (n,), generator=g)
         self.x[torch.arange(n), self.y] += 1.0
-        self.batch_size, self.ctx, self.seed, self.train = batch_size, ctx, seed, train
-        self.classes, self.num_samples, self.epoch, self.skip = ["a", "b", "c"], n, 0, 0
-        self.epoch_bad_files = 0
-    def state_dict(self):
-        return {{}}
-    def load_state_dict(self, state):
-        pass
-    def set_epoch(self, epoch, skip_batches=0):
-        self.epoch, self.skip = epoch, skip_batches
-    def __len__(self):
-        return self.num_samples // (self.ctx.world_size * self.batch_size)
-    def __iter__(self):
-        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch)) \\
-            if self.train else torch.arange(self.num_samples)
+        self.n, self.seed, self.train = n, seed, train
+    def _iterate(self, epoch, skip_batches):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)) \\
+            if self.train else torch.arange(self.n)
         mine = order[self.ctx.rank::self.ctx.world_size]
-        for b in range(self.skip, len(self)):
+        for b in range(skip_batches, len(self)):
             index = mine[b * self.batch_size:(b + 1) * self.batch_size]
-            yield self.x[index], self.y[index]
+            yield (self.x[index], self.y[index]), 0
 
 import image_classification.data as data
 data.build_train_loader = lambda backend, d, *, batch_size, ctx, seed=None, **kw: Loader(64, batch_size, ctx, seed, True)
