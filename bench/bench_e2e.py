@@ -39,7 +39,7 @@ from bench_train import RMSPROP, make_step, recipe_lr  # noqa: E402
 
 def launch_argv(args: argparse.Namespace, arch: str, batch: int, size: int, workspace: Path) -> list[str]:
     """launch.py's command line for the bench's settings; flags after the config names override configs.yml."""
-    argv = ["--model", f"efficientnet-{arch}", "--precision", "FP32" if args.precision == "fp32" else "AMP",
+    argv = ["--model", f"efficientnet-{arch}", "--precision", {"fp32": "FP32", "tf32": "TF32"}.get(args.precision, "AMP"),
             "--mode", "benchmark_training_short", "--platform", args.platform,
             "--prof", str(args.iterations), "-b", str(batch), "--image-size", str(size),
             "--workspace", str(workspace), "--raport-file", "raport.json",

@@ -29,7 +29,7 @@ from image_classification.context import (  # noqa: E402
     CPU_ALLOCATORS, ExecutionContext, create_context, set_cpu_allocator)
 
 PEERS = ("timm", "torchvision")
-PRECISIONS = ("fp32", "bf16", "amp")
+PRECISIONS = ("fp32", "tf32", "bf16", "amp")
 
 
 # --- model entries ------------------------------------------------------------------------------------------
@@ -119,7 +119,9 @@ def add_common_arguments(p: argparse.ArgumentParser, *, default_models: str, def
     p.add_argument("--batch-sizes", default=default_batch_sizes, help="comma-separated (default: %(default)s)")
     p.add_argument("--image-size", type=int, default=None, help="input resolution (default: the arch's own)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                   help="fp32; bf16 = bf16 autocast (CPU); amp = the device's --amp (fp16 on GPU, bf16 on CPU)")
+                   help="fp32 (true float32: TF32 off on GPUs); tf32 = float32 with TF32 convolutions and matmuls "
+                        "on Ampere and newer GPUs (fp32 on a CPU); bf16 = bf16 autocast (CPU); amp = the device's "
+                        "--amp (fp16 on GPU, bf16 on CPU)")
     p.add_argument("--memory-format", default="nchw", choices=("nchw", "nhwc"),
                    help="layout of the plain `ours` entries (default: %(default)s)")
     p.add_argument("--compile", action="store_true", help="torch.compile the plain `ours` entries")
@@ -153,8 +155,9 @@ def context_from_args(args: argparse.Namespace) -> ExecutionContext:
     """Our ExecutionContext for the run: device, autocast dtype and memory format as main.py would set them."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    ctx = create_context(device=None if args.device == "auto" else args.device, amp=args.precision != "fp32",
-                         memory_format=args.memory_format)
+    ctx = create_context(device=None if args.device == "auto" else args.device,
+                         amp=args.precision not in ("fp32", "tf32"), memory_format=args.memory_format,
+                         allow_tf32=args.precision != "fp32")
     if args.precision == "bf16" and ctx.is_cuda:
         raise ValueError("--precision bf16 is the CPU autocast; on GPU use --precision amp (fp16 with loss scaling)")
     if not ctx.is_cuda:

@@ -11,7 +11,7 @@ import sys
 
 from . import gpu_affinity
 from .cli import ArgumentParser, Number, UserError, check_numbers
-from .context import CPU_ALLOCATORS
+from .context import CPU_ALLOCATORS, DIST_BACKENDS
 from .data import AUGMENTATIONS
 from .models import available_models, get_entry
 from .progressive import RANDAUG_MAX_MAGNITUDE
@@ -163,6 +163,10 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
                    help="CPU runs under glibc: retain keeps freed memory for the next step instead of mapping every "
                         "large tensor afresh (b0 training 1.5x faster on 2 cores, resident memory stays near its "
                         "peak); system leaves glibc's defaults (not in the reference) (default: %(default)s)")
+    g.add_argument("--dist-backend", default="auto", choices=DIST_BACKENDS,
+                   help="process-group backend of a multi-process run: auto is nccl on GPUs and gloo on CPUs; "
+                        "gloo lets several processes share one GPU, which NCCL refuses (not in the reference) "
+                        "(default: %(default)s)")
     g.add_argument("--gpu-affinity", default="none", type=gpu_affinity.canonical_mode, choices=gpu_affinity.MODES,
                    help="pin each process to the CPU cores near its GPU (a run without a GPU ignores it with a "
                         "warning; single and single_unique are accepted for socket_single and socket_single_unique) "

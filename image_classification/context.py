@@ -107,6 +107,31 @@ class ExecutionContext:
         return ids
 
 
+def _ranks_per_gpu(dev: torch.device, requested: str | None) -> int:
+    """How many of this node's processes use `dev`: all of them for an explicit cuda:N, else those beyond a GPU each."""
+    if dev.type != "cuda":
+        return 1
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if requested not in (None, "", "auto") and torch.device(requested).index is not None:
+        return local_world_size
+    return -(-local_world_size // torch.cuda.device_count())
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """Within the block, CUDA float32 convolutions and matmuls run in float32, not TF32.
+
+    cuDNN's TF32 convolutions are on by default on Ampere and newer GPUs (10 mantissa bits): a check of a
+    model against another runtime's float32 needs them off. The previous settings come back afterwards.
+    """
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def memory_format_from_name(name: str) -> torch.memory_format:
     """Map the reference's --memory-format value (nchw|nhwc) to a torch memory format."""
     formats = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
@@ -172,17 +197,34 @@ def set_cpu_allocator(mode: str) -> bool:
                                     for param in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD))
 
 
+DIST_BACKENDS = ("auto", "nccl", "gloo")
+
+
+def dist_backend_for(requested: str, device: torch.device, ranks_per_gpu: int = 1) -> str:
+    """The process-group backend: auto is NCCL on GPUs and gloo on CPUs; NCCL needs one GPU per rank."""
+    if requested not in DIST_BACKENDS:
+        raise UserError(f"--dist-backend must be one of {DIST_BACKENDS}, got {requested!r}")
+    backend = requested if requested != "auto" else "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise UserError("--dist-backend nccl needs GPUs; this run is on the CPU: use --dist-backend gloo (or auto)")
+    if backend == "nccl" and ranks_per_gpu > 1:
+        raise UserError(f"{ranks_per_gpu} processes share {device} and NCCL refuses two ranks on one GPU: start "
+                        "one process per GPU, or pass --dist-backend gloo")
+    return backend
+
+
 def create_context(
     device: str | None = None,
     amp: bool = False,
     memory_format: str = "nchw",
     allow_tf32: bool = True,
     amp_flags: tuple[str, str] = ("--amp", "leave --amp off"),
+    dist_backend: str = "auto",
 ) -> ExecutionContext:
     """Build the context from CLI-level choices, joining the process group when launched distributed.
 
     `amp_flags` says, in the calling script's words, how mixed precision was asked for and how to turn it off,
-    for the warning on CPUs that emulate bf16.
+    for the warning on CPUs that emulate bf16. `dist_backend` is --dist-backend (see `dist_backend_for`).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -201,7 +243,8 @@ def create_context(
         warnings.warn(f"{asked} on this CPU ({torch.backends.cpu.get_cpu_capability()}, no AVX512-BF16/AMX) runs "
                       f"bf16 emulated, several times slower than fp32; {turn_off} here", stacklevel=2)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", init_method="env://")
+        backend = dist_backend_for(dist_backend, dev, ranks_per_gpu=_ranks_per_gpu(dev, device))
+        dist.init_process_group(backend=backend, init_method="env://")
     return ExecutionContext(
         device=dev,
         amp=amp,

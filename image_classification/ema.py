@@ -1,7 +1,9 @@
 """Exponential moving average of the weights (--use-ema), validated as val_ema.
 
-After every optimizer step: shadow = μ'·shadow + (1-μ')·weights with μ' = min(μ, (1+step)/(10+step)),
-over parameters and buffers except BatchNorm's num_batches_tracked (the reference's rule).
+After every training iteration: shadow = μ'·shadow + (1-μ')·weights with μ' = min(μ, (1+step)/(10+step)),
+over parameters and buffers except BatchNorm's num_batches_tracked, where step is the run's iteration
+(epoch × iterations per epoch + iteration, from 0): the reference's rule. With gradient accumulation the
+weights change only every few iterations, and the shadow moves towards them at each one, as the reference's.
 """
 from __future__ import annotations
 

@@ -35,6 +35,7 @@ METRIC_METADATA: dict[str, dict[str, str]] = {
     "compute_latency_at99": {"unit": "s", "format": ":.5f"},
     "compute_latency_at95": {"unit": "s", "format": ":.5f"},
     "compute_latency_at90": {"unit": "s", "format": ":.5f"},
+    "first_batch_latency": {"unit": "s", "format": ":.5f"},
     "lr": {"unit": None, "format": ":.5f"},
     "grad_scale": {"unit": None, "format": ":.1f"},
     "image_size": {"unit": "px", "format": ":d"},

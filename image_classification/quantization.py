@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from .cli import Number, UserError
-from .models.quantized import CALIBRATORS, QuantEfficientNet, modelopt_quantization, quant_config, quantizers, \
-    require_ranges
+from .models.quantized import CALIBRATORS, QuantEfficientNet, modelopt_quantization, place_ranges, quant_config, \
+    quantizers, require_ranges
 
 # The reference's calibration: histograms of |x|, the range read off at the 99.99th percentile.
 REFERENCE_PERCENTILE = 99.99
@@ -105,6 +105,7 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int = 10, calibr
         raise UserError("calibration saw no data: the training loader is empty")
     require_ranges(model, source="calibration")
     check_finite_ranges(model)
+    place_ranges(model)
     total = stats["data_time"] + stats["compute_time"]
     return {
         "calib.total_ips": stats["images"] / total if total > 0 else 0.0,

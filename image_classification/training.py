@@ -55,7 +55,7 @@ TRAIN_METRICS = ["loss", "total_ips", "compute_ips", "data_time", "compute_time"
                  "bad_files"]
 VAL_METRICS = ["loss", "top1", "top5", "total_ips", "compute_ips", "data_time", "compute_latency",
                "compute_latency_at100", "compute_latency_at99", "compute_latency_at95", "compute_latency_at90",
-               "bad_files"]
+               "first_batch_latency", "bad_files"]
 # How a metric is summarised over epochs in the run summary (step []), as DLLogger's aggregators.
 SUMMARY_BEST = {"top1": max, "top5": max, "loss": min}
 SIGNAL_CHECK_EVERY = 20  # distributed runs agree on a stop request every N iterations (the reference's bound)
@@ -103,7 +103,7 @@ class RunState:
     iteration: int = 0               # next batch of `epoch` (non-zero only after a mid-epoch stop)
     best_prec1: float = 0.0
     validated: bool = False          # whether best_prec1 comes from a validation (the first one is always best)
-    optimizer_steps: int = 0         # EMA warm-up counts these
+    optimizer_steps: int = 0
     epochs_without_improvement: int = 0
     data_seed: int = 0
     history: list = field(default_factory=list)   # epoch records, for the run summary (kept across --resume)
@@ -397,8 +397,8 @@ def train_one_epoch(engine: Engine, loader, epoch: int, state: RunState, logger:
         if optimizer_step:
             state.optimizer_steps += 1
             engine.guard.after_step(epoch, iteration + 1)
-            if engine.ema is not None:
-                engine.ema.update(engine.model, state.optimizer_steps)
+        if engine.ema is not None:  # every iteration, counted over the run, as the reference
+            engine.ema.update(engine.model, epoch * len(loader) + iteration)
         weighted = (loss.detach() * batch).view(1)
         epoch_meter.add(weighted, batch)
         interval_meter.add(weighted, batch)
@@ -501,6 +501,7 @@ def validate(model: nn.Module, loader, ctx: ExecutionContext, logger: Logger, ar
     length = len(loader) if args.prof <= 0 else min(len(loader), args.prof)
     meter = SumMeter(["loss", "top1", "top5"], ctx.device)
     latencies: list[float] = []
+    batch_sizes: list[int] = []
     images_seen = 0
     data_time_sum = 0.0
     progress = Progress(prefix, length, enabled=ctx.is_main_process)
@@ -515,6 +516,7 @@ def validate(model: nn.Module, loader, ctx: ExecutionContext, logger: Logger, ar
         meter.add(torch.cat([loss.view(1).double(), correct.double()]), images.shape[0])
         ctx.synchronize()  # latency is the thing measured here
         latencies.append(time.perf_counter() - compute_start)
+        batch_sizes.append(images.shape[0])
         images_seen += images.shape[0]
         progress.update(i, images.shape[0])
         if (i + 1) % args.print_freq == 0:
@@ -523,19 +525,24 @@ def validate(model: nn.Module, loader, ctx: ExecutionContext, logger: Logger, ar
     progress.close()
     elapsed = time.perf_counter() - start
     averages = meter.averages(ctx.distributed)
-    compute = sum(latencies)
+    # The first batch pays for warm-up (cuDNN's algorithm search, torch.compile, lazy allocation): reported
+    # apart, and compute speed and latencies are those of the batches after it (all of them when only one ran).
+    first = latencies[0] if latencies else 0.0
+    steady, steady_images = (latencies[1:], sum(batch_sizes[1:])) if len(latencies) > 1 else (latencies, images_seen)
+    compute = sum(steady)
     result = {
         f"{prefix}.loss": averages["loss"],
         f"{prefix}.top1": 100.0 * averages["top1"],
         f"{prefix}.top5": 100.0 * averages["top5"],
         f"{prefix}.total_ips": images_seen * ctx.world_size / elapsed if elapsed > 0 else 0.0,
-        f"{prefix}.compute_ips": images_seen * ctx.world_size / compute if compute > 0 else 0.0,
+        f"{prefix}.compute_ips": steady_images * ctx.world_size / compute if compute > 0 else 0.0,
         f"{prefix}.data_time": data_time_sum / max(len(latencies), 1),
-        f"{prefix}.compute_latency": compute / max(len(latencies), 1),
+        f"{prefix}.compute_latency": compute / max(len(steady), 1),
+        f"{prefix}.first_batch_latency": first,
         f"{prefix}.bad_files": _count(loader.epoch_bad_files, ctx),
     }
     for q in (100, 99, 95, 90):
-        result[f"{prefix}.compute_latency_at{q}"] = percentile(latencies, q)
+        result[f"{prefix}.compute_latency_at{q}"] = percentile(steady, q)
     return result
 
 
@@ -568,7 +575,7 @@ def main(args: argparse.Namespace, *, prepare_model: PrepareModel | None = None,
     The summary's "interrupted" is True when SIGTERM/SIGINT stopped the run (its checkpoint written).
     """
     ctx = create_context(device=None if args.device == "auto" else args.device, amp=args.amp,
-                         memory_format=args.memory_format, allow_tf32=args.tf32)
+                         memory_format=args.memory_format, allow_tf32=args.tf32, dist_backend=args.dist_backend)
     if not ctx.is_cuda and not set_cpu_allocator(args.cpu_allocator):
         warnings.warn(f"--cpu-allocator {args.cpu_allocator} needs glibc; this C library keeps its own defaults",
                       stacklevel=2)
@@ -641,7 +648,9 @@ def setup_run(args, ctx: ExecutionContext, prepare_model: PrepareModel | None) -
     model = model.to(ctx.device, memory_format=ctx.memory_format)
     if prepare_model is not None:
         prepare_model(args, model, train_loader, ctx, logger)
-    train_model = wrap_distributed(compile_model(model, args.jit, frozen=args.evaluate), ctx)
+    train_model = compile_model(model, args.jit, frozen=args.evaluate)
+    if not args.evaluate:  # evaluation all-reduces its metrics and needs no gradient synchronisation
+        train_model = wrap_distributed(train_model, ctx)
     scaler = ctx.grad_scaler(args.static_loss_scale)
     engine = Engine(ctx=ctx, model=model, train_model=train_model,
                     criterion=build_loss(args.label_smoothing, schedule.max_mixup, schedule.max_cutmix).to(ctx.device),

@@ -62,6 +62,27 @@ def test_mismatch_is_an_error(tmp_path):
         verify_onnx(model, path, torch.randn(2, 3, SIZE, SIZE), tolerance=DEFAULT_TOLERANCE)
 
 
+def test_export_and_verification_run_in_true_fp32(tmp_path, monkeypatch):
+    """cuDNN's TF32 convolutions are on by default; onnxruntime's are float32, so the check must compare float32."""
+    import image_classification.export as export
+    seen = []
+    for name in ("export_onnx", "verify_onnx"):
+        original = getattr(export, name)
+        def spy(*args, _original=original, _name=name, **kwargs):
+            seen.append((_name, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(export, name, spy)
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        assert main(["--arch", "efficientnet-b0", "--num_classes", "4", "--image-size", str(SIZE), "-b", "1",
+                     "--output", str(tmp_path / "b0.onnx"), "--device", "cpu"]) == 0
+        assert seen == [("export_onnx", False, False), ("verify_onnx", False, False)]
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32  # restored
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def test_dynamo_exporter(tmp_path):
     model = _model("efficientnet-b0")
     with pytest.raises(ExportError, match="opset 18"):

@@ -1,4 +1,5 @@
-"""multiproc.py: a 2-process gloo run equals the single-process run on the same global batch.
+"""multiproc.py: a 2-process gloo run (training, or --evaluate without DDP) equals the single-process run on the
+same global batch.
 
 The equivalence needs a model without BatchNorm (batch statistics differ per rank) and data whose
 global batches do not depend on the number of processes, so the worker script below registers a
@@ -44,6 +45,11 @@ class TinyEntry:
 
 register("tiny-bn-free", TinyEntry())
 
+if "--evaluate" in sys.argv:  # evaluation needs no gradient all-reduce, so no DDP
+    def refuse_ddp(*args, **kwargs):
+        raise AssertionError("--evaluate wrapped the model in DistributedDataParallel")
+    nn.parallel.DistributedDataParallel = refuse_ddp
+
 from image_classification.data import Loader as BaseLoader
 
 class Loader(BaseLoader):
@@ -74,13 +80,13 @@ main.main()
 '''
 
 
-def _run(tmp_path: Path, name: str, nproc: int, batch: int) -> Path:
+def _run(tmp_path: Path, name: str, nproc: int, batch: int, *extra: str) -> Path:
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER.format(root=str(ROOT)))
     workspace = tmp_path / name
     flags = ["--arch", "tiny-bn-free", "--data-backend", "synthetic", "-b", str(batch), "--epochs", "2",
              "--lr", "0.2", "--momentum", "0.9", "--wd", "1e-3", "--lr-schedule", "cosine", "--seed", "5",
-             "--print-freq", "2", "--workspace", str(workspace), "--device", "cpu", "-j", "0"]
+             "--print-freq", "2", "--workspace", str(workspace), "--device", "cpu", "-j", "0", *extra]
     command = [sys.executable, "multiproc.py", "--nproc_per_node", str(nproc), "--master_port", str(29511 + nproc),
                str(worker), *flags]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240,
@@ -97,7 +103,7 @@ def _epochs(workspace: Path) -> dict[int, dict]:
 
 def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path):
     single = _run(tmp_path, "single", nproc=1, batch=8)
-    double = _run(tmp_path, "double", nproc=2, batch=4)
+    double = _run(tmp_path, "double", 2, 4, "--dist-backend", "gloo")
     a = torch.load(single / "checkpoint.pth.tar", weights_only=True)
     b = torch.load(double / "checkpoint.pth.tar", weights_only=True)
     assert a["epoch"] == b["epoch"] == 2
@@ -109,6 +115,14 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path)
     for epoch in ea:
         for key in ("train.loss", "val.loss", "val.top1", "val.top5"):
             assert ea[epoch][key] == pytest.approx(eb[epoch][key], rel=1e-5, abs=1e-6), (epoch, key)
+
+
+def test_evaluation_on_two_processes_equals_one_process_without_ddp(tmp_path):
+    single = _epochs(_run(tmp_path, "single", 1, 8, "--evaluate"))
+    double = _epochs(_run(tmp_path, "double", 2, 4, "--evaluate"))
+    assert sorted(single) == sorted(double) == [0]
+    for key in ("val.loss", "val.top1", "val.top5"):
+        assert single[0][key] == pytest.approx(double[0][key], rel=1e-5, abs=1e-6), key
 
 
 def test_a_failing_worker_is_named_and_the_launcher_exits_non_zero(tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import re
 import subprocess
@@ -90,6 +91,36 @@ def test_default_calibration_sets_finite_positive_ranges(calibrated):
     assert calibrated.stem.conv.input_quantizer.amax.shape == ()
     # The attention operand of the SE multiply is a sigmoid output.
     assert calibrated.layers[0].block0.se.mul_a_quantizer.amax <= 1.0
+
+
+def _devices(model: torch.nn.Module) -> set[str]:
+    return {t.device.type for t in itertools.chain(model.parameters(), model.buffers())}
+
+
+@pytest.mark.parametrize("calibrator", ["histogram", "max"])
+def test_calibration_leaves_every_range_on_the_models_device(calibrator, monkeypatch):
+    """Model Optimizer's histogram calibrator returns CPU ranges for a model on any device; DDP on an NCCL-only
+    group then fails to broadcast them. Here the model lives on the meta device and the calibrators (both made to
+    return CPU ranges, without reading the meta activations) stand for that."""
+    from image_classification.models.quantized import modelopt_quantization
+    calib = modelopt_quantization().calib
+    for kind in (calib.HistogramCalibrator, calib.MaxCalibrator):
+        monkeypatch.setattr(kind, "collect", lambda self, x: None)
+        monkeypatch.setattr(kind, "compute_amax", lambda self, *args, **kwargs: torch.tensor(1.0))
+    model = build().to("meta")
+    calibrate(model, [torch.randn(2, 3, SIZE, SIZE, device="meta")], num_batches=1, calibrator=calibrator)
+    assert not missing_ranges(model)
+    assert _devices(model) == {"meta"}
+
+
+def test_loaded_ranges_join_the_models_device(calibrated):
+    """A QAT checkpoint read on the CPU into a model already on its device (--resume, the EMA copy)."""
+    from image_classification.models.weights import fit_state_dict
+    model = build().to("meta")
+    assert missing_ranges(model)
+    model.load_state_dict(fit_state_dict(model, calibrated.state_dict(), source="qat.pth"))
+    assert not missing_ranges(model)
+    assert _devices(model) == {"meta"}
 
 
 @pytest.mark.parametrize("calibrator", ["max", "percentile"])

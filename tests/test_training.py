@@ -39,7 +39,7 @@ TRAIN_KEYS = {"train.loss", "train.total_ips", "train.compute_ips", "train.data_
               "train.lr", "train.grad_scale"}
 VAL_KEYS = {"val.loss", "val.top1", "val.top5", "val.total_ips", "val.compute_ips", "val.data_time",
             "val.compute_latency", "val.compute_latency_at100", "val.compute_latency_at99",
-            "val.compute_latency_at95", "val.compute_latency_at90"}
+            "val.compute_latency_at95", "val.compute_latency_at90", "val.first_batch_latency"}
 
 
 def run_args(workspace: Path, *extra: str) -> list[str]:
@@ -314,6 +314,45 @@ def test_ema_update_formula_skips_num_batches_tracked():
     assert ema_decay(0.999, 10**6) == 0.999
 
 
+def test_ema_moves_every_iteration_counted_over_the_run_also_between_accumulated_steps(tmp_path, monkeypatch):
+    """The reference's cadence: ema(model, epoch * steps_per_epoch + i) after every iteration."""
+    needs_data_module()
+    from image_classification.data.synthetic import TRAIN_BATCHES
+    steps = []
+    update = EMA.update
+    monkeypatch.setattr(EMA, "update", lambda self, model, step: (steps.append(step), update(self, model, step)))
+    train(run_args(tmp_path, "--use-ema", "0.9", "--optimizer-batch-size", "8", "--no-checkpoints"))
+    assert steps == [0, 1, 2, TRAIN_BATCHES, TRAIN_BATCHES + 1, TRAIN_BATCHES + 2]  # --prof 3 of each epoch
+
+
+def test_validation_reports_the_warm_up_batch_apart(monkeypatch):
+    """Latencies and compute speed are the steady batches'; the first (cuDNN search, compilation) has its own."""
+    import argparse
+    import image_classification.training as training
+    from image_classification.data.synthetic import SyntheticLoader
+    clock = [0.0]
+    monkeypatch.setattr(training.time, "perf_counter", lambda: clock[0])
+
+    class Timed(nn.Module):  # the first forward costs 10 s of the fake clock, each later one 1 s
+        def __init__(self):
+            super().__init__()
+            self.calls, self.fc = 0, nn.Linear(3, 4)
+
+        def forward(self, x):
+            self.calls += 1
+            clock[0] += 10.0 if self.calls == 1 else 1.0
+            return self.fc(x.mean((2, 3)))
+
+    ctx = create_context(device="cpu")
+    loader = SyntheticLoader(image_size=8, batch_size=2, ctx=ctx, num_classes=4, batches_per_epoch=5)
+    args = argparse.Namespace(prof=-1, topk=5, print_freq=10)
+    result = training.validate(Timed(), loader, ctx, Logger(None, enabled=False), args)
+    assert result["val.first_batch_latency"] == 10.0
+    assert result["val.compute_latency"] == result["val.compute_latency_at100"] == 1.0
+    assert result["val.compute_ips"] == 2.0  # 8 images of the 4 steady batches in 4 s
+    assert result["val.total_ips"] == 10 / 14.0
+
+
 def test_bn_parameters_get_no_weight_decay():
     from image_classification.models import get_entry
     model = get_entry("efficientnet-b0")(num_classes=4)
@@ -352,6 +391,20 @@ def test_logger_writes_dllogger_lines(tmp_path):
     silent = Logger(tmp_path / "other.json", enabled=False)
     silent.log((), {"x": 1})
     assert not (tmp_path / "other.json").exists()
+
+
+def test_dist_backend_is_nccl_on_gpus_gloo_on_cpus_and_gloo_lets_ranks_share_a_gpu(monkeypatch):
+    from image_classification.cli import UserError
+    from image_classification.context import dist_backend_for
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert dist_backend_for("auto", gpu) == "nccl" and dist_backend_for("auto", cpu) == "gloo"
+    assert dist_backend_for("gloo", gpu, ranks_per_gpu=2) == "gloo"
+    with pytest.raises(UserError, match="NCCL refuses two ranks on one GPU.*--dist-backend gloo"):
+        dist_backend_for("auto", gpu, ranks_per_gpu=2)
+    with pytest.raises(UserError, match="--dist-backend nccl needs GPUs"):
+        dist_backend_for("nccl", cpu)
+    assert parse_args(["/data", "--dist-backend", "gloo"]).dist_backend == "gloo"
+    assert parse_args(["/data"]).dist_backend == "auto"
 
 
 def test_gpu_affinity_modes_and_cpu_refusal():

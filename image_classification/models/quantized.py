@@ -19,6 +19,7 @@ import logging
 import re
 import warnings
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -119,6 +120,21 @@ def quantizers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, TensorQuantizer) and m.is_enabled}
 
 
+def place_ranges(model: nn.Module) -> None:
+    """Move every quantizer's state (its range, `_amax`) to the device of the model's weights.
+
+    Ranges are born elsewhere: Model Optimizer's histogram and percentile calibrators return them as CPU
+    tensors, and a range made room for by a checkpoint load is created where the checkpoint was read. Left
+    there, DDP's buffer broadcast fails on an NCCL-only process group, and on one GPU every forward copies each
+    range to the device (about 100 blocking copies per b0 forward).
+    """
+    device = next(model.parameters()).device
+    TensorQuantizer = modelopt_quantization().nn.TensorQuantizer
+    for module in model.modules():
+        if isinstance(module, TensorQuantizer):
+            module.to(device)
+
+
 def missing_ranges(model: nn.Module) -> list[str]:
     """Names of enabled quantizers that have no range (`_amax`) yet: the model is not calibrated."""
     return [name for name, q in quantizers(model).items() if getattr(q, "amax", None) is None]
@@ -159,6 +175,12 @@ class QuantEfficientNet(EfficientNet):
             mtq.quantize(self, quant_config(), forward_loop=None)
         for quantizer in quantizers(self).values():
             quantizer.register_load_state_dict_pre_hook(_create_range_buffer)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """nn.Module's load, leaving the loaded ranges beside the weights (see `place_ranges`)."""
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        place_ranges(self)
+        return result
 
     def adapt_state_dict(self, state_dict: Mapping[str, torch.Tensor], source: str = "weights"
                          ) -> dict[str, torch.Tensor]:
