@@ -35,10 +35,13 @@ class ImageError(UserError):
     """An --image that cannot be read as a picture; the message names the file."""
 
 
+IMAGENET_NAMES_FILE = Path(__file__).with_name("imagenet_classes.txt")
+
+
 def imagenet_class_names() -> list[str]:
-    """The 1000 ImageNet class names in index order, from torchvision's weight metadata (no download)."""
-    from torchvision.models import EfficientNet_B0_Weights
-    return list(EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"])
+    """The 1000 ImageNet class names in index order, each the WordNet synonyms of its synset ("organ, pipe organ"),
+    as the reference's LOC_synset_mapping.json prints them (imagenet_classes.txt: ILSVRC-2012's synset lemmas)."""
+    return read_class_names(IMAGENET_NAMES_FILE)
 
 
 def read_class_names(path: str | Path) -> list[str]:
