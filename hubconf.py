@@ -1,5 +1,6 @@
 """torch.hub entry points: nvidia_efficientnet_b0 … b7, nvidia_efficientnet_widese_b0 … b7,
-nvidia_efficientnet_quant_b0 … b7 and nvidia_efficientnet_v2_s/m/l.
+nvidia_efficientnet_quant_b0 … b7 and nvidia_efficientnet_v2_s/m/l, and nvidia_convnets_processing_utils
+(image_classification/hub_utils.py).
 
     model = torch.hub.load("/path/to/this/checkout", "nvidia_efficientnet_b0", source="local", pretrained=False)
     model = torch.hub.load("/path/to/this/checkout", "nvidia_efficientnet_b4", source="local")  # NGC weights
@@ -35,4 +36,10 @@ def _register() -> list[str]:
     return names
 
 
-__all__ = _register()
+def nvidia_convnets_processing_utils():
+    """prepare_input_from_uri(uri, cuda=False) and pick_n_best(predictions, n=5), as NVIDIA's hub example uses them."""
+    from image_classification.hub_utils import ConvNetsProcessingUtils
+    return ConvNetsProcessingUtils()
+
+
+__all__ = [*_register(), "nvidia_convnets_processing_utils"]

@@ -53,3 +53,51 @@ def test_hub_load_local(name, params):
 def test_pretrained_without_published_weights_is_an_error():
     with pytest.raises(ValueError, match="no published NGC weights"):
         torch.hub.load(str(ROOT), "nvidia_efficientnet_b1", source="local", pretrained=True)
+
+
+@pytest.fixture
+def image_server(tmp_path):
+    """A JPEG in tmp_path/served, served over HTTP on 127.0.0.1."""
+    import functools
+    import http.server
+    import threading
+    from PIL import Image
+    root = tmp_path / "served"
+    root.mkdir()
+    pixels = torch.Generator().manual_seed(0)
+    Image.fromarray(torch.randint(0, 256, (240, 320, 3), generator=pixels, dtype=torch.uint8).numpy()).save(
+        root / "dog.jpg")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root / "dog.jpg", f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_processing_utils_as_nvidias_hub_example_uses_them(image_server, capsys):
+    from image_classification.inference import ImageError, load_image
+    local, base = image_server
+    utils = torch.hub.load(str(ROOT), "nvidia_convnets_processing_utils", source="local")
+    model = torch.hub.load(str(ROOT), "nvidia_efficientnet_b0", source="local", pretrained=False).eval()
+    uris = [str(local), f"{base}/dog.jpg"]
+    batch = torch.cat([utils.prepare_input_from_uri(uri) for uri in uris])
+    assert batch.shape == (2, 3, 224, 224)
+    torch.testing.assert_close(batch[0], batch[1])  # the download is the same picture
+    # The example's preprocessing: short side 256, centre crop 224, ImageNet mean and std on [0, 1] pixels.
+    expected = (load_image(local, 224).float() / 255 - torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)) \
+        / torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    torch.testing.assert_close(batch[0], expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        output = torch.nn.functional.softmax(model(batch), dim=1)
+    results = utils.pick_n_best(predictions=output, n=5)
+    assert len(results) == 2 and all(len(r) == 5 for r in results)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("sample 0: [(") and printed[1].startswith("sample 1: [(")
+
+    chosen = torch.zeros(1, 1000)
+    chosen[0, 687], chosen[0, 3] = 0.75, 0.25
+    assert utils.pick_n_best(chosen, n=2) == [[("organ, pipe organ", "75.0%"),
+                                               ("tiger shark, Galeocerdo cuvieri", "25.0%")]]
+    with pytest.raises(ImageError, match=f"{base}/missing.jpg: download failed"):
+        utils.prepare_input_from_uri(f"{base}/missing.jpg")
