@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Quantization-aware training of efficientnet-quant-*: main.py's flags, plus calibration before training.
 
-Float weights in, INT8 fake-quantized (Model Optimizer) training, checkpoints named quantized_<name>:
+Float weights in, INT8 fake-quantized (Model Optimizer) training; the latest checkpoint is quantized_<name>,
+the best model_best.pth.tar, as the reference names them:
 
     python quant_main.py /imagenet --arch efficientnet-quant-b0 --pretrained-from-file b0.pth \\
         --epochs 10 --optimizer sgd -b 128 --lr 0.0125 --lr-schedule cosine

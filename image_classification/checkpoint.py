@@ -5,8 +5,9 @@ reference; and scaler, rng, iteration (next batch of `epoch`, non-zero for a che
 SIGTERM), data_seed, epochs_without_improvement, arch, args. Everything is a tensor or a plain container,
 so files load with `weights_only=True`.
 
-Files in the workspace: <prefix><checkpoint-filename> (latest), <prefix>model_best.pth.tar (best val top-1)
-and, with --gather-checkpoints N, the last N of <prefix>checkpoint_<epoch:04>.pth.tar.
+Files in the workspace, as the reference names them: <prefix><checkpoint-filename> (latest; quant_main.py's
+prefix is quantized_), model_best.pth.tar (best val top-1) and, with --gather-checkpoints N, the last N of
+checkpoint_<epoch:04>.pth.tar.
 """
 from __future__ import annotations
 
@@ -215,21 +216,19 @@ def plain_args(args: argparse.Namespace) -> dict:
 class CheckpointWriter:
     """Writes the workspace's checkpoint files (main process only; the caller checks)."""
 
-    def __init__(self, workspace: str | Path, *, prefix: str = "", filename: str = "checkpoint.pth.tar",
-                 keep_last: int = 0):
+    def __init__(self, workspace: str | Path, *, filename: str = "checkpoint.pth.tar", keep_last: int = 0):
         self.workspace = Path(workspace)
-        self.prefix = prefix
-        self.latest = self.workspace / f"{prefix}{filename}"
-        self.best = self.workspace / f"{prefix}model_best.pth.tar"
+        self.latest = self.workspace / filename
+        self.best = self.workspace / "model_best.pth.tar"
         self.keep_last = keep_last
         # Temporary files of a write killed before its rename (where O_TMPFILE is not available) are garbage.
         if self.workspace.is_dir():
-            for pattern in (f".{prefix}*.pth.tar.*.tmp", f".{CLASS_NAMES_FILE}.*.tmp"):
+            for pattern in (".*.pth.tar.*.tmp", f".{CLASS_NAMES_FILE}.*.tmp"):
                 for stale in self.workspace.glob(pattern):
                     stale.unlink(missing_ok=True)
 
     def epoch_path(self, epoch: int) -> Path:
-        return self.workspace / f"{self.prefix}checkpoint_{epoch:04}.pth.tar"
+        return self.workspace / f"checkpoint_{epoch:04}.pth.tar"
 
     def save(self, state: dict, *, is_best: bool) -> Path:
         """Write the latest checkpoint, then copy it to the best and per-epoch files as asked.
@@ -251,7 +250,7 @@ class CheckpointWriter:
         return self.latest
 
     def _prune(self) -> None:
-        pattern = re.compile(re.escape(self.prefix) + r"checkpoint_(\d{4,})\.pth\.tar$")
+        pattern = re.compile(r"checkpoint_(\d{4,})\.pth\.tar$")
         epochs = sorted(int(m.group(1)) for p in self.workspace.iterdir() if (m := pattern.match(p.name)))
         for epoch in epochs[:-self.keep_last]:
             self.epoch_path(epoch).unlink(missing_ok=True)

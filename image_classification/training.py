@@ -587,8 +587,8 @@ def main(args: argparse.Namespace, *, prepare_model: PrepareModel | None = None,
         with job.logger, job, StopRequest() as stop:
             job.logger.begin()
             if ctx.is_main_process and job.args.save_checkpoints and not args.evaluate:
-                job.writer = ckpt.CheckpointWriter(args.workspace, prefix=checkpoint_prefix,
-                                                   filename=args.checkpoint_filename, keep_last=args.gather_checkpoints)
+                job.writer = ckpt.CheckpointWriter(args.workspace, filename=checkpoint_prefix + args.checkpoint_filename,
+                                                   keep_last=args.gather_checkpoints)
                 loader = job.train_loader if job.train_loader is not None else job.val_loader
                 ckpt.write_class_names(args.workspace, list(loader.classes))
             return evaluate(job) if args.evaluate else train(job, stop)

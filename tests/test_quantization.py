@@ -273,6 +273,9 @@ def test_quant_main_calibrates_trains_evaluates_and_resumes(tmp_path, capsys):
                               "--calibration-batches", "2", "--calibrator", "max"])
     checkpoint = tmp_path / "run" / "quantized_checkpoint.pth.tar"
     assert checkpoint.is_file()
+    # The reference's names: only the latest checkpoint carries the quantized_ prefix.
+    assert (tmp_path / "run" / "model_best.pth.tar").is_file()
+    assert not (tmp_path / "run" / "quantized_model_best.pth.tar").exists()
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
     assert saved["epoch"] == 1
     assert sum(k.endswith("._amax") for k in saved["state_dict"]) == 205
