@@ -21,6 +21,7 @@ import itertools
 import math
 import os
 import random
+import re
 import signal
 import time
 import warnings
@@ -222,10 +223,28 @@ def compile_model(model: nn.Module, jit: str, *, frozen: bool = False) -> nn.Mod
         return model
     if jit == "script":
         try:
-            return torch.jit.script(model)
+            with warnings.catch_warnings():  # its deprecation notice speaks to us, not to the user who chose it
+                warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+                scripted = torch.jit.script(model)
+        except UserError:
+            raise  # the model itself says what cannot be scripted (efficientnet-quant-*)
         except Exception as err:  # TorchScript reports many error types
-            raise UserError(f"--jit script: this model cannot be scripted ({type(err).__name__}: "
-                             f"{str(err).splitlines()[0]}); use --jit compile or --jit no") from None
+            # Its message starts with an empty line; the first text line is the cause, the first `File "...",
+            # line N` the model code it could not compile.
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            cause = lines[0].rstrip(" :") if lines else "no message"
+            source = re.search(r'File "([^"]+)", line (\d+)', str(err))
+            at = f" at {Path(source[1]).name}:{source[2]}" if source else ""
+            raise UserError(f"--jit script: this model cannot be scripted ({type(err).__name__}: {cause}{at}); "
+                            f"use --jit compile or --jit no") from None
+        # The scripted model runs op by op in TorchScript's interpreter, as the eager model does, without the graph
+        # executor's optimisations: under autocast they re-cast the graph by TorchScript's own rules (every add
+        # and multiply in fp32, so bf16 results differ from eager's), and with that autocast pass switched off
+        # their autodiff fails (a bf16 gradient meets an fp32 weight). Without them the eager autocast casts each
+        # op as in eager mode. On a CPU, where TorchScript fuses nothing, b0 trains and infers as fast either way.
+        # The executor reads the setting at every call, so it stays off for the process.
+        torch._C._set_graph_executor_optimize(False)
+        return scripted
     if jit == "compile":
         return FrozenCompiled(model) if frozen else torch.compile(model)
     raise UserError(f"--jit must be no, script or compile, got {jit!r}")

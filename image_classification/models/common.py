@@ -69,6 +69,9 @@ class SqueezeExcitation(nn.Module):
     the form TensorRT fuses (weights [out, in, 1, 1] instead of [out, in]); both compute the same.
     """
 
+    # A constant to TorchScript, which then compiles only the form this module has (only one has `pooling`).
+    __constants__ = ["trt"]
+
     def __init__(self, channels: int, squeeze_channels: int, trt: bool = False):
         super().__init__()
         self.trt = trt
@@ -153,6 +156,19 @@ def depthwise_conv_bn_act(layer: nn.Sequential, x: torch.Tensor) -> torch.Tensor
     return layer(x)
 
 
+def fp32_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: list[int], padding: list[int],
+                groups: int) -> torch.Tensor:
+    """TorchScript's form of `_Fp32Conv` (which it cannot compile): conv2d (no bias) in fp32 on `x`, in x's dtype.
+
+    The same forward; autograd keeps the fp32 copy of `x` for backward and computes the weight gradient over the
+    whole batch at once. aten::convolution, unlike conv2d, is not cast by the eager autocast; the disabled block
+    keeps TorchScript's own autocast pass (when the graph executor optimises) from casting it.
+    """
+    with torch.autocast("cpu", enabled=False):
+        out = torch.convolution(x.float(), weight, None, stride, padding, [1, 1], False, [0, 0], groups)
+    return out.to(x.dtype)
+
+
 def stochastic_depth(x: torch.Tensor, survival_prob: float, training: bool) -> torch.Tensor:
     """Drop whole samples of a residual branch with probability 1 - survival_prob, rescaling the rest.
 
@@ -160,7 +176,7 @@ def stochastic_depth(x: torch.Tensor, survival_prob: float, training: bool) -> t
     """
     if not training or survival_prob >= 1.0:
         return x
-    keep = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device)
+    keep = torch.empty([x.shape[0]] + [1] * (x.dim() - 1), dtype=x.dtype, device=x.device)
     keep.bernoulli_(survival_prob).div_(survival_prob)
     return x * keep
 

@@ -15,8 +15,8 @@ from torch import nn
 
 from ..cli import Number, UserError
 
-from .common import (LayerBuilder, LayerConfig, SqueezeExcitation, depthwise_conv_bn_act, make_divisible,
-                     stochastic_depth)
+from .common import (LayerBuilder, LayerConfig, SqueezeExcitation, depthwise_conv_bn_act, fp32_conv2d,
+                     make_divisible, stochastic_depth)
 
 
 @dataclass(frozen=True)
@@ -218,10 +218,28 @@ class MBConvBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x if self.expand is None else self.expand(x)
-        out = self.proj(self.se(depthwise_conv_bn_act(self.depsep, out)))
+        if torch.jit.is_scripting():
+            out = self.scripted_depthwise(out)
+        else:
+            out = depthwise_conv_bn_act(self.depsep, out)
+        out = self.proj(self.se(out))
         if not self.residual:
             return out
         return x + stochastic_depth(out, self.survival_prob, self.training)
+
+    def scripted_depthwise(self, x: torch.Tensor) -> torch.Tensor:
+        """`depthwise_conv_bn_act` in a form TorchScript compiles (--jit script), with the same results (the fp32
+        weight gradient up to its summation order).
+
+        TorchScript cannot ask whether autocast is on (torch.is_autocast_enabled(device) does not compile, and
+        torch.is_autocast_cpu_enabled() crashes the process under TorchScript's own autocast pass), so this reads
+        it from the activations: only autocast makes them differ from the weights' dtype.
+        """
+        conv = self.depsep.conv
+        if x.device.type == "cpu" and torch.is_grad_enabled() and x.dtype != conv.weight.dtype:
+            out = fp32_conv2d(x, conv.weight, list(conv.stride), list(conv.padding), conv.groups)
+            return self.depsep.activation(self.depsep.bn(out))
+        return self.depsep(x)
 
 
 class FusedMBConvBlock(nn.Module):

@@ -182,6 +182,12 @@ class QuantEfficientNet(EfficientNet):
         place_ranges(self)
         return result
 
+    def __prepare_scriptable__(self) -> "QuantEfficientNet":
+        """torch.jit.script calls this first: refuse in one line rather than with TorchScript's deep error."""
+        raise UserError("--jit script: efficientnet-quant-* cannot be scripted: Model Optimizer's TensorQuantizer "
+                        "(the fake-quantizers of every layer) is Python that TorchScript does not compile; "
+                        "use --jit compile or --jit no")
+
     def adapt_state_dict(self, state_dict: Mapping[str, torch.Tensor], source: str = "weights"
                          ) -> dict[str, torch.Tensor]:
         """Map NGC (pytorch-quantization) quantizer names, check the ranges and make room for them.
