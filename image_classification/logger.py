@@ -1,14 +1,19 @@
 """The run's report and console output, in the reference's DLLogger formats.
 
-JSON lines (the `--raport-file`): every line is `DLLL ` followed by one JSON object
+JSON lines (the `--raport-file`), record for record as the reference's DLLogger JSONStreamBackend writes them:
+every line is `DLLL ` followed by one JSON object
 
-    DLLL {"timestamp": "1712.3", "datetime": "2024-...", "elapsedtime": "12.5", "type": "LOG",
-          "step": [0, 10], "data": {"train.loss": 2.3}}
+    DLLL {"timestamp": "1712.3", "datetime": "2024-... +00:00", "elapsedtime": "12.5", "type": "LOG",
+          "step": [0, 10], "data": {"train.loss": 2.3, ...}}
+    DLLL {"timestamp": "1712.3", "elapsedtime": "0.1", "datetime": "...", "type": "METADATA",
+          "metric": "train.loss", "metadata": {"unit": null, "format": ":.5f"}}
 
-with step "PARAMETER" for the run's parameters, [epoch] for epoch summaries, [epoch, it] and
-[epoch, it, val_it] for iterations and [] for the run summary. METADATA lines describe a metric
-(`"metric"`, `"metadata"` as DLLogger writes them, and the same under "data").
-The dllogger package is not on the registry, so this module writes the format itself.
+Steps: "PARAMETER" (the run's flags, then the model's as model.*), [epoch, it] for training iterations,
+[epoch, it, val_it] for validation iterations, ["Calibration", it], [epoch] for epoch summaries and [] for
+the run summary. Each metric has a verbosity level (the reference's DEFAULT or VERBOSE): a step's metrics
+are written as one record per level, DEFAULT first, each in the order the metrics were registered; epoch
+and run summaries hold every registered metric, null where the run has no value (val.* with
+--training-only). The dllogger package is not on the registry, so this module writes the format itself.
 """
 from __future__ import annotations
 
@@ -18,10 +23,15 @@ import math
 import sys
 import time
 from collections.abc import Mapping
+from numbers import Number
 from pathlib import Path
 from typing import IO, Any
 
-# Metric metadata of the reference (unit and print format), by metric name without its prefix.
+# DLLogger's verbosity levels: the reference's stdout shows DEFAULT metrics, its report both.
+DEFAULT, VERBOSE = 0, 1
+
+# Metric metadata of the reference (unit and print format), by metric name without its prefix; train.lr is
+# registered without metadata there.
 METRIC_METADATA: dict[str, dict[str, str]] = {
     "loss": {"unit": None, "format": ":.5f"},
     "top1": {"unit": "%", "format": ":.2f"},
@@ -36,8 +46,8 @@ METRIC_METADATA: dict[str, dict[str, str]] = {
     "compute_latency_at95": {"unit": "s", "format": ":.5f"},
     "compute_latency_at90": {"unit": "s", "format": ":.5f"},
     "first_batch_latency": {"unit": "s", "format": ":.5f"},
-    "lr": {"unit": None, "format": ":.5f"},
-    "grad_scale": {"unit": None, "format": ":.1f"},
+    "lr": {},
+    "grad_scale": {"unit": None, "format": ":.5f"},
     "image_size": {"unit": "px", "format": ":d"},
     "bad_files": {"unit": "files", "format": ":d"},
 }
@@ -64,7 +74,7 @@ def format_step(step) -> str:
         return step
     if len(step) == 0:
         return "Summary:"
-    parts = [f"Epoch: {step[0]}"]
+    parts = [f"Epoch: {step[0]}" if isinstance(step[0], Number) else str(step[0])]
     if len(step) > 1:
         parts.append(f"Iteration: {step[1]}")
     if len(step) > 2:
@@ -74,12 +84,12 @@ def format_step(step) -> str:
 
 def format_value(name: str, value: Any) -> str:
     meta = METRIC_METADATA.get(name.split(".")[-1])
-    if meta and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if meta and "format" in meta and isinstance(value, (int, float)) and not isinstance(value, bool):
         spec = meta["format"]
         if spec.endswith("d") and isinstance(value, float):  # an integer metric averaged over epochs
             spec = ":g"
         text = ("{" + spec + "}").format(value)
-        return f"{name} : {text}" + (f" {meta['unit']}" if meta["unit"] else "")
+        return f"{name} : {text}" + (f" {meta['unit']}" if meta.get("unit") else "")
     return f"{name} : {value}"
 
 
@@ -98,6 +108,7 @@ class Logger:
                  print_stdout: bool = True, append: bool = False, deferred: bool = False):
         self.enabled = enabled
         self.start = time.time()
+        self.levels: dict[str, int] = {}  # registered metrics, in order, and their verbosity levels
         self.stdout = stdout if stdout is not None else sys.stdout
         self.print_stdout = print_stdout and enabled
         self.file: IO | None = None
@@ -118,31 +129,34 @@ class Logger:
             self.file.write(line)
         self._pending = None
 
-    def _record(self, kind: str, step, data: dict, extra: dict | None = None) -> None:
-        now = _dt.datetime.now()
-        record = {
-            "timestamp": str(now.timestamp()),
-            "datetime": str(now),
-            "elapsedtime": str(time.time() - self.start),
-            "type": kind,
-            "step": step if isinstance(step, str) else list(step),
-            "data": _jsonable(data),
-        }
-        if extra:
-            record.update(_jsonable(extra))
+    def _write(self, record: dict) -> None:
         line = "DLLL " + json.dumps(record) + "\n"
         if self.file is not None:
             self.file.write(line)
         else:
             self._pending.append(line)
 
+    def _now(self) -> tuple[_dt.datetime, str]:
+        """DLLogger's clock: an aware UTC datetime (printed with +00:00) and the seconds since the logger began."""
+        now = _dt.datetime.now(_dt.timezone.utc)
+        return now, str(now.timestamp() - self.start)
+
+    def _log_record(self, step, data: dict) -> None:
+        now, elapsed = self._now()
+        self._write({"timestamp": str(now.timestamp()), "datetime": str(now), "elapsedtime": elapsed, "type": "LOG",
+                     "step": step if isinstance(step, str) else list(step), "data": _jsonable(data)})
+
     def log(self, step, data: Mapping[str, Any], verbose: bool = True) -> None:
-        """Write one LOG record (and, when `verbose`, a stdout line)."""
+        """Write the step's LOG records, one per verbosity level (and, when `verbose`, a stdout line)."""
         if not self.enabled:
             return
         data = dict(data)
         if self._path is not None:
-            self._record("LOG", step, data)
+            if isinstance(step, str):  # PARAMETER: one record, as given
+                self._log_record(step, data)
+            else:
+                for level_data in self._by_level(data, summary=len(step) <= 1):
+                    self._log_record(step, level_data)
         if self.print_stdout and verbose:
             values = " ".join(format_value(k, _jsonable(v)) for k, v in data.items())
             # On a terminal, clear a progress line first; the progress display redraws itself below.
@@ -150,17 +164,35 @@ class Logger:
             print(f"{clear}DLL {_dt.datetime.now():%Y-%m-%d %H:%M:%S} - {format_step(step)} {values}",
                   file=self.stdout, flush=True)
 
-    def metadata(self, name: str, meta: Mapping[str, Any]) -> None:
-        """Describe metric `name` (unit, format, ...) with a METADATA record."""
+    def _by_level(self, data: dict, summary: bool) -> list[dict]:
+        """`data` split by verbosity level, DEFAULT first, each in registration order (unregistered metrics last,
+        as VERBOSE); an epoch or run summary also lists the registered metrics it lacks, as null."""
+        order = {name: index for index, name in enumerate(self.levels)}
+        names = sorted(data, key=lambda name: order.get(name, len(order)))
+        if summary:
+            names = [*names, *(name for name in self.levels if name not in data)]
+            names.sort(key=lambda name: order.get(name, len(order)))
+        records = []
+        for level in (DEFAULT, VERBOSE):
+            part = {name: data.get(name) for name in names if self.levels.get(name, VERBOSE) == level}
+            if part:
+                records.append(part)
+        return records
+
+    def metadata(self, name: str, meta: Mapping[str, Any], level: int = VERBOSE) -> None:
+        """Register metric `name` at a verbosity level and describe it (unit, format) with a METADATA record."""
+        self.levels[name] = level
         if not self.enabled or self._path is None:
             return
-        self._record("METADATA", "PARAMETER", {name: dict(meta)}, extra={"metric": name, "metadata": dict(meta)})
+        now, elapsed = self._now()
+        self._write({"timestamp": str(now.timestamp()), "elapsedtime": elapsed, "datetime": str(now),
+                     "type": "METADATA", "metric": name, "metadata": _jsonable(dict(meta))})
 
-    def register_metrics(self, prefix: str, names: list[str]) -> None:
-        """METADATA records for `prefix.name` of each of `names` (the reference registers metrics up front)."""
-        for name in names:
-            meta = METRIC_METADATA.get(name, {"unit": None, "format": ""})
-            self.metadata(f"{prefix}.{name}", meta)
+    def register_metrics(self, prefix: str, names: Mapping[str, int]) -> None:
+        """Register `prefix.name` for each name -> verbosity level of `names` (the reference registers metrics up
+        front), with the reference's metadata."""
+        for name, level in names.items():
+            self.metadata(f"{prefix}.{name}", METRIC_METADATA.get(name, {}), level)
 
     def print(self, text: str) -> None:
         """A plain stdout line from the main process."""

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .cli import Number, UserError
+from .logger import DEFAULT
 from .models.quantized import CALIBRATORS, QuantEfficientNet, modelopt_quantization, place_ranges, quant_config, \
     quantizers, require_ranges
 
@@ -188,7 +189,9 @@ def calibration_hook(args: argparse.Namespace, model: nn.Module, train_loader: I
                       percentile=args.calibration_percentile,
                       synchronize=getattr(ctx, "synchronize", None))
     if logger is not None:
-        logger.log((), stats)
+        # The reference registers calib.* when it calibrates and logs them as step ["Calibration", it].
+        logger.register_metrics("calib", {name.split(".")[1]: DEFAULT for name in stats})
+        logger.log(("Calibration", args.calibration_batches), stats)
     return model
 
 

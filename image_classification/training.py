@@ -40,7 +40,7 @@ from .context import ExecutionContext, create_context, set_cpu_allocator
 from .divergence import DivergenceGuard, causes_for
 from .ema import EMA
 from .gpu_affinity import set_affinity
-from .logger import Logger, Progress
+from .logger import DEFAULT, VERBOSE, Logger, Progress
 from .losses import build_loss
 from .lr_schedule import schedule_from_args, set_lr
 from .metrics import SumMeter, all_reduce_sum, percentile, topk_correct
@@ -52,11 +52,15 @@ from .progressive import ProgressiveSchedule, StageSettings, progressive_schedul
 
 # Not in the reference: image_size (per epoch), the training resolution, which progressive training changes, and
 # bad_files (per epoch), the unreadable images met (replaced in training, left out of validation).
-TRAIN_METRICS = ["loss", "total_ips", "compute_ips", "data_time", "compute_time", "lr", "grad_scale", "image_size",
-                 "bad_files"]
-VAL_METRICS = ["loss", "top1", "top5", "total_ips", "compute_ips", "data_time", "compute_latency",
-               "compute_latency_at100", "compute_latency_at99", "compute_latency_at95", "compute_latency_at90",
-               "first_batch_latency", "bad_files"]
+# The report's metrics in the reference's registration order, with its verbosity levels; image_size, bad_files,
+# compute_latency_at90 and first_batch_latency are this suite's.
+TRAIN_METRICS = {"loss": DEFAULT, "compute_ips": DEFAULT, "total_ips": DEFAULT, "data_time": VERBOSE,
+                 "compute_time": VERBOSE, "lr": DEFAULT, "grad_scale": DEFAULT, "image_size": VERBOSE,
+                 "bad_files": VERBOSE}
+VAL_METRICS = {"top1": DEFAULT, "top5": DEFAULT, "loss": DEFAULT, "compute_ips": DEFAULT, "total_ips": DEFAULT,
+               "data_time": VERBOSE, "compute_latency": DEFAULT, "compute_latency_at100": VERBOSE,
+               "compute_latency_at99": VERBOSE, "compute_latency_at95": VERBOSE, "compute_latency_at90": VERBOSE,
+               "first_batch_latency": VERBOSE, "bad_files": VERBOSE}
 # How a metric is summarised over epochs in the run summary (step []), as DLLogger's aggregators.
 SUMMARY_BEST = {"top1": max, "top5": max, "loss": min}
 SIGNAL_CHECK_EVERY = 20  # distributed runs agree on a stop request every N iterations (the reference's bound)
@@ -278,11 +282,19 @@ def wrap_distributed(model: nn.Module, ctx: ExecutionContext) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
-def log_parameters(logger: Logger, args) -> None:
+def log_parameters(logger: Logger, args, ctx: ExecutionContext) -> None:
+    """The reference's start of a report: the flags with the process placement it adds to them, the model's flags
+    as model.*, then the metrics (val_ema.* only with --use-ema)."""
     params = ckpt.plain_args(args)
     model_params = params.pop("model_args", {})
-    logger.log("PARAMETER", {**params, **{f"model.{k}": v for k, v in model_params.items()}}, verbose=False)
-    for prefix, names in (("train", TRAIN_METRICS), ("val", VAL_METRICS), ("val_ema", VAL_METRICS)):
+    params.update(distributed=ctx.distributed, local_rank=ctx.local_rank,
+                  gpu=ctx.device.index if ctx.is_cuda else None, world_size=ctx.world_size)
+    logger.log("PARAMETER", params, verbose=False)
+    logger.log("PARAMETER", {f"model.{k}": v for k, v in model_params.items()}, verbose=False)
+    prefixes = (("train", TRAIN_METRICS), ("val", VAL_METRICS))
+    if args.use_ema is not None:
+        prefixes += (("val_ema", VAL_METRICS),)
+    for prefix, names in prefixes:
         logger.register_metrics(prefix, names)
 
 
@@ -429,7 +441,7 @@ def train_one_epoch(engine: Engine, loader, epoch: int, state: RunState, logger:
         iterations += 1
         progress.update(iteration - start_iteration, batch)
 
-        if (iteration + 1) % args.print_freq == 0 or iteration + 1 == length:
+        if (iteration + 1) % args.print_freq == 0:  # the reference's records; the epoch's end checks its own loss
             ctx.synchronize()
             elapsed = time.perf_counter() - interval_start
             interval_loss = interval_meter.averages(ctx.distributed)["loss"]
@@ -519,27 +531,37 @@ def validate(model: nn.Module, loader, ctx: ExecutionContext, logger: Logger, ar
     loader.set_epoch(step[0])
     length = len(loader) if args.prof <= 0 else min(len(loader), args.prof)
     meter = SumMeter(["loss", "top1", "top5"], ctx.device)
+    interval_meter = SumMeter(meter.names, ctx.device)
     latencies: list[float] = []
     batch_sizes: list[int] = []
+    data_times: list[float] = []
     images_seen = 0
-    data_time_sum = 0.0
     progress = Progress(prefix, length, enabled=ctx.is_main_process)
-    start = data_start = time.perf_counter()
+    start = interval_start = data_start = time.perf_counter()
     for i, (images, target) in enumerate(itertools.islice(loader, length)):
-        data_time_sum += time.perf_counter() - data_start
+        data_times.append(time.perf_counter() - data_start)
         compute_start = time.perf_counter()
         with ctx.autocast():
             output = model(images)
         loss = F.cross_entropy(output.float(), target, reduction="sum")
         correct = topk_correct(output, target, (1, args.topk))
-        meter.add(torch.cat([loss.view(1).double(), correct.double()]), images.shape[0])
+        sums = torch.cat([loss.view(1).double(), correct.double()])
+        meter.add(sums, images.shape[0])
+        interval_meter.add(sums, images.shape[0])
         ctx.synchronize()  # latency is the thing measured here
         latencies.append(time.perf_counter() - compute_start)
         batch_sizes.append(images.shape[0])
         images_seen += images.shape[0]
         progress.update(i, images.shape[0])
         if (i + 1) % args.print_freq == 0:
-            logger.log((*step, i + 1), {f"{prefix}.compute_latency": latencies[-1]}, verbose=True)
+            # This process's batches since the last record (the reference's per-iteration meters); the epoch
+            # record below is over every process.
+            done = len(latencies) - args.print_freq
+            logger.log((*step, i + 1), _interval_metrics(
+                prefix, interval_meter.averages(distributed=False), latencies[done:], sum(batch_sizes[done:]),
+                sum(data_times[done:]), time.perf_counter() - interval_start))
+            interval_meter.reset()
+            interval_start = time.perf_counter()
         data_start = time.perf_counter()
     progress.close()
     elapsed = time.perf_counter() - start
@@ -555,7 +577,7 @@ def validate(model: nn.Module, loader, ctx: ExecutionContext, logger: Logger, ar
         f"{prefix}.top5": 100.0 * averages["top5"],
         f"{prefix}.total_ips": images_seen * ctx.world_size / elapsed if elapsed > 0 else 0.0,
         f"{prefix}.compute_ips": steady_images * ctx.world_size / compute if compute > 0 else 0.0,
-        f"{prefix}.data_time": data_time_sum / max(len(latencies), 1),
+        f"{prefix}.data_time": sum(data_times) / max(len(latencies), 1),
         f"{prefix}.compute_latency": compute / max(len(steady), 1),
         f"{prefix}.first_batch_latency": first,
         f"{prefix}.bad_files": _count(loader.epoch_bad_files, ctx),
@@ -563,6 +585,24 @@ def validate(model: nn.Module, loader, ctx: ExecutionContext, logger: Logger, ar
     for q in (100, 99, 95, 90):
         result[f"{prefix}.compute_latency_at{q}"] = percentile(steady, q)
     return result
+
+
+def _interval_metrics(prefix: str, averages: dict[str, float], latencies: list[float], images: int,
+                      data_time: float, elapsed: float) -> dict[str, float]:
+    """A validation record over a few batches: accuracy, loss, speed and the batches' latencies."""
+    compute = sum(latencies)
+    record = {
+        f"{prefix}.top1": 100.0 * averages["top1"],
+        f"{prefix}.top5": 100.0 * averages["top5"],
+        f"{prefix}.loss": averages["loss"],
+        f"{prefix}.compute_ips": images / compute if compute > 0 else 0.0,
+        f"{prefix}.total_ips": images / elapsed if elapsed > 0 else 0.0,
+        f"{prefix}.data_time": data_time / len(latencies),
+        f"{prefix}.compute_latency": compute / len(latencies),
+    }
+    for q in (100, 99, 95):
+        record[f"{prefix}.compute_latency_at{q}"] = percentile(latencies, q)
+    return record
 
 
 # --- the job --------------------------------------------------------------------------------------------------
@@ -655,7 +695,7 @@ def setup_run(args, ctx: ExecutionContext, prepare_model: PrepareModel | None) -
     eval_size = eval_image_size(args, entry)
     logger = Logger(Path(args.workspace) / args.raport_file, enabled=ctx.is_main_process, append=bool(args.resume),
                     deferred=True)
-    log_parameters(logger, args)
+    log_parameters(logger, args, ctx)
     model = entry(**vars(args.model_args))
     state = RunState(data_seed=shared_seed(ctx, args.seed))
     if saved is not None:
@@ -742,7 +782,8 @@ def train(job: Job, stop: StopRequest) -> dict:
             break
         is_best = False
         if job.val_loader is not None:
-            step = (epoch, len(train_loader))
+            # The reference's validation steps carry the epoch's training iteration count (--prof shortens it).
+            step = (epoch, len(train_loader) if args.prof <= 0 else min(len(train_loader), args.prof))
             record.update(validate(engine.train_model, job.val_loader, engine.ctx, logger, args, step=step))
             if engine.ema is not None:
                 record.update(validate(engine.ema.module, job.val_loader, engine.ctx, logger, args, prefix="val_ema",

@@ -50,15 +50,18 @@ def inference_row(path: Path, prefix: str = "val") -> dict[str, float]:
     """batch_size, total_ips and the latencies (seconds) of one report: its summary, else its last epoch."""
     records = read_records(path)
     batch_size = None
-    metrics: dict[str, float] = {}
+    summaries: dict[tuple, dict[str, float]] = {}  # a step's metrics come as one record per verbosity level
     for record in records:
         step, data = record.get("step"), record.get("data") or {}
         if record.get("type") != "LOG":
             continue
         if step == "PARAMETER" and "batch_size" in data:
             batch_size = data["batch_size"]
-        elif isinstance(step, list) and len(step) <= 1 and f"{prefix}.total_ips" in data:
-            metrics = data  # the run summary ([]) is written after the epoch records ([epoch]) and wins
+        elif isinstance(step, list) and len(step) <= 1:
+            summaries.setdefault(tuple(step), {}).update(data)
+    # The run summary ([]) is written after the epoch records ([epoch]) and wins.
+    with_speed = [data for data in summaries.values() if isinstance(data.get(f"{prefix}.total_ips"), (int, float))]
+    metrics = with_speed[-1] if with_speed else {}
     if batch_size is None:
         match = re.search(r"raport_(\d+)", path.name)
         if match is None:

@@ -150,7 +150,11 @@ def test_benchmark_runs_on_cpu_and_reports_latency_percentiles(tmp_path):
 
 def _summary(path: Path) -> dict:
     records = [json.loads(line[5:]) for line in path.read_text().splitlines() if line.startswith("DLLL ")]
-    return [r["data"] for r in records if r["step"] == []][-1]
+    summary: dict = {}
+    for record in records:  # the run summary comes as one record per verbosity level
+        if record["type"] == "LOG" and record["step"] == []:
+            summary.update(record["data"])
+    return summary
 
 
 def test_gpu_platform_settings_on_a_cpu_run_are_fitted_with_a_note():

@@ -69,15 +69,26 @@ def read_report(path: Path) -> list[dict]:
     for line in path.read_text().splitlines():
         assert line.startswith("DLLL "), line
         record = json.loads(line[len("DLLL "):])
-        assert {"timestamp", "datetime", "elapsedtime", "type", "step", "data"} <= set(record)
         assert record["type"] in ("LOG", "METADATA")
+        # DLLogger's keys, in its order.
+        assert list(record) == (["timestamp", "datetime", "elapsedtime", "type", "step", "data"]
+                                if record["type"] == "LOG" else
+                                ["timestamp", "elapsedtime", "datetime", "type", "metric", "metadata"])
         records.append(record)
     return records
 
 
+def by_step(records: list[dict]) -> dict[tuple, dict]:
+    """LOG records merged per step (a step's metrics come as one record per verbosity level)."""
+    steps: dict[tuple, dict] = {}
+    for r in records:
+        if r["type"] == "LOG" and isinstance(r["step"], list):
+            steps.setdefault(tuple(r["step"]), {}).update(r["data"])
+    return steps
+
+
 def epoch_records(records: list[dict]) -> dict[int, dict]:
-    return {r["step"][0]: r["data"] for r in records if r["type"] == "LOG" and isinstance(r["step"], list)
-            and len(r["step"]) == 1}
+    return {step[0]: data for step, data in by_step(records).items() if len(step) == 1}
 
 
 # --- end-to-end runs ------------------------------------------------------------------------------------------
@@ -87,19 +98,19 @@ def test_short_run_writes_report_and_checkpoints(tmp_path):
     summary = train(run_args(tmp_path, "--use-ema", "0.9", "--gather-checkpoints", "1", "--label-smoothing",
                              "0.1", "--mixup", "0.2"))
     records = read_report(tmp_path / "experiment_raport.json")
-    params = [r for r in records if r["step"] == "PARAMETER" and r["type"] == "LOG"]
-    assert params and params[0]["data"]["arch"] == "efficientnet-b0" and params[0]["data"]["model.num_classes"] == 4
+    params = [r for r in records if r["type"] == "LOG" and r["step"] == "PARAMETER"]
+    assert params[0]["data"]["arch"] == "efficientnet-b0" and params[1]["data"]["model.num_classes"] == 4
     metadata = {r["metric"] for r in records if r["type"] == "METADATA"}
     assert TRAIN_KEYS | VAL_KEYS <= metadata
-    iterations = [r for r in records if r["type"] == "LOG" and isinstance(r["step"], list) and len(r["step"]) == 2]
-    assert iterations and TRAIN_KEYS <= set(iterations[0]["data"])
+    iterations = [data for step, data in by_step(records).items() if len(step) == 2]
+    assert iterations and TRAIN_KEYS <= set(iterations[0])
     epochs = epoch_records(records)
     assert sorted(epochs) == [0, 1]
     for data in epochs.values():
         assert TRAIN_KEYS | VAL_KEYS | {k.replace("val.", "val_ema.") for k in VAL_KEYS} <= set(data)
     assert epochs[0]["train.lr"] == pytest.approx(0.01)  # warmup 1 epoch: lr·1/1
-    final = [r for r in records if r["step"] == []]
-    assert len(final) == 1 and final[0]["data"]["val.top1"] == pytest.approx(summary["val.top1"])
+    final = [r for r in records if r["type"] == "LOG" and r["step"] == []]
+    assert len(final) == 2 and by_step(records)[()]["val.top1"] == pytest.approx(summary["val.top1"])
 
     for name in ("checkpoint.pth.tar", "model_best.pth.tar", "checkpoint_0002.pth.tar", "classes.txt"):
         assert (tmp_path / name).is_file(), name
@@ -112,6 +123,48 @@ def test_short_run_writes_report_and_checkpoints(tmp_path):
     assert saved["epoch"] == 2 and saved["iteration"] == 0
     assert not any(k.startswith("module.") for k in saved["state_dict"])
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+# This suite's metrics beyond the reference's (README, Differences from the reference).
+OUR_METRICS = ("image_size", "bad_files", "compute_latency_at90", "first_batch_latency")
+
+
+def _reference_shape(records: list[dict]) -> list[tuple]:
+    """Each record as what the reference's format fixes: its keys in order, type, step, and the metric names in
+    order (the metrics this suite adds left out); values are the run's own."""
+    shape = []
+    for record in records:
+        if record["type"] == "METADATA":
+            if not record["metric"].endswith(OUR_METRICS):
+                shape.append((tuple(record), record["metric"], json.dumps(record["metadata"])))
+        elif record["step"] != "PARAMETER":
+            names = tuple(name for name in record["data"] if not name.endswith(OUR_METRICS))
+            if names:
+                shape.append((tuple(record), record["step"], names))
+    return shape
+
+
+def test_report_matches_the_references_record_for_record(tmp_path):
+    """tests/fixtures/reference_report.json is what the reference's DLLogger writes for this run (main.py with the
+    same flags, synthetic data): record order, verbosity split, keys and metadata must be the same."""
+    needs_data_module()
+    train(["--arch", "efficientnet-b0", "--data-backend", "synthetic", "--image-size", str(SIZE), "-b", "4",
+           "--num_classes", "4", "--workers", "0", "--epochs", "2", "--print-freq", "2", "--prof", "3",
+           "--workspace", str(tmp_path)])
+    ours = read_report(tmp_path / "experiment_raport.json")
+    reference = read_report(ROOT / "tests" / "fixtures" / "reference_report.json")
+    assert _reference_shape(ours) == _reference_shape(reference)
+    parameters = [r for r in ours if r["type"] == "LOG" and r["step"] == "PARAMETER"]
+    expected = [r for r in reference if r["type"] == "LOG" and r["step"] == "PARAMETER"]
+    assert len(parameters) == len(expected) == 2
+    for mine, theirs in zip(parameters, expected):
+        assert set(theirs["data"]) <= set(mine["data"])  # plus this suite's flags
+    assert all(r["datetime"].endswith("+00:00") for r in ours)
+    # Epoch and run summaries hold every registered metric: null where the run has none (--training-only).
+    only = tmp_path / "training_only"
+    train(run_args(only, "--training-only"))
+    summary = by_step(read_report(only / "experiment_raport.json"))[()]
+    assert summary["val.top1"] is None and isinstance(summary["train.loss"], float)
 
 
 def test_resume_after_one_epoch_equals_uninterrupted_run(tmp_path):
@@ -388,9 +441,9 @@ def test_logger_writes_dllogger_lines(tmp_path):
     logger.log((0, 1, 2), {"val.top1": float("nan")})
     # Flushed as it goes: readable before close.
     records = read_report(path)
-    assert [r["step"] for r in records] == ["PARAMETER", "PARAMETER", [0, 1], [0, 1, 2]]
+    assert [r.get("step", r["type"]) for r in records] == ["PARAMETER", "METADATA", [0, 1], [0, 1, 2]]
     assert records[2]["data"] == {"train.loss": 2.5}
-    assert records[1]["metric"] == "train.loss"
+    assert records[1]["metric"] == "train.loss" and records[1]["metadata"] == {"unit": None}
     logger.close()
     silent = Logger(tmp_path / "other.json", enabled=False)
     silent.log((), {"x": 1})
@@ -508,11 +561,10 @@ def test_resume_mid_epoch_equals_the_uninterrupted_run(tiny_data, tmp_path, monk
     # the run summary once, over both runs' epochs.
     ra, rb = read_report(full / "experiment_raport.json"), read_report(split / "experiment_raport.json")
     epochs = [r["step"][0] for r in rb if r["type"] == "LOG" and isinstance(r["step"], list) and len(r["step"]) == 1]
-    assert epochs == [0, 1]
+    assert epochs == [0, 0, 1, 1]  # one record per verbosity level
     assert epoch_records(ra)[1]["train.loss"] == epoch_records(rb)[1]["train.loss"]
-    summaries = [r for r in rb if r["step"] == []]
-    assert len(summaries) == 1 and summaries[0]["data"]["val.top1"] == [r for r in ra if r["step"] == []][0][
-        "data"]["val.top1"]
+    summaries = [r for r in rb if r["type"] == "LOG" and r["step"] == []]
+    assert len(summaries) == 2 and by_step(rb)[()]["val.top1"] == by_step(ra)[()]["val.top1"]
 
 
 def test_sigterm_to_the_process_group_with_loader_workers_saves_and_resumes(tiny_data, tmp_path):
