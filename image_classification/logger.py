@@ -13,7 +13,7 @@ Steps: "PARAMETER" (the run's flags, then the model's as model.*), [epoch, it] f
 the run summary. Each metric has a verbosity level (the reference's DEFAULT or VERBOSE): a step's metrics
 are written as one record per level, DEFAULT first, each in the order the metrics were registered; epoch
 and run summaries hold every registered metric, null where the run has no value (val.* with
---training-only). The dllogger package is not on the registry, so this module writes the format itself.
+--training-only); calibration's values reach the run summary as the reference's do. The dllogger package is not on the registry, so this module writes the format itself.
 """
 from __future__ import annotations
 
@@ -109,6 +109,7 @@ class Logger:
         self.enabled = enabled
         self.start = time.time()
         self.levels: dict[str, int] = {}  # registered metrics, in order, and their verbosity levels
+        self._outside_epochs: dict[str, Any] = {}  # last values of metrics logged outside epochs (calibration)
         self.stdout = stdout if stdout is not None else sys.stdout
         self.print_stdout = print_stdout and enabled
         self.file: IO | None = None
@@ -155,6 +156,8 @@ class Logger:
             if isinstance(step, str):  # PARAMETER: one record, as given
                 self._log_record(step, data)
             else:
+                if step and isinstance(step[0], str):  # e.g. ["Calibration", N]: its values reach the run summary
+                    self._outside_epochs.update(data)
                 for level_data in self._by_level(data, summary=len(step) <= 1):
                     self._log_record(step, level_data)
         if self.print_stdout and verbose:
@@ -174,7 +177,8 @@ class Logger:
             names.sort(key=lambda name: order.get(name, len(order)))
         records = []
         for level in (DEFAULT, VERBOSE):
-            part = {name: data.get(name) for name in names if self.levels.get(name, VERBOSE) == level}
+            part = {name: data[name] if name in data else self._outside_epochs.get(name) for name in names
+                    if self.levels.get(name, VERBOSE) == level}
             if part:
                 records.append(part)
         return records

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import itertools
 import math
 import re
@@ -279,8 +280,11 @@ def test_quant_main_calibrates_trains_evaluates_and_resumes(tmp_path, capsys):
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
     assert saved["epoch"] == 1
     assert sum(k.endswith("._amax") for k in saved["state_dict"]) == 205
-    report = (tmp_path / "run" / "experiment_raport.json").read_text()
-    assert "calib.total_ips" in report and "calib.compute_latency" in report
+    report = [json.loads(line[5:]) for line in (tmp_path / "run" / "experiment_raport.json").read_text().splitlines()]
+    calibration = [r for r in report if r["type"] == "LOG" and r["step"] == ["Calibration", 2]]
+    assert calibration and {"calib.total_ips", "calib.data_time", "calib.compute_latency"} <= set(calibration[0]["data"])
+    summary = {k: v for r in report if r["type"] == "LOG" and r["step"] == [] for k, v in r["data"].items()}
+    assert summary["calib.total_ips"] == calibration[0]["data"]["calib.total_ips"]
 
     # --resume: the ranges come with the checkpoint, no calibration.
     quant_main.main(common + ["--epochs", "2", "--resume", str(checkpoint)])
