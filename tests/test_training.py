@@ -461,6 +461,8 @@ def test_dist_backend_is_nccl_on_gpus_gloo_on_cpus_and_gloo_lets_ranks_share_a_g
     with pytest.raises(UserError, match="--dist-backend nccl needs GPUs"):
         dist_backend_for("nccl", cpu)
     assert parse_args(["/data", "--dist-backend", "gloo"]).dist_backend == "gloo"
+    with pytest.raises(UserError, match="--dist-backend nccl needs GPUs"):  # a single process checks it too
+        create_context(device="cpu", dist_backend="nccl")
     assert parse_args(["/data"]).dist_backend == "auto"
 
 
