@@ -59,7 +59,7 @@ def loop_window(report: Path, skip: int) -> tuple[int, float]:
     times = {}
     for line in report.read_text().splitlines():
         record = json.loads(line[len("DLLL "):])
-        step = record["step"]
+        step = record.get("step")  # METADATA records have none
         if record["type"] == "LOG" and isinstance(step, list) and len(step) == 2 and step[0] == 0:
             times[int(step[1])] = float(record["elapsedtime"])
     last = max(times)
