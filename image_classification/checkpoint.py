@@ -18,7 +18,7 @@ import random
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -154,6 +154,13 @@ def _tensor_bytes(obj: Any) -> int:
 def atomic_save(obj: Any, path: str | Path) -> None:
     """torch.save `obj` to `path` atomically (see _atomic_write)."""
     _atomic_write(Path(path), lambda f: torch.save(obj, f), _tensor_bytes(obj))
+
+
+def atomic_save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """Write a state dict as safetensors (tensors only, no code can run on load) atomically (see _atomic_write)."""
+    from safetensors.torch import save
+    data = save({name: tensor.detach().contiguous() for name, tensor in state_dict.items()}, metadata={"format": "pt"})
+    _atomic_write(Path(path), lambda f: f.write(data), len(data))
 
 
 def atomic_copy(src: str | Path, dst: str | Path) -> None:

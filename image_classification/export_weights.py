@@ -1,14 +1,15 @@
-"""checkpoint2model.py: write the weights of a training checkpoint as a plain state dict."""
+"""checkpoint2model.py: write the weights of a training checkpoint as a plain state dict (.pth or .safetensors)."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from .checkpoint import atomic_save
+from .checkpoint import atomic_save, atomic_save_safetensors
 from .cli import ArgumentParser, run_cli
 from .models.weights import extract_state_dict, load_file, remap_reference_keys
 
 PROG = "checkpoint2model.py"
+FORMATS = ("pth", "safetensors")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,21 +17,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-path", required=True, metavar="CKPT", help="training checkpoint (.pth.tar)")
     p.add_argument("--weight-path", required=True, metavar="OUT", help="where to write the state dict")
     p.add_argument("--ema", action="store_true", help="take the EMA weights (state_dict_ema) instead of the raw ones")
+    p.add_argument("--format", choices=FORMATS, default=None,
+                   help="pth (torch.save, as the reference) or safetensors (tensors only, readable without "
+                        "PyTorch's pickle); default: safetensors when OUT ends in .safetensors, else pth "
+                        "(not in the reference)")
     return p
 
 
-def checkpoint_to_weights(checkpoint_path: str | Path, weight_path: str | Path, ema: bool = False) -> dict:
+def checkpoint_to_weights(checkpoint_path: str | Path, weight_path: str | Path, ema: bool = False,
+                          weight_format: str | None = None) -> dict:
     """Write the (EMA) state dict of `checkpoint_path`, without `module.` prefixes; return the checkpoint."""
     checkpoint = load_file(checkpoint_path)
     state_dict = remap_reference_keys(extract_state_dict(checkpoint, ema=ema, source=str(checkpoint_path)))
-    atomic_save(state_dict, weight_path)
+    if weight_format is None:
+        weight_format = "safetensors" if str(weight_path).endswith(".safetensors") else "pth"
+    save = atomic_save_safetensors if weight_format == "safetensors" else atomic_save
+    save(state_dict, weight_path)
     return checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
     """checkpoint2model.py: write the weights, print the checkpoint's best top-1; bad input is one line, status 1."""
     args = build_parser().parse_args(argv)
-    checkpoint = run_cli(PROG, checkpoint_to_weights, args.checkpoint_path, args.weight_path, ema=args.ema)
+    checkpoint = run_cli(PROG, checkpoint_to_weights, args.checkpoint_path, args.weight_path, ema=args.ema,
+                         weight_format=args.format)
     print(f"{'EMA ' if args.ema else ''}weights written to {args.weight_path}")
     print(f"best_prec1: {checkpoint.get('best_prec1', 'unknown')}")
     return 0

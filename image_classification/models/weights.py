@@ -23,10 +23,13 @@ class WeightsError(UserError):
 
 
 def load_file(path: str | Path) -> dict:
-    """Load a checkpoint or state dict with `weights_only=True`: tensors and plain containers only."""
+    """Load a checkpoint or state dict with `weights_only=True` (tensors and plain containers only), or a
+    `.safetensors` state dict."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -38,6 +41,15 @@ def load_file(path: str | Path) -> dict:
     if not isinstance(obj, Mapping):
         raise WeightsError(f"{path}: expected a state dict or a training checkpoint, found {type(obj).__name__}")
     return dict(obj)
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file as load_safetensors
+    try:
+        return load_safetensors(str(path), device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise WeightsError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0]})") from None
 
 
 def extract_state_dict(obj: Mapping, ema: bool = False, source: str = "checkpoint") -> dict[str, torch.Tensor]:
