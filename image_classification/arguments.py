@@ -186,8 +186,11 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
     g = p.add_argument_group("checkpoints and reports")
     g.add_argument("--workspace", type=str, default="./", metavar="DIR",
                    help="folder for checkpoints and the report (default: %(default)s)")
-    g.add_argument("--resume", type=str, default=None, metavar="PATH",
-                   help="continue exactly from this training checkpoint")
+    g.add_argument("--resume", type=str, default=None, metavar="PATH|auto",
+                   help="continue exactly from this training checkpoint; auto: from the workspace's latest "
+                        "checkpoint (<workspace>/<--checkpoint-filename>, quant_main.py's quantized_<name>) if there "
+                        "is one, else start fresh, saying which: for requeued jobs and torchrun --max-restarts "
+                        "(a file named auto: ./auto)")
     g.add_argument("--no-checkpoints", dest="save_checkpoints", action="store_false",
                    help="do not write checkpoints")
     g.add_argument("--checkpoint-filename", default="checkpoint.pth.tar", metavar="NAME",

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .cli import UserError
+from .cluster import elastic_store, export_slurm_placement
 
 
 @dataclass
@@ -225,7 +226,10 @@ def create_context(
 
     `amp_flags` says, in the calling script's words, how mixed precision was asked for and how to turn it off,
     for the warning on CPUs that emulate bf16. `dist_backend` is --dist-backend (see `dist_backend_for`).
+    The placement (rank, world size, local rank, master address) comes from torchrun's variables, or under
+    srun without torchrun from SLURM's (cluster.py).
     """
+    export_slurm_placement()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -245,7 +249,11 @@ def create_context(
     backend = dist_backend_for(dist_backend, dev)  # checked in a single process too: a flag never does nothing
     if world_size > 1 and not dist.is_initialized():
         dist_backend_for(dist_backend, dev, ranks_per_gpu=_ranks_per_gpu(dev, device))
-        dist.init_process_group(backend=backend, init_method="env://")
+        store = elastic_store(rank, world_size)
+        if store is None:
+            dist.init_process_group(backend=backend, init_method="env://")
+        else:  # torchrun may restart the group: a store of this attempt's own (cluster.elastic_store)
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
     return ExecutionContext(
         device=dev,
         amp=amp,

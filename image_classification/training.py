@@ -298,6 +298,25 @@ def log_parameters(logger: Logger, args, ctx: ExecutionContext) -> None:
         logger.register_metrics(prefix, names)
 
 
+AUTO_RESUME = "auto"  # --resume auto: the workspace's latest checkpoint, or a fresh start when there is none
+
+
+def resume_path(args, ctx: ExecutionContext, checkpoint_prefix: str = "") -> str | None:
+    """The checkpoint --resume names, or None for a fresh start; `auto` is the workspace's latest checkpoint
+    (<workspace>/<checkpoint_prefix><--checkpoint-filename>) when it exists, so that a requeued job or a worker
+    group restarted by torchrun continues where the last one saved. Every process must see the same file."""
+    if args.resume != AUTO_RESUME:
+        return args.resume or None
+    latest = Path(args.workspace) / (checkpoint_prefix + args.checkpoint_filename)
+    found = latest.is_file()
+    seen_by = int(all_reduce_sum(torch.tensor([int(found)], device=ctx.device)).item())
+    if seen_by not in (0, ctx.world_size):
+        # Some ranks would resume and others start fresh: refuse rather than train a mixture.
+        raise ckpt.CheckpointError(f"--resume auto: {latest} exists for {seen_by} of {ctx.world_size} processes; "
+                                   "put --workspace on storage that every node shares")
+    return str(latest) if found else None
+
+
 def read_resume_checkpoint(path: str, args) -> dict:
     """The --resume checkpoint, refused when it is another arch's or has already run --epochs epochs."""
     saved = ckpt.load_checkpoint(path)
@@ -642,7 +661,7 @@ def main(args: argparse.Namespace, *, prepare_model: PrepareModel | None = None,
         set_affinity(args.gpu_affinity, ctx)
         if args.seed is not None:
             seed_everything(args.seed + ctx.local_rank)
-        job = setup_run(args, ctx, prepare_model)
+        job = setup_run(args, ctx, prepare_model, checkpoint_prefix)
         with job.logger, job, StopRequest() as stop:
             job.logger.begin()
             if ctx.is_main_process and job.args.save_checkpoints and not args.evaluate:
@@ -682,9 +701,14 @@ class Job:
                 loader.close()
 
 
-def setup_run(args, ctx: ExecutionContext, prepare_model: PrepareModel | None) -> Job:
+def setup_run(args, ctx: ExecutionContext, prepare_model: PrepareModel | None, checkpoint_prefix: str = "") -> Job:
     """Build the model, loaders, optimizer and report and restore --resume; every check that can refuse the run
-    happens here, before a file is written (the report is kept in memory until the job's logger begins)."""
+    happens here, before a file is written (the report is kept in memory until the job's logger begins).
+    The job's args carry --resume as the file it resumed from (None for a fresh start), `auto` resolved."""
+    resume = resume_path(args, ctx, checkpoint_prefix)
+    fresh_auto_start = args.resume == AUTO_RESUME and resume is None
+    if resume != args.resume:
+        args = argparse.Namespace(**{**vars(args), "resume": resume})
     saved = read_resume_checkpoint(args.resume, args) if args.resume else None
     accumulation = accumulation_steps(args.optimizer_batch_size, args.batch_size, ctx.world_size)
     entry = get_entry(args.arch)
@@ -696,6 +720,9 @@ def setup_run(args, ctx: ExecutionContext, prepare_model: PrepareModel | None) -
     logger = Logger(Path(args.workspace) / args.raport_file, enabled=ctx.is_main_process, append=bool(args.resume),
                     deferred=True)
     log_parameters(logger, args, ctx)
+    if fresh_auto_start:
+        logger.print(f"=> --resume auto: no checkpoint at "
+                     f"{Path(args.workspace) / (checkpoint_prefix + args.checkpoint_filename)}; starting fresh")
     model = entry(**vars(args.model_args))
     state = RunState(data_seed=shared_seed(ctx, args.seed))
     if saved is not None:
