@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
 
+import tiny_model as tiny_model_module
 from image_classification import checkpoint as ckpt
 from image_classification.cluster import (DEFAULT_MASTER_PORT, ELASTIC_STORE_KEY, ClusterError, Placement,
                                           elastic_store, expand_hostlist, expand_tasks_per_node,
@@ -194,31 +194,10 @@ def test_a_restarted_group_skips_the_port_an_earlier_attempt_published(monkeypat
 # --- processes ------------------------------------------------------------------------------------------------
 
 WORKER = '''
-import argparse, os, sys
-sys.path.insert(0, {root!r})
-import torch
-from torch import nn
-from image_classification.models import register
-
-class TinyEntry:
-    """A BN-free model with a fixed initialisation, behind the registry's entry-point interface."""
-    name = "tiny-bn-free"
-    default_image_size = 8
-    default_eval_image_size = 8
-    def parser(self):
-        p = argparse.ArgumentParser(add_help=False)
-        p.add_argument("--num_classes", type=int, default=3)
-        return p
-    def __call__(self, num_classes=3):
-        g = torch.Generator().manual_seed(0)
-        model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                              nn.Linear(6, num_classes))
-        with torch.no_grad():
-            for p in model.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        return model
-
-register("tiny-bn-free", TinyEntry())
+import os, sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import tiny_model
+tiny_model.register()
 
 attempts = os.environ.get("ATTEMPTS_FILE")
 if attempts:  # one line per started worker: its restart count and rank
@@ -244,7 +223,7 @@ raise SystemExit(main.exit_status(main.main()))
 
 def write_worker(tmp_path: Path) -> Path:
     worker = tmp_path / "worker.py"
-    worker.write_text(WORKER.format(root=str(ROOT)))
+    worker.write_text(WORKER.format(root=str(ROOT), tests=str(ROOT / "tests")))
     return worker
 
 
@@ -316,26 +295,10 @@ def test_torchrun_elastic_restart_resumes_from_the_last_checkpoint(tmp_path):
 
 # --- --resume auto in one process -------------------------------------------------------------------------------
 
-class TinyEntry:
-    """The worker's BN-free model, registered in this process for in-process runs."""
-    name = "tiny-bn-free"
-    default_image_size = 8
-    default_eval_image_size = 8
-
-    def parser(self) -> argparse.ArgumentParser:
-        p = argparse.ArgumentParser(add_help=False)
-        p.add_argument("--num_classes", type=int, default=3)
-        return p
-
-    def __call__(self, num_classes: int = 3) -> nn.Module:
-        return nn.Sequential(nn.Conv2d(3, 6, 3), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                             nn.Linear(6, num_classes))
-
-
 @pytest.fixture
 def tiny_model(monkeypatch):
     from image_classification import models
-    monkeypatch.setitem(models._REGISTRY, "tiny-bn-free", TinyEntry())
+    monkeypatch.setitem(models._REGISTRY, tiny_model_module.NAME, tiny_model_module.TinyEntry())
 
 
 def run_main(*argv: str) -> dict:

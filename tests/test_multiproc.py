@@ -2,8 +2,8 @@
 same global batch.
 
 The equivalence needs a model without BatchNorm (batch statistics differ per rank) and data whose
-global batches do not depend on the number of processes, so the worker script below registers a
-BN-free model and a deterministic, index-sharded in-memory dataset; everything else (DDP, gradient
+global batches do not depend on the number of processes, so the worker script below registers the
+BN-free model of tests/tiny_model.py and a deterministic, index-sharded in-memory dataset; everything else (DDP, gradient
 averaging, metric all-reduce, rank-0-only files, torchrun launch) is the real engine.
 """
 from __future__ import annotations
@@ -19,31 +19,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 WORKER = '''
-import argparse, sys
-sys.path.insert(0, {root!r})
+import sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import tiny_model
+tiny_model.register()
 import torch
 from torch import nn
-from image_classification.models import register
 
-class TinyEntry:
-    """A BN-free model with a fixed initialisation, behind the registry's entry-point interface."""
-    name = "tiny-bn-free"
-    default_image_size = 8
-    default_eval_image_size = 8
-    def parser(self):
-        p = argparse.ArgumentParser(add_help=False)
-        p.add_argument("--num_classes", type=int, default=3)
-        return p
-    def __call__(self, num_classes=3):
-        g = torch.Generator().manual_seed(0)
-        model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                              nn.Linear(6, num_classes))
-        with torch.no_grad():
-            for p in model.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        return model
-
-register("tiny-bn-free", TinyEntry())
 
 if "--evaluate" in sys.argv:  # evaluation needs no gradient all-reduce, so no DDP
     def refuse_ddp(*args, **kwargs):
@@ -82,7 +64,7 @@ main.main()
 
 def _run(tmp_path: Path, name: str, nproc: int, batch: int, *extra: str) -> Path:
     worker = tmp_path / "worker.py"
-    worker.write_text(WORKER.format(root=str(ROOT)))
+    worker.write_text(WORKER.format(root=str(ROOT), tests=str(ROOT / "tests")))
     workspace = tmp_path / name
     flags = ["--arch", "tiny-bn-free", "--data-backend", "synthetic", "-b", str(batch), "--epochs", "2",
              "--lr", "0.2", "--momentum", "0.9", "--wd", "1e-3", "--lr-schedule", "cosine", "--seed", "5",
