@@ -22,13 +22,6 @@ NHWC = ExecutionContext(memory_format=torch.channels_last)
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    """24 training and 15 validation images."""
-    return generate_dataset(tmp_path_factory.mktemp("dali"), num_classes=3, train_per_class=8, val_per_class=5,
-                            image_size=48, seed=0)
-
-
-@pytest.fixture(scope="module")
 def flawed_val(tmp_path_factory) -> Path:
     """10 validation images, a truncated JPEG and a text file."""
     root = generate_dataset(tmp_path_factory.mktemp("flawed"), num_classes=2, train_per_class=2, val_per_class=5,
@@ -77,10 +70,10 @@ def uint8_on_device(monkeypatch) -> list[torch.dtype]:
 
 @pytest.mark.parametrize("kind", ["train", "val"])
 @pytest.mark.parametrize("ctx", [CPU, NHWC], ids=["nchw", "nhwc"])
-def test_uint8_batches_normalised_on_the_device_equal_dalis_normalisation(data, kind, ctx, request):
-    normalised_by_dali = epoch(loader(kind, data, ctx=ctx), 1)
+def test_uint8_batches_normalised_on_the_device_equal_dalis_normalisation(generated, kind, ctx, request):
+    normalised_by_dali = epoch(loader(kind, generated, ctx=ctx), 1)
     received = request.getfixturevalue("uint8_on_device")
-    normalised_on_device = epoch(loader(kind, data, ctx=ctx), 1)
+    normalised_on_device = epoch(loader(kind, generated, ctx=ctx), 1)
     assert received == [torch.uint8] * len(normalised_on_device)
     assert len(normalised_on_device) == len(normalised_by_dali) == (6 if kind == "train" else 4)
     for (images, labels), (want_images, want_labels) in zip(normalised_on_device, normalised_by_dali):
@@ -99,17 +92,17 @@ def one_batch_ahead(host_batches, ctx):
         yield normalize(ready[0]), ready[1]
 
 
-def test_resume_is_exact_when_the_device_runs_a_batch_ahead(data, tmp_path, uint8_on_device, monkeypatch):
+def test_resume_is_exact_when_the_device_runs_a_batch_ahead(generated, tmp_path, uint8_on_device, monkeypatch):
     # The pipeline has made one batch more than the consumer has taken: the saved DALI state must be that of
     # the last batch handed out, not of the pipeline's latest.
     monkeypatch.setattr(dali_backend, "device_batches", one_batch_ahead)
-    uninterrupted = loader("train", data)
+    uninterrupted = loader("train", generated)
     expected, expected_next = epoch(uninterrupted, 1), epoch(uninterrupted, 2)
-    interrupted = loader("train", data)
+    interrupted = loader("train", generated)
     interrupted.set_epoch(1)
     taken = list(itertools.islice(interrupted, 3))
     torch.save(interrupted.state_dict(), tmp_path / "loader.pt")
-    resumed = loader("train", data)
+    resumed = loader("train", generated)
     resumed.load_state_dict(torch.load(tmp_path / "loader.pt", weights_only=True))
     assert_same_batches(taken + epoch(resumed, 1, skip=3), expected)
     assert_same_batches(epoch(resumed, 2), expected_next)
@@ -129,8 +122,8 @@ def pipelines_built(monkeypatch) -> list[bool]:
     return built
 
 
-def test_validation_passes_reuse_one_pipeline(data, pipelines_built):
-    val = loader("val", data, batch=4)
+def test_validation_passes_reuse_one_pipeline(generated, pipelines_built):
+    val = loader("val", generated, batch=4)
     first = epoch(val, 0)
     assert len(first) == 4 and pipelines_built == [False]
     val.set_epoch(1)
@@ -145,9 +138,9 @@ def test_validation_passes_reuse_one_pipeline(data, pipelines_built):
     assert pipelines_built == [False, False]
 
 
-def test_training_builds_a_pipeline_per_epoch(data, pipelines_built):
+def test_training_builds_a_pipeline_per_epoch(generated, pipelines_built):
     # Its random draws are seeded per epoch (see DaliLoader._start): an epoch repeats exactly.
-    train = loader("train", data)
+    train = loader("train", generated)
     assert_same_batches(epoch(train, 1), epoch(train, 1))
     assert pipelines_built == [True, True]
 

@@ -53,12 +53,6 @@ def write_image(path: Path, size: tuple[int, int], colour=(128, 128, 128), mode:
 
 
 @pytest.fixture(scope="session")
-def generated(tmp_path_factory) -> Path:
-    return generate_dataset(tmp_path_factory.mktemp("generated"), num_classes=3, train_per_class=8, val_per_class=5,
-                            image_size=48, seed=0)
-
-
-@pytest.fixture(scope="session")
 def gray(tmp_path_factory) -> Path:
     """Uniform 128-gray images of several sizes (PNG, so decoding is exact)."""
     root = tmp_path_factory.mktemp("gray")
