@@ -246,9 +246,9 @@ def create_context(
         asked, turn_off = amp_flags
         warnings.warn(f"{asked} on this CPU ({torch.backends.cpu.get_cpu_capability()}, no AVX512-BF16/AMX) runs "
                       f"bf16 emulated, several times slower than fp32; {turn_off} here", stacklevel=2)
-    backend = dist_backend_for(dist_backend, dev)  # checked in a single process too: a flag never does nothing
+    # Checked in a single process too: a flag never does nothing.
+    backend = dist_backend_for(dist_backend, dev, ranks_per_gpu=_ranks_per_gpu(dev, device) if world_size > 1 else 1)
     if world_size > 1 and not dist.is_initialized():
-        dist_backend_for(dist_backend, dev, ranks_per_gpu=_ranks_per_gpu(dev, device))
         store = elastic_store(rank, world_size)
         if store is None:
             dist.init_process_group(backend=backend, init_method="env://")

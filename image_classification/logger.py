@@ -171,10 +171,8 @@ class Logger:
         """`data` split by verbosity level, DEFAULT first, each in registration order (unregistered metrics last,
         as VERBOSE); an epoch or run summary also lists the registered metrics it lacks, as null."""
         order = {name: index for index, name in enumerate(self.levels)}
-        names = sorted(data, key=lambda name: order.get(name, len(order)))
-        if summary:
-            names = [*names, *(name for name in self.levels if name not in data)]
-            names.sort(key=lambda name: order.get(name, len(order)))
+        names = [*data, *(name for name in self.levels if name not in data)] if summary else list(data)
+        names.sort(key=lambda name: order.get(name, len(order)))  # stable: unregistered ones keep their order
         records = []
         for level in (DEFAULT, VERBOSE):
             part = {name: data[name] if name in data else self._outside_epochs.get(name) for name in names
