@@ -576,9 +576,11 @@ def validate(model: nn.Module, loader, ctx: ExecutionContext, logger: Logger, ar
             # This process's batches since the last record (the reference's per-iteration meters); the epoch
             # record below is over every process.
             done = len(latencies) - args.print_freq
-            logger.log((*step, i + 1), _interval_metrics(
-                prefix, interval_meter.averages(distributed=False), latencies[done:], sum(batch_sizes[done:]),
-                sum(data_times[done:]), time.perf_counter() - interval_start))
+            images = sum(batch_sizes[done:])
+            logger.log((*step, i + 1), _validation_metrics(
+                prefix, interval_meter.averages(distributed=False), latencies[done:], images, total_images=images,
+                data_time=sum(data_times[done:]) / args.print_freq, elapsed=time.perf_counter() - interval_start,
+                quantiles=(100, 99, 95)))
             interval_meter.reset()
             interval_start = time.perf_counter()
         data_start = time.perf_counter()
@@ -589,39 +591,35 @@ def validate(model: nn.Module, loader, ctx: ExecutionContext, logger: Logger, ar
     # apart, and compute speed and latencies are those of the batches after it (all of them when only one ran).
     first = latencies[0] if latencies else 0.0
     steady, steady_images = (latencies[1:], sum(batch_sizes[1:])) if len(latencies) > 1 else (latencies, images_seen)
-    compute = sum(steady)
-    result = {
-        f"{prefix}.loss": averages["loss"],
-        f"{prefix}.top1": 100.0 * averages["top1"],
-        f"{prefix}.top5": 100.0 * averages["top5"],
-        f"{prefix}.total_ips": images_seen * ctx.world_size / elapsed if elapsed > 0 else 0.0,
-        f"{prefix}.compute_ips": steady_images * ctx.world_size / compute if compute > 0 else 0.0,
-        f"{prefix}.data_time": sum(data_times) / max(len(latencies), 1),
-        f"{prefix}.compute_latency": compute / max(len(steady), 1),
+    return {
+        **_validation_metrics(prefix, averages, steady, steady_images * ctx.world_size,
+                              total_images=images_seen * ctx.world_size,
+                              data_time=sum(data_times) / max(len(latencies), 1), elapsed=elapsed,
+                              quantiles=(100, 99, 95, 90)),
         f"{prefix}.first_batch_latency": first,
         f"{prefix}.bad_files": _count(loader.epoch_bad_files, ctx),
     }
-    for q in (100, 99, 95, 90):
-        result[f"{prefix}.compute_latency_at{q}"] = percentile(steady, q)
-    return result
 
 
-def _interval_metrics(prefix: str, averages: dict[str, float], latencies: list[float], images: int,
-                      data_time: float, elapsed: float) -> dict[str, float]:
-    """A validation record over a few batches: accuracy, loss, speed and the batches' latencies."""
+def _validation_metrics(prefix: str, averages: dict[str, float], latencies: list[float], images: int, *,
+                        total_images: int, data_time: float, elapsed: float, quantiles: tuple[int, ...]
+                        ) -> dict[str, float]:
+    """Accuracy and loss (`averages`), then speed: compute speed and latency (mean and `quantiles`) of the batches
+    timed in `latencies`, holding `images` images; total speed of `total_images` over `elapsed` seconds;
+    `data_time` per batch."""
     compute = sum(latencies)
-    record = {
+    metrics = {
         f"{prefix}.top1": 100.0 * averages["top1"],
         f"{prefix}.top5": 100.0 * averages["top5"],
         f"{prefix}.loss": averages["loss"],
         f"{prefix}.compute_ips": images / compute if compute > 0 else 0.0,
-        f"{prefix}.total_ips": images / elapsed if elapsed > 0 else 0.0,
-        f"{prefix}.data_time": data_time / len(latencies),
-        f"{prefix}.compute_latency": compute / len(latencies),
+        f"{prefix}.total_ips": total_images / elapsed if elapsed > 0 else 0.0,
+        f"{prefix}.data_time": data_time,
+        f"{prefix}.compute_latency": compute / max(len(latencies), 1),
     }
-    for q in (100, 99, 95):
-        record[f"{prefix}.compute_latency_at{q}"] = percentile(latencies, q)
-    return record
+    for q in quantiles:
+        metrics[f"{prefix}.compute_latency_at{q}"] = percentile(latencies, q)
+    return metrics
 
 
 # --- the job --------------------------------------------------------------------------------------------------
