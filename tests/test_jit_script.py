@@ -6,7 +6,6 @@ does, including the depthwise convolutions that train in fp32 (models/common.py)
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from image_classification.cli import EXIT_ERROR, UserError
 from image_classification.models import get_entry
 from image_classification.models.common import _Fp32Conv
 from image_classification.training import compile_model
+from reports import by_step, read_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -171,13 +171,7 @@ def main_py(data: Path, workspace: Path, *extra: str):
 
 def summary(workspace: Path) -> dict:
     """The run summary (step []) of the workspace's report."""
-    records = [json.loads(line[len("DLLL "):]) for line in (workspace / "experiment_raport.json").read_text()
-               .splitlines()]
-    summary: dict = {}
-    for r in records:  # one record per verbosity level
-        if r["type"] == "LOG" and r["step"] == []:
-            summary.update(r["data"])
-    return summary
+    return by_step(read_report(workspace / "experiment_raport.json"))[()]
 
 
 def test_main_py_trains_and_evaluates_with_jit_script(tiny_data, tmp_path):

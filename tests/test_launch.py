@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 from image_classification.launcher import cpu_workers_limit, available_configurations, build_args, load_config, \
     resolve_defaults
 from image_classification.models import available_models
+from reports import by_step, read_report
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("convergence", "benchmark_training", "benchmark_training_short", "benchmark_inference", "evaluate")
@@ -149,12 +149,7 @@ def test_benchmark_runs_on_cpu_and_reports_latency_percentiles(tmp_path):
 
 
 def _summary(path: Path) -> dict:
-    records = [json.loads(line[5:]) for line in path.read_text().splitlines() if line.startswith("DLLL ")]
-    summary: dict = {}
-    for record in records:  # the run summary comes as one record per verbosity level
-        if record["type"] == "LOG" and record["step"] == []:
-            summary.update(record["data"])
-    return summary
+    return by_step(read_report(path))[()]
 
 
 def test_gpu_platform_settings_on_a_cpu_run_are_fitted_with_a_note():

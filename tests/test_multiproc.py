@@ -8,13 +8,14 @@ averaging, metric all-reduce, rank-0-only files, torchrun launch) is the real en
 """
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from reports import epoch_records, read_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,14 +79,10 @@ def _run(tmp_path: Path, name: str, nproc: int, batch: int, *extra: str) -> Path
 
 
 def _epochs(workspace: Path) -> dict[int, dict]:
-    records = [json.loads(line[5:]) for line in (workspace / "experiment_raport.json").read_text().splitlines()]
+    records = read_report(workspace / "experiment_raport.json")
     # Rank 0 alone writes: the flags' and the model's parameter records once.
     assert sum(r["type"] == "LOG" and r["step"] == "PARAMETER" for r in records) == 2
-    epochs: dict[int, dict] = {}
-    for r in records:  # an epoch's metrics come as one record per verbosity level
-        if r["type"] == "LOG" and isinstance(r["step"], list) and len(r["step"]) == 1:
-            epochs.setdefault(r["step"][0], {}).update(r["data"])
-    return epochs
+    return epoch_records(records)
 
 
 def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path):

@@ -32,6 +32,7 @@ from image_classification.lr_schedule import lr_at
 from image_classification.metrics import accuracy, percentile
 from image_classification.mixup import mix
 from image_classification.optimizers import build_optimizer, parameter_groups
+from reports import by_step, epoch_records, read_report
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -62,33 +63,6 @@ def train(argv: list[str]) -> dict:
         return main(parse_args(argv))
     finally:
         torch.use_deterministic_algorithms(False)
-
-
-def read_report(path: Path) -> list[dict]:
-    records = []
-    for line in path.read_text().splitlines():
-        assert line.startswith("DLLL "), line
-        record = json.loads(line[len("DLLL "):])
-        assert record["type"] in ("LOG", "METADATA")
-        # DLLogger's keys, in its order.
-        assert list(record) == (["timestamp", "datetime", "elapsedtime", "type", "step", "data"]
-                                if record["type"] == "LOG" else
-                                ["timestamp", "elapsedtime", "datetime", "type", "metric", "metadata"])
-        records.append(record)
-    return records
-
-
-def by_step(records: list[dict]) -> dict[tuple, dict]:
-    """LOG records merged per step (a step's metrics come as one record per verbosity level)."""
-    steps: dict[tuple, dict] = {}
-    for r in records:
-        if r["type"] == "LOG" and isinstance(r["step"], list):
-            steps.setdefault(tuple(r["step"]), {}).update(r["data"])
-    return steps
-
-
-def epoch_records(records: list[dict]) -> dict[int, dict]:
-    return {step[0]: data for step, data in by_step(records).items() if len(step) == 1}
 
 
 # --- end-to-end runs ------------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ from image_classification.data import build_train_loader
 from image_classification.data.generated import generate_dataset
 from image_classification.mixup import Mixup, box_lambda, cut_and_paste, cutmix_box, mix
 from image_classification.progressive import progressive_schedule
-from test_training import epoch_records, read_report, train
+from reports import epoch_records, read_report
+from test_training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = 4
