@@ -45,7 +45,7 @@ from .losses import build_loss
 from .lr_schedule import schedule_from_args, set_lr
 from .metrics import SumMeter, all_reduce_sum, percentile, topk_correct
 from .mixup import Mixup
-from .models import get_entry
+from .models import fused, get_entry
 from .models.weights import fit_state_dict
 from .optimizers import optimizer_from_args
 from .progressive import ProgressiveSchedule, StageSettings, progressive_schedule
@@ -655,6 +655,7 @@ def main(args: argparse.Namespace, *, prepare_model: PrepareModel | None = None,
     if not ctx.is_cuda and not set_cpu_allocator(args.cpu_allocator):
         warnings.warn(f"--cpu-allocator {args.cpu_allocator} needs glibc; this C library keeps its own defaults",
                       stacklevel=2)
+    fused.set_enabled(args.cpu_kernels == "auto")
     try:
         set_affinity(args.gpu_affinity, ctx)
         if args.seed is not None:

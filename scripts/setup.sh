@@ -14,13 +14,14 @@ stamp="$venv/.installed-$(basename "$req" .txt)"
 digest=$(cat "$root/requirements.txt" "$root/$req" | sha256sum | cut -d' ' -f1)
 # requirements-dev.txt includes requirements.txt: a current dev install satisfies both.
 dev_digest=$(cat "$root/requirements.txt" "$root/requirements-dev.txt" | sha256sum | cut -d' ' -f1)
-if [ "$(cat "$venv/.installed-requirements-dev" 2>/dev/null || true)" = "$dev_digest" ]; then
-  exit 0
-fi
-if [ "$(cat "$stamp" 2>/dev/null || true)" != "$digest" ]; then
+if [ "$(cat "$venv/.installed-requirements-dev" 2>/dev/null || true)" != "$dev_digest" ] \
+    && [ "$(cat "$stamp" 2>/dev/null || true)" != "$digest" ]; then
   echo "setup: installing $req into .venv (one to two minutes on a fresh machine)"
   "$venv/bin/python" -m pip install --disable-pip-version-check -q -r "$root/$req"
   # torchvision's compiled ops must match torch's build; fail here rather than mid-run.
   "$venv/bin/python" -c "import torch, torchvision.ops"
   echo "$digest" > "$stamp"
 fi
+# The fused CPU batch-norm kernels, compiled for this machine now rather than at the first training step (a
+# no-op once built); without a C compiler training falls back to ATen's layers, so a failure is not fatal.
+(cd "$root" && "$venv/bin/python" -c "from image_classification.models import fused; fused.available()") || true
