@@ -165,3 +165,26 @@ def test_silu_of_large_negative_and_positive_inputs_is_finite():
         out = fused.batch_norm_act(bn, x, silu=True)
     assert torch.isfinite(out).all()
     assert torch.allclose(out, F.silu(bn(x)), rtol=1e-6, atol=1e-30)
+
+
+def test_squeeze_excitation_training_matches_the_plain_module():
+    from image_classification.models.common import SqueezeExcitation
+    torch.manual_seed(0)
+    se = SqueezeExcitation(24, 6)
+    x = _channels_last(3, 24, 7, 5, scale=2.0)
+    grad = _channels_last(3, 24, 7, 5)
+    ours_in, plain_in = x.clone().requires_grad_(), x.clone().requires_grad_()
+    assert fused.se_applies(ours_in, se.squeeze, se.expand)
+    out = se(ours_in)
+    out.backward(grad)
+    ours_grads = [p.grad.clone() for p in se.parameters()]
+    se.zero_grad()
+    expected = plain_in * se.attention(plain_in)  # the module's plain form
+    expected.backward(grad)
+    _close(out, expected)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    _close(ours_in.grad, plain_in.grad, rtol=1e-5)
+    for ours, plain in zip(ours_grads, (p.grad for p in se.parameters())):
+        _close(ours, plain, rtol=1e-5)
+    with torch.no_grad():
+        assert not fused.se_applies(x, se.squeeze, se.expand)  # inference: ATen's forward is as fast

@@ -95,6 +95,8 @@ class SqueezeExcitation(nn.Module):
 
     With `trt=True` the squeeze/expand layers are 1×1 convolutions after an AdaptiveAvgPool2d,
     the form TensorRT fuses (weights [out, in, 1, 1] instead of [out, in]); both compute the same.
+    Training in float32 channels_last on a CPU, the Linear form runs as one autograd node whose backward
+    makes two passes over the activations instead of five (models/fused.py).
     """
 
     # A constant to TorchScript, which then compiles only the form this module has (only one has `pooling`).
@@ -122,7 +124,17 @@ class SqueezeExcitation(nn.Module):
         return s if self.trt else s[:, :, None, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and not self.trt:
+            out = self._fused(x)
+            if out is not None:
+                return out
         return x * self.attention(x)
+
+    @torch.jit.unused  # TorchScript compiles the call, never the body: scripted models run the layers
+    def _fused(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        if fused.se_applies(x, self.squeeze, self.expand):
+            return fused.squeeze_excitation(x, self.squeeze, self.expand)
+        return None
 
 
 class _Fp32Conv(torch.autograd.Function):

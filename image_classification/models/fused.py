@@ -1,9 +1,13 @@
-"""Batch norm fused with its SiLU on the CPU: one C kernel per pass instead of ATen's separate BN and SiLU.
+"""Fused CPU kernels for the memory-bound layers of EfficientNet: BN + SiLU, and squeeze-excitation's scale.
 
-Applies to float32 channels_last activations on the CPU, in eager mode: training (batch statistics, running
-statistics updated as nn.BatchNorm2d updates them) and inference without autograd (running statistics). What
-it saves (csrc/bn_act.c): two of the five passes over memory forward, three of the seven backward, and one
-saved activation per layer (the SiLU's input is recomputed from the BN's input).
+Both apply to float32 channels_last activations on the CPU, in eager mode.
+- Batch norm + SiLU, in training (batch statistics, running statistics updated as nn.BatchNorm2d updates
+  them) and in inference without autograd (running statistics): two of the five passes over memory forward,
+  three of the seven backward, and one saved activation per layer (the SiLU's input is recomputed from the
+  BN's input) fewer than ATen's separate layers.
+- Squeeze-excitation (x * sigmoid(expand(SiLU(squeeze(mean(x)))))) in training: its backward reads the
+  block's activations twice and writes once where ATen's makes five passes; the small [N, C] layers between
+  are differentiated here by hand.
 
 The kernels are compiled on first use with the machine's C compiler (`$CC`, default cc) for its own CPU
 (-march=native) into a cache folder keyed by the source, compiler, flags and CPU, so a home folder shared by
@@ -29,7 +33,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "bn_act.c"
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 # -ffast-math lets the compiler vectorise expf through glibc's vector maths library (libmvec) and reassociate
 # the per-thread float sums; -fopenmp spreads rows over torch's thread count.
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared")
@@ -68,7 +72,7 @@ def library_path() -> Path:
     version = subprocess.run([_compiler(), "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256(b"\0".join(part.encode() for part in (
         SOURCE.read_text(), version, " ".join(FLAGS), _cpu_signature()))).hexdigest()[:16]
-    return cache_dir() / f"bn_act-{key}.so"
+    return cache_dir() / f"cpu_kernels-{key}.so"
 
 
 def build() -> Path:
@@ -99,6 +103,8 @@ _SIGNATURES = {
                              _POINTER, _POINTER, _INT),
     "bn_act_backward_input": (_POINTER, _POINTER, _POINTER, _INT64, _INT64, _POINTER, _POINTER, _POINTER, _POINTER,
                               _POINTER, _INT, _INT),
+    "se_scale_sums": (_POINTER, _POINTER, _INT64, _INT64, _INT64, _POINTER, _INT),
+    "se_scale_input_grad": (_POINTER, _POINTER, _POINTER, _POINTER, _INT64, _INT64, _INT64, _INT),
 }
 
 
@@ -124,13 +130,16 @@ def _needs_autograd(bn: nn.BatchNorm2d, x: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or bn.weight.requires_grad or bn.bias.requires_grad)
 
 
+def _eager_float32_channels_last(x: torch.Tensor) -> bool:
+    return (_enabled and type(x) is torch.Tensor and x.device.type == "cpu" and x.dtype == torch.float32
+            and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
+
+
 def applies(bn: nn.BatchNorm2d, x: torch.Tensor) -> bool:
     """Whether `batch_norm_act(bn, x)` may replace bn (+ SiLU) for this call."""
-    if not (_enabled and type(x) is torch.Tensor and x.device.type == "cpu" and x.dtype == torch.float32
-            and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and bn.affine
-            and bn.weight.dtype == torch.float32 and bn.track_running_stats):
-        return False
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if not (_eager_float32_channels_last(x) and bn.affine and bn.weight.dtype == torch.float32
+            and bn.track_running_stats):
         return False
     if bn.training:
         # ATen refuses a single value per channel; let it say so.
@@ -210,3 +219,47 @@ class _TrainingBatchNormAct(torch.autograd.Function):
         grad_weight = sum_gx * invstd if ctx.needs_input_grad[1] else None
         grad_bias = sum_g if ctx.needs_input_grad[2] else None
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
+
+
+def se_applies(x: torch.Tensor, *layers: nn.Linear) -> bool:
+    """Whether `squeeze_excitation(x, squeeze, expand)` may replace the module's forward: training (autograd)."""
+    return (_eager_float32_channels_last(x) and torch.is_grad_enabled()
+            and all(layer.weight.dtype == torch.float32 for layer in layers) and _library() is not None)
+
+
+def squeeze_excitation(x: torch.Tensor, squeeze: nn.Linear, expand: nn.Linear) -> torch.Tensor:
+    """x * sigmoid(expand(SiLU(squeeze(mean of x over H, W)))), as SqueezeExcitation computes it."""
+    return _SqueezeExcitation.apply(x, squeeze.weight, squeeze.bias, expand.weight, expand.bias)
+
+
+class _SqueezeExcitation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, squeeze_weight, squeeze_bias, expand_weight, expand_bias):
+        pooled = x.sum((2, 3)) / (x.shape[2] * x.shape[3])
+        hidden = torch.addmm(squeeze_bias, pooled, squeeze_weight.t())
+        activated = hidden * torch.sigmoid(hidden)
+        attention = torch.sigmoid(torch.addmm(expand_bias, activated, expand_weight.t()))
+        ctx.save_for_backward(x, pooled, hidden, activated, attention, squeeze_weight, expand_weight)
+        return x * attention[:, :, None, None]
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, pooled, hidden, activated, attention, squeeze_weight, expand_weight = ctx.saved_tensors
+        library, threads = _library(), _threads()
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        n, channels, height, width = x.shape
+        grad_attention = x.new_empty(n, channels)
+        library.se_scale_sums(_ptr(grad), _ptr(x), n, height * width, channels, _ptr(grad_attention), threads)
+        grad_logits = grad_attention * attention * (1 - attention)  # through the sigmoid
+        grad_expand_weight, grad_expand_bias = grad_logits.t() @ activated, grad_logits.sum(0)
+        sigmoid = torch.sigmoid(hidden)
+        grad_hidden = (grad_logits @ expand_weight) * sigmoid * (1 + hidden * (1 - sigmoid))  # through the SiLU
+        grad_squeeze_weight, grad_squeeze_bias = grad_hidden.t() @ pooled, grad_hidden.sum(0)
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            # The mean's gradient, per sample and channel, joins the scale's in the same pass.
+            grad_pooled = (grad_hidden @ squeeze_weight).div_(height * width).contiguous()
+            grad_input = torch.empty_like(x, memory_format=torch.channels_last)
+            library.se_scale_input_grad(_ptr(grad), _ptr(attention), _ptr(grad_pooled), _ptr(grad_input), n,
+                                        height * width, channels, threads)
+        return grad_input, grad_squeeze_weight, grad_squeeze_bias, grad_expand_weight, grad_expand_bias

@@ -1,4 +1,5 @@
-/* Batch normalisation fused with its SiLU, forward and backward, for float32 channels-last tensors.
+/* CPU kernels for float32 channels-last training (models/fused.py): batch normalisation fused with its SiLU,
+ * forward and backward, and squeeze-excitation's scale backward.
  *
  * A channels-last [N, C, H, W] tensor is a [rows = N*H*W, C] matrix in memory, so every per-channel
  * quantity is a vector of C floats and every loop below runs over rows outside, channels inside (unit
@@ -138,5 +139,42 @@ void bn_act_backward_input(const float *grad, const float *x, float *grad_input,
 #pragma omp simd
         for (int64_t c = 0; c < C; c++)
             o[c] = pre_activation_grad(g[c], in[c], scale[c], shift[c], silu) * k[c] + in[c] * p[c] + q[c];
+    }
+}
+
+/* Squeeze-excitation's scale out = x * a[n, c], backward (x, g: [N, HW, C]; a, sums: [N, C]).
+ *
+ * ATen computes g * a, then g * x into a temporary, then its sum over HW, and autograd adds the pooling's
+ * gradient in a fourth pass; here one pass reads g and x for the sums, and one reads g to write
+ * grad_x = g * a + d, d being the pooling's gradient per sample and channel. */
+void se_scale_sums(const float *grad, const float *x, int64_t N, int64_t HW, int64_t C, float *sums, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        double *total = calloc(C, sizeof(double));
+        float *block = malloc(C * sizeof(float));
+        for (int64_t r0 = 0; r0 < HW; r0 += BLOCK) {
+            int64_t r1 = r0 + BLOCK < HW ? r0 + BLOCK : HW;
+            for (int64_t c = 0; c < C; c++) block[c] = 0.0f;
+            for (int64_t r = r0; r < r1; r++) {
+                const float *g = grad + (n * HW + r) * C, *in = x + (n * HW + r) * C;
+#pragma omp simd
+                for (int64_t c = 0; c < C; c++) block[c] += g[c] * in[c];
+            }
+            for (int64_t c = 0; c < C; c++) total[c] += block[c];
+        }
+        for (int64_t c = 0; c < C; c++) sums[n * C + c] = (float)total[c];
+        free(block);
+        free(total);
+    }
+}
+
+void se_scale_input_grad(const float *grad, const float *a, const float *d, float *grad_input, int64_t N, int64_t HW,
+                         int64_t C, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t row = 0; row < N * HW; row++) {
+        const float *g = grad + row * C, *an = a + (row / HW) * C, *dn = d + (row / HW) * C;
+        float *o = grad_input + row * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; c++) o[c] = g[c] * an[c] + dn[c];
     }
 }
