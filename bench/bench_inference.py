@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> dict:
                              "peak_memory_mib": memory[entry.label]})
             del forwards
     return {"benchmark": "inference", "machine": common.machine_info(ctx), "settings": common.settings(args, ctx),
-            "results": rows, "ratios": common.ratios(rows, "img_per_s", ("arch", "batch_size"))}
+            "results": rows, "ratios": common.ratios(rows, "img_per_s", ("arch", "batch_size")),
+            "best": common.best_ratios(rows, "img_per_s", ("arch", "batch_size"))}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
         ("first_call_s", "1st call s", ".1f"), ("peak_memory_mib", "peak MiB", ".0f")],
         f"inference, {report['machine']['device']} ({report['machine']['cpu']}, "
         f"{report['machine']['torch_threads']} threads), {args.repeats} interleaved samples")
-    common.print_table(report["ratios"], common.RATIO_COLUMNS, common.RATIO_TITLE)
+    common.print_ratio_tables(report)
     common.write_json(args.json, report)
     return report
 

@@ -97,7 +97,8 @@ def run(args: argparse.Namespace) -> dict:
                              "peak_memory_mib": memory[entry.label]})
             del steps
     return {"benchmark": "train_step", "machine": common.machine_info(ctx), "settings": common.settings(args, ctx),
-            "results": rows, "ratios": common.ratios(rows, "img_per_s", ("arch", "batch_size"))}
+            "results": rows, "ratios": common.ratios(rows, "img_per_s", ("arch", "batch_size")),
+            "best": common.best_ratios(rows, "img_per_s", ("arch", "batch_size"))}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
         ("peak_memory_mib", "peak MiB", ".0f")],
         f"training step, {report['machine']['device']} ({report['machine']['cpu']}, "
         f"{report['machine']['torch_threads']} threads), median of {args.repeats}")
-    common.print_table(report["ratios"], common.RATIO_COLUMNS, common.RATIO_TITLE)
+    common.print_ratio_tables(report)
     common.write_json(args.json, report)
     return report
 

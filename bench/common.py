@@ -318,36 +318,73 @@ def settings(args: argparse.Namespace, ctx: ExecutionContext) -> dict:
     return out
 
 
-def ratios(rows: list[dict], key: str, group: tuple[str, ...]) -> list[dict]:
-    """For each group of rows (same arch, batch, ...): every `ours*` entry's `key` divided by each peer's.
+def _configuration(row: dict) -> tuple:
+    """What an entry ran besides which model: layout, compile, freeze (and precision, the same for a run)."""
+    return row["memory_format"], row["compile"], row.get("freeze", False)
 
-    Where rows carry `samples_s` (seconds per call, one per interleaved round), also the paired ratio: the
-    median over rounds of peer seconds / ours seconds in the same round. A shared machine drifts by more than
-    the few percent being compared; within one round both entries meet the same drift, so this ratio is the
-    steadier of the two.
-    """
-    out = []
+
+def _ratio(o: dict, p: dict, key: str, group: tuple[str, ...]) -> dict:
+    ratio = {**{g: o[g] for g in group}, "ours": o["model"], "peer": p["model"],
+             "same_config": _configuration(o) == _configuration(p), f"{key}_ratio": round(o[key] / p[key], 4)}
+    if o.get("samples_s") and p.get("samples_s"):
+        paired = [b / a for a, b in zip(o["samples_s"], p["samples_s"])]
+        ratio["paired_ratio"] = round(median(paired), 4)
+    return ratio
+
+
+def _groups(rows: list[dict], group: tuple[str, ...]) -> list[list[dict]]:
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault(tuple(row[g] for g in group), []).append(row)
-    for rows_of_group in groups.values():
+    return list(groups.values())
+
+
+def ratios(rows: list[dict], key: str, group: tuple[str, ...]) -> list[dict]:
+    """For each group of rows (same arch, batch, ...): every `ours*` entry's `key` divided by each peer's.
+
+    `same_config` marks the pairs that ran alike (layout, compile, freeze): the comparison that says which
+    implementation is faster; the others compare settings as much as implementations. Where rows carry
+    `samples_s` (seconds per call, one per interleaved round), also the paired ratio: the median over rounds of
+    peer seconds / ours seconds in the same round. A shared machine drifts by more than the few percent being
+    compared; within one round both entries meet the same drift, so this ratio is the steadier of the two.
+    """
+    out = []
+    for rows_of_group in _groups(rows, group):
         ours = [r for r in rows_of_group if r["model"].startswith("ours")]
         peers = [r for r in rows_of_group if not r["model"].startswith("ours")]
-        for o in ours:
-            for p in peers:
-                if o.get(key) and p.get(key):
-                    ratio = {**{g: o[g] for g in group}, "ours": o["model"], "peer": p["model"],
-                             f"{key}_ratio": round(o[key] / p[key], 4)}
-                    if o.get("samples_s") and p.get("samples_s"):
-                        paired = [b / a for a, b in zip(o["samples_s"], p["samples_s"])]
-                        ratio["paired_ratio"] = round(median(paired), 4)
-                    out.append(ratio)
+        out.extend(_ratio(o, p, key, group) for o in ours for p in peers if o.get(key) and p.get(key))
+    return out
+
+
+def best_ratios(rows: list[dict], key: str, group: tuple[str, ...]) -> list[dict]:
+    """For each group: our fastest entry against each peer's fastest entry, whatever each ran."""
+    out = []
+    for rows_of_group in _groups(rows, group):
+        best: dict[str, dict] = {}
+        for row in rows_of_group:
+            name = row["model"].split("+")[0]
+            if row.get(key) and (name not in best or row[key] > best[name][key]):
+                best[name] = row
+        if "ours" in best:
+            out.extend(_ratio(best["ours"], best[name], key, group) for name in PEERS if name in best)
     return out
 
 
 RATIO_COLUMNS = [("arch", "arch", ""), ("batch_size", "batch", "d"), ("ours", "ours", ""), ("peer", "peer", ""),
                  ("img_per_s_ratio", "ours/peer", ".3f"), ("paired_ratio", "paired", ".3f")]
-RATIO_TITLE = "throughput ratios (ours / peer, same run; paired: median of per-round ratios)"
+
+
+def print_ratio_tables(report: dict) -> None:
+    """The ratios of a bench report: same configuration first, then best against best, then the other pairs."""
+    same = [r for r in report["ratios"] if r["same_config"]]
+    other = [r for r in report["ratios"] if not r["same_config"]]
+    paired = "paired: median of per-round ratios"
+    if same:
+        print_table(same, RATIO_COLUMNS, f"ours / peer in the same configuration (layout, compile, freeze), {paired}")
+    if report.get("best"):
+        print_table(report["best"], RATIO_COLUMNS, f"best against best: each side's fastest entry, {paired}")
+    if other:
+        print_table(other, RATIO_COLUMNS, f"ours / peer in different configurations (settings, not only code), {paired}")
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]], title: str) -> None:

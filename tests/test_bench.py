@@ -35,6 +35,11 @@ def test_bench_train_quick(tmp_path):
     pairs = {(r["ours"], r["peer"]) for r in report["ratios"]}
     assert pairs == {(o, p) for o in ("ours", "ours+nhwc") for p in ("timm", "torchvision")}
     assert all(r["img_per_s_ratio"] > 0 for r in report["ratios"])
+    # The plain entries all run NCHW eager: that is the like-for-like pair; ours+nhwc has no NHWC peer here.
+    assert {(r["ours"], r["peer"]) for r in report["ratios"] if r["same_config"]} == {("ours", "timm"),
+                                                                                       ("ours", "torchvision")}
+    assert [r["peer"] for r in report["best"]] == ["timm", "torchvision"]
+    assert all(r["ours"] in ("ours", "ours+nhwc") for r in report["best"])
 
 
 def test_bench_train_quick_bf16(tmp_path):
