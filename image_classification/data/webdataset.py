@@ -1,0 +1,337 @@
+"""Reading WebDataset tar shards (written by `python -m image_classification.data.shards`) for training and
+validation, and --data-format detection.
+
+A `ShardIndex` has the interface of the folder backend's ImageFolderIndex (`root`, `classes`, `samples`,
+`read`, `epoch_order`), so every backend reads shards through the code it uses for folders: the same
+augmentation, normalisation, per-sample seeding, replacement of unreadable samples and exact mid-epoch
+resume. It is built by walking each shard's tar headers once (tarfile reads a header and seeks past the
+member's data; only the few bytes of each `.cls` member are read), recording where each image's bytes lie;
+a reader then takes one image with a single `os.pread` on a shard file it keeps open.
+
+Sample names: `<shard path>:<member name>`, e.g. /data/shards/train-000003.tar:0007_000012.jpg, so a warning
+names the shard and the key. A sample is bad (training replaces it, validation drops it, each counted as an
+unreadable file is) when its `.cls` member is missing, not ASCII decimal or not a class index, when it has no
+image member, or when its image is cut short by a truncated shard. A truncated or damaged shard is warned
+about once, naming it; its complete samples are used.
+
+Data order (`ShardIndex.epoch_order`): training permutes the shards by (seed, epoch), lays their samples end
+to end and gives each rank one contiguous stretch of len // world_size samples, which it then permutes by
+(seed, epoch, rank). Ranks read disjoint samples, the same number each (exactly the folder backend's count,
+whatever the shard sizes, also with fewer shards than ranks), from about shards / world_size shards each;
+the up to world_size - 1 samples left over are at the end of the epoch's last shard, so they change every
+epoch. Validation keeps file order and gives the first len % world_size ranks one sample more, so that every
+sample is scored exactly once.
+
+DALI reads shards through the same external source as folders, not `fn.readers.webdataset`: that reader
+shuffles through a buffer and splits shards by its own rule, so it could give neither the pytorch backend's
+order nor an exact mid-epoch resume.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tarfile
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoint import CLASS_NAMES_FILE
+from . import DATA_FORMATS
+from .folder import IMG_EXTENSIONS, DataError, UnreadableSample, epoch_seed
+from .shards import INDEX_FILE, LABEL_EXTENSION, read_index
+
+log = logging.getLogger(__name__)
+
+_IMAGE_EXTENSIONS = frozenset(ext[1:] for ext in IMG_EXTENSIONS)
+_TAR_BLOCK = tarfile.BLOCKSIZE
+# Tell the within-rank shuffle's seed apart from every other epoch_seed use (those pass at most 4 keys).
+_RANK_SHUFFLE = 0x5A4D
+# Shard files a reading process keeps open: a rank's shards for a few batches, well under any ulimit.
+_OPEN_SHARDS = 64
+# Threads walking shard headers: the walk waits on the file system (one read per sample), not the CPU.
+_WALK_THREADS = 16
+
+
+# --- format detection --------------------------------------------------------------------------------------
+
+def _holds_folders(root: Path) -> bool:
+    return (root / "train").is_dir() or (root / "val").is_dir()
+
+
+def _holds_shards(root: Path) -> bool:
+    return (root / INDEX_FILE).exists() or any(root.glob("*.tar"))
+
+
+def resolve_format(data_dir: str | os.PathLike, data_format: str) -> str:
+    """"folder" or "shards" for `data_dir` under --data-format, or DataError in one line saying what is there.
+
+    auto: folder when DIR has a train/ or val/ folder, else shards when it holds index.json or *.tar files.
+    """
+    if data_format not in DATA_FORMATS:
+        raise DataError(f"--data-format must be one of {', '.join(DATA_FORMATS)}, got {data_format!r}")
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist" if not root.exists()
+                        else f"data folder {root} is not a directory")
+    if data_format == "folder" and not _holds_folders(root) and _holds_shards(root):
+        raise DataError(f"{root} holds tar shards, not train/ and val/ class folders; use --data-format shards "
+                        "(or auto)")
+    if data_format == "shards" and not (root / INDEX_FILE).exists() and _holds_folders(root):
+        raise DataError(f"{root} holds class folders, not shards with {INDEX_FILE}; use --data-format folder "
+                        "(or auto), or convert it with python -m image_classification.data.shards")
+    if data_format != "auto":
+        return data_format
+    if _holds_folders(root):
+        return "folder"
+    if _holds_shards(root):
+        return "shards"
+    raise DataError(f"{root} holds neither train/ and val/ class folders nor tar shards with {INDEX_FILE} "
+                    "(--data-format auto)")
+
+
+# --- the index -------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _ShardWalk:
+    """What one walk of a shard's headers found: per sample its member name, label (-1 when bad), image data
+    offset and size, and the reason it is bad (or "")."""
+
+    names: list[str]
+    labels: list[int]
+    offsets: list[int]
+    sizes: list[int]
+    problems: list[str]
+
+
+def _parse_label(data: bytes, num_classes: int) -> tuple[int, str]:
+    """(label, "") from a .cls member's bytes, or (-1, why it is not a class index)."""
+    text = data.strip()
+    if not text.isdigit():  # bytes.isdigit: ASCII digits only, so no sign, space or other script
+        return -1, f"its .{LABEL_EXTENSION} member {data[:20]!r} is not a class index in ASCII decimal"
+    label = int(text)
+    if label >= num_classes:
+        return -1, f"its .{LABEL_EXTENSION} member says class {label}, but there are {num_classes} classes"
+    return label, ""
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """(key, extension) as WebDataset splits a member name: at the first dot of its file name."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext
+
+
+def _walk(path: Path, num_classes: int, expected: int) -> _ShardWalk:
+    """Walk the headers of one shard (tarfile seeks past member data); read only the .cls members."""
+    file_size = os.path.getsize(path)
+    groups: list[tuple[str, dict[str, tarfile.TarInfo]]] = []  # (key, {extension: member}) in file order
+    labels: dict[int, bytes] = {}  # group number -> its .cls bytes
+    damage = ""
+    try:
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue  # folders and links carry no sample (as WebDataset skips them)
+                key, ext = _split_name(member.name)
+                ext = ext.lower()
+                if not groups or groups[-1][0] != key:
+                    groups.append((key, {}))
+                groups[-1][1].setdefault(ext, member)
+                if ext == LABEL_EXTENSION and member.offset_data + member.size <= file_size:
+                    f.seek(member.offset_data)
+                    labels[len(groups) - 1] = f.read(min(member.size, 64))
+            end = tar.offset
+            f.seek(end)
+            if f.read(2 * _TAR_BLOCK) != bytes(2 * _TAR_BLOCK):
+                damage = f"truncated or damaged after byte {end} (no end-of-archive marker there)"
+    except tarfile.TarError as err:
+        damage = f"not a readable tar file ({err})"
+    walk = _ShardWalk([], [], [], [], [])
+    for number, (key, members) in enumerate(groups):
+        image = next((members[ext] for ext in members if ext in _IMAGE_EXTENSIONS), None)
+        label, problem = -1, ""
+        if image is None:
+            problem = f"no image member (extensions {', '.join(sorted(_IMAGE_EXTENSIONS))})"
+        elif image.offset_data + image.size > file_size:
+            problem = f"cut short: the shard ends at byte {file_size}"
+        elif number not in labels:
+            problem = f"no complete .{LABEL_EXTENSION} member"
+        else:
+            label, problem = _parse_label(labels[number], num_classes)
+        walk.names.append(image.name if image is not None else key)
+        walk.labels.append(label)
+        walk.offsets.append(image.offset_data if image is not None else 0)
+        walk.sizes.append(image.size if image is not None else 0)
+        walk.problems.append(problem)
+    complete = walk.problems.count("")
+    if damage or complete < expected:
+        log.warning("shard %s is %s: %d of the %d samples %s lists are complete and used", path,
+                    damage or "short of samples", complete, expected, INDEX_FILE)
+    return walk
+
+
+# Walks by (shard path, size, modification time): a progressive run rebuilds its train loader at every stage.
+_WALKS: dict[tuple[str, int, int, int], _ShardWalk] = {}
+_WALKS_LOCK = threading.Lock()
+
+
+def _cached_walk(path: Path, num_classes: int, expected: int) -> _ShardWalk:
+    info = os.stat(path)
+    key = (str(path), info.st_size, info.st_mtime_ns, num_classes)
+    with _WALKS_LOCK:
+        walk = _WALKS.get(key)
+    if walk is None:
+        walk = _walk(path, num_classes, expected)
+        with _WALKS_LOCK:
+            _WALKS[key] = walk
+    return walk
+
+
+class _OpenShards:
+    """Shard files this process has open, least recently used closed first; reopened after a fork."""
+
+    def __init__(self, limit: int = _OPEN_SHARDS) -> None:
+        self.limit = limit
+        self._pid = os.getpid()
+        self._files: OrderedDict[str, int] = OrderedDict()
+        self._lock = threading.Lock()  # DALI's external source and DataLoader workers each read from one thread
+
+    def pread(self, path: str, size: int, offset: int) -> bytes:
+        with self._lock:
+            if self._pid != os.getpid():  # a forked worker: the parent's descriptors share its file offsets
+                self._files = OrderedDict()
+                self._pid = os.getpid()
+            fd = self._files.pop(path, None)
+            if fd is None:
+                fd = os.open(path, os.O_RDONLY)
+                if len(self._files) >= self.limit:
+                    os.close(self._files.popitem(last=False)[1])
+            self._files[path] = fd
+            # Read under the lock too: another thread must not close this descriptor (and reuse its number) meanwhile.
+            return os.pread(fd, size, offset)
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._files.values():
+                os.close(fd)
+            self._files.clear()
+
+    def __getstate__(self) -> dict:
+        return {"limit": self.limit}  # descriptors do not travel to another process
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["limit"])
+
+    def __del__(self) -> None:
+        if self._pid == os.getpid():
+            self.close()
+
+
+class ShardIndex:
+    """The samples of one split of a shard conversion, with ImageFolderIndex's interface.
+
+    samples: (name, label) in shard order, then file order; `read(i)` gives sample i's image bytes;
+    `shard_starts[s]:shard_starts[s + 1]` are the sample numbers of shard s.
+    """
+
+    def __init__(self, root: Path, split: str, classes: list[str], shard_paths: list[Path],
+                 walks: list[_ShardWalk]) -> None:
+        self.root, self.split, self.classes = root, split, classes
+        self.shard_paths = [str(path) for path in shard_paths]
+        self.samples = [(f"{path}:{name}", label) for path, walk in zip(self.shard_paths, walks)
+                        for name, label in zip(walk.names, walk.labels)]
+        self.shard_starts = np.cumsum([0] + [len(walk.names) for walk in walks]).tolist()
+        self._shard_of = np.repeat(np.arange(len(walks), dtype=np.int32), [len(walk.names) for walk in walks])
+        self._offsets = np.array([o for walk in walks for o in walk.offsets], dtype=np.int64)
+        self._sizes = np.array([s for walk in walks for s in walk.sizes], dtype=np.int64)
+        self._problems = {i: problem for i, problem in enumerate(p for walk in walks for p in walk.problems)
+                          if problem}
+        self._files = _OpenShards()
+
+    @property
+    def paths(self) -> list[str]:
+        return [name for name, _ in self.samples]
+
+    @property
+    def labels(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+    def read(self, position: int) -> bytes:
+        """The image bytes of sample `position`, or UnreadableSample saying why not."""
+        problem = self._problems.get(position)
+        if problem:
+            raise UnreadableSample(problem)
+        path = self.shard_paths[self._shard_of[position]]
+        size = int(self._sizes[position])
+        try:
+            data = self._files.pread(path, size, int(self._offsets[position]))
+        except OSError as err:
+            raise UnreadableSample(f"cannot read {path}: {err.strerror}") from None
+        if len(data) != size:
+            raise UnreadableSample(f"cut short: {len(data)} of {size} bytes (the shard has changed or is truncated)")
+        return data
+
+    def epoch_order(self, *, epoch: int, seed: int, rank: int, world_size: int, shuffle: bool,
+                    equal_shards: bool) -> list[int]:
+        """This rank's sample numbers for `epoch`, in order (see the module's notes; sizes as shard_size's)."""
+        if shuffle:
+            generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+            shards = torch.randperm(len(self.shard_paths), generator=generator).tolist()
+        else:
+            shards = range(len(self.shard_paths))
+        starts = self.shard_starts
+        sequence = [i for shard in shards for i in range(starts[shard], starts[shard + 1])]
+        base, extra = divmod(len(sequence), world_size)
+        if equal_shards:
+            start, stop = rank * base, (rank + 1) * base
+        else:
+            start = rank * base + min(rank, extra)
+            stop = start + base + (rank < extra)
+        mine = sequence[start:stop]
+        if not shuffle:
+            return mine
+        generator = torch.Generator().manual_seed(epoch_seed(seed, epoch, rank, world_size, _RANK_SHUFFLE))
+        return [mine[i] for i in torch.randperm(len(mine), generator=generator).tolist()]
+
+
+def _read_classes(root: Path, index: dict) -> list[str]:
+    path = root / index.get("classes_file", CLASS_NAMES_FILE)
+    try:
+        classes = path.read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise DataError(f"{path} cannot be read: {err.strerror}") from None
+    if len(classes) != index.get("num_classes"):
+        raise DataError(f"{path} names {len(classes)} classes but {root / INDEX_FILE} says "
+                        f"{index.get('num_classes')}")
+    return classes
+
+
+def scan_shards(data_dir: str | os.PathLike, split: str, num_classes: int) -> ShardIndex:
+    """Index `<data_dir>/<split>-NNNNNN.tar` by its index.json, or raise DataError naming what is wrong."""
+    root = Path(data_dir)
+    index = read_index(root)
+    record = index.get("splits", {}).get(split)
+    if record is None:
+        converted = ", ".join(index.get("splits", {})) or "none"
+        raise DataError(f"{root / INDEX_FILE} has no {split} split (converted: {converted}); convert it with "
+                        f"python -m image_classification.data.shards --split {split}")
+    classes = _read_classes(root, index)
+    if len(classes) > num_classes:
+        raise DataError(f"{root} has {len(classes)} classes but the model has --num_classes {num_classes}")
+    paths = [root / shard["name"] for shard in record["shards"]]
+    missing = [str(path) for path in paths if not path.is_file()]
+    if missing:
+        raise DataError(f"{missing[0]} is missing ({len(missing)} of the {len(paths)} {split} shards that "
+                        f"{root / INDEX_FILE} lists)")
+    with ThreadPoolExecutor(max_workers=max(1, min(_WALK_THREADS, len(paths)))) as pool:
+        walks = list(pool.map(lambda item: _cached_walk(item[0], len(classes), item[1]["samples"]),
+                              zip(paths, record["shards"])))
+    shard_index = ShardIndex(root, split, classes, paths, walks)
+    if not shard_index.samples:
+        raise DataError(f"the {split} shards of {root} hold no samples")
+    return shard_index
