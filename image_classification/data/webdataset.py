@@ -96,16 +96,17 @@ def resolve_format(data_dir: str | os.PathLike, data_format: str) -> str:
 
 # --- the index -------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass
 class _ShardWalk:
     """What one walk of a shard's headers found: per sample its member name, label (-1 when bad), image data
-    offset and size, and the reason it is bad (or "")."""
+    offset and size, and the reason it is bad (or ""); what is wrong with the shard as a whole (or "")."""
 
     names: list[str]
     labels: list[int]
     offsets: list[int]
     sizes: list[int]
     problems: list[str]
+    damage: str
 
 
 def _parse_label(data: bytes, num_classes: int) -> tuple[int, str]:
@@ -149,9 +150,9 @@ def _walk(path: Path, num_classes: int, expected: int) -> _ShardWalk:
             f.seek(end)
             if f.read(2 * _TAR_BLOCK) != bytes(2 * _TAR_BLOCK):
                 damage = f"truncated or damaged after byte {end} (no end-of-archive marker there)"
-    except tarfile.TarError as err:
-        damage = f"not a readable tar file ({err})"
-    walk = _ShardWalk([], [], [], [], [])
+    except tarfile.TarError as err:  # a header cut short or corrupt where the next member should start
+        damage = f"truncated or damaged ({err})" if groups else f"not a readable tar file ({err})"
+    walk = _ShardWalk([], [], [], [], [], "")
     for number, (key, members) in enumerate(groups):
         image = next((members[ext] for ext in members if ext in _IMAGE_EXTENSIONS), None)
         label, problem = -1, ""
@@ -168,10 +169,9 @@ def _walk(path: Path, num_classes: int, expected: int) -> _ShardWalk:
         walk.offsets.append(image.offset_data if image is not None else 0)
         walk.sizes.append(image.size if image is not None else 0)
         walk.problems.append(problem)
-    complete = walk.problems.count("")
-    if damage or complete < expected:
-        log.warning("shard %s is %s: %d of the %d samples %s lists are complete and used", path,
-                    damage or "short of samples", complete, expected, INDEX_FILE)
+    if damage or len(groups) != expected:
+        walk.damage = (f"shard {path} is {damage or 'not the one indexed'}: {len(groups)} of the {expected} samples "
+                       f"{INDEX_FILE} lists are in it")
     return walk
 
 
@@ -331,6 +331,9 @@ def scan_shards(data_dir: str | os.PathLike, split: str, num_classes: int) -> Sh
     with ThreadPoolExecutor(max_workers=max(1, min(_WALK_THREADS, len(paths)))) as pool:
         walks = list(pool.map(lambda item: _cached_walk(item[0], len(classes), item[1]["samples"]),
                               zip(paths, record["shards"])))
+    for walk in walks:
+        if walk.damage:  # its bad samples (a cut-short image, say) are named when a loader reaches them
+            log.warning("%s", walk.damage)
     shard_index = ShardIndex(root, split, classes, paths, walks)
     if not shard_index.samples:
         raise DataError(f"the {split} shards of {root} hold no samples")
