@@ -3,7 +3,9 @@ exact resume (loader and main.py), damaged shards, backend agreement, --data-for
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
+import json
 import logging
 import shutil
 import signal
@@ -275,3 +277,37 @@ def test_data_format_flag_reaches_main_and_launch(shards):
                             timeout=300)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"main.py: error: data folder {ROOT / 'no-such-data'} does not exist"]
+
+
+def test_tars_with_pax_headers_and_folders_are_read_as_tarfile_reads_them(shards, tmp_path):
+    # Another writer's shard: pax headers (a key longer than ustar's 100 characters), a folder member, keys in
+    # a subfolder. The index falls back to tarfile's walk and finds the same samples with the same bytes.
+    source = scan_shards(shards, "val", 10)
+    key = "sub/" + "k" * 120
+    path = tmp_path / "val-000000.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        folder = tarfile.TarInfo("sub")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for number in range(3):
+            for name, data in ((f"{key}{number}.JPG", source.read(number)),
+                               (f"{key}{number}.cls", f"{source.samples[number][1]}\n".encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    shutil.copy(shards / "classes.txt", tmp_path)
+    index = read_index(shards)
+    index["splits"] = {"val": {"shards": [{"name": path.name, "samples": 3}]}}
+    (tmp_path / INDEX_FILE).write_text(json.dumps(index))
+    found = scan_shards(tmp_path, "val", 10)
+    assert [name for name, _ in found.samples] == [f"{path}:{key}{number}.JPG" for number in range(3)]
+    assert [found.read(i) for i in range(3)] == [source.read(i) for i in range(3)]
+    assert found.labels == source.labels[:3]
+
+
+@pytest.mark.parametrize(("data", "label"), [(b"2", 2), (b"0002\n", 2), (b"3", -1), (b"-1", -1), (b"2.0", -1),
+                                             (b"", -1), (b"\xd9\xa2", -1)])
+def test_a_label_is_ascii_decimal_and_a_class_index(data, label):
+    from image_classification.data.webdataset import _parse_label
+    found, problem = _parse_label(data, 3)
+    assert found == label and bool(problem) == (label == -1)

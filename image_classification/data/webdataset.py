@@ -127,47 +127,106 @@ def _split_name(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext
 
 
-def _walk(path: Path, num_classes: int, expected: int) -> _ShardWalk:
-    """Walk the headers of one shard (tarfile seeks past member data); read only the .cls members."""
-    file_size = os.path.getsize(path)
-    groups: list[tuple[str, dict[str, tarfile.TarInfo]]] = []  # (key, {extension: member}) in file order
-    labels: dict[int, bytes] = {}  # group number -> its .cls bytes
+# (member name, data offset, data size) of a shard's regular files, in file order
+Entries = list[tuple[str, int, int]]
+
+_REGULAR_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
+# Members that carry no sample and need no interpreting: folders, links, devices, FIFOs.
+_SKIPPED_TYPES = (tarfile.LNKTYPE, tarfile.SYMTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.DIRTYPE,
+                  tarfile.FIFOTYPE)
+
+
+class _NotPlain(Exception):
+    """A header that only tarfile interprets (pax, GNU long names, sizes in base 256)."""
+
+
+def _plain_entries(fd: int, file_size: int) -> tuple[Entries, str]:
+    """The entries of a plain ustar/v7 tar, such as the converter writes, from its headers alone; and what is
+    wrong with it (or ""). tarfile's own walk costs ~40 us a header in Python, 2.5 minutes per process for
+    ImageNet's 2.5 million members; this one reads and checks only what the index needs."""
+    entries: Entries = []
+    offset = 0
+    while True:
+        header = os.pread(fd, _TAR_BLOCK, offset)
+        if len(header) < _TAR_BLOCK:
+            return entries, f"truncated at byte {file_size} (a header cut short or missing)"
+        if header == bytes(_TAR_BLOCK):
+            if os.pread(fd, _TAR_BLOCK, offset + _TAR_BLOCK) != bytes(_TAR_BLOCK):
+                return entries, f"truncated or damaged after byte {offset} (no end-of-archive marker there)"
+            return entries, ""
+        stored = header[148:156].split(b"\0", 1)[0].strip()
+        if not stored.isdigit() or int(stored, 8) != sum(header[:148]) + 8 * 32 + sum(header[156:]):
+            return entries, f"damaged at byte {offset} (a header with a wrong checksum)"
+        kind, size_field = header[156:157], header[124:136]
+        if size_field[:1] in (b"\x80", b"\xff") or kind not in _REGULAR_TYPES + _SKIPPED_TYPES:
+            raise _NotPlain
+        size = int(size_field.split(b"\0", 1)[0].strip() or b"0", 8)
+        if kind in _REGULAR_TYPES:
+            name = header[:100].split(b"\0", 1)[0]
+            if header[257:262] == b"ustar" and header[345] != 0:
+                name = header[345:500].split(b"\0", 1)[0] + b"/" + name
+            entries.append((name.decode("utf-8", "surrogateescape"), offset + _TAR_BLOCK, size))
+        offset += _TAR_BLOCK + -(-size // _TAR_BLOCK) * _TAR_BLOCK
+
+
+def _tarfile_entries(fd: int, file_size: int) -> tuple[Entries, str]:
+    """_plain_entries by tarfile, for the tars it alone reads (pax headers, GNU long names)."""
+    entries: Entries = []
     damage = ""
     try:
-        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue  # folders and links carry no sample (as WebDataset skips them)
-                key, ext = _split_name(member.name)
-                ext = ext.lower()
-                if not groups or groups[-1][0] != key:
-                    groups.append((key, {}))
-                groups[-1][1].setdefault(ext, member)
-                if ext == LABEL_EXTENSION and member.offset_data + member.size <= file_size:
-                    f.seek(member.offset_data)
-                    labels[len(groups) - 1] = f.read(min(member.size, 64))
-            end = tar.offset
+        with os.fdopen(os.dup(fd), "rb") as f:
+            f.seek(0)  # the duplicate shares the descriptor's position
+            with tarfile.open(fileobj=f, mode="r:") as tar:
+                for member in tar:
+                    if member.isfile():
+                        entries.append((member.name, member.offset_data, member.size))
+                end = tar.offset
             f.seek(end)
             if f.read(2 * _TAR_BLOCK) != bytes(2 * _TAR_BLOCK):
                 damage = f"truncated or damaged after byte {end} (no end-of-archive marker there)"
     except tarfile.TarError as err:  # a header cut short or corrupt where the next member should start
-        damage = f"truncated or damaged ({err})" if groups else f"not a readable tar file ({err})"
+        damage = f"truncated or damaged ({err})" if entries else f"not a readable tar file ({err})"
+    return entries, damage
+
+
+def _walk(path: Path, num_classes: int, expected: int) -> _ShardWalk:
+    """Walk the headers of one shard, skipping the members' data; read only the .cls members."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        file_size = os.fstat(fd).st_size
+        try:
+            entries, damage = _plain_entries(fd, file_size)
+        except _NotPlain:
+            entries, damage = _tarfile_entries(fd, file_size)
+        groups: list[tuple[str, dict[str, tuple[str, int, int]]]] = []  # (key, {extension: entry}), file order
+        labels: dict[int, bytes] = {}  # group number -> its .cls bytes
+        for entry in entries:
+            name, offset, size = entry
+            key, ext = _split_name(name)
+            ext = ext.lower()
+            if not groups or groups[-1][0] != key:
+                groups.append((key, {}))
+            groups[-1][1].setdefault(ext, entry)
+            if ext == LABEL_EXTENSION and offset + size <= file_size:
+                labels[len(groups) - 1] = os.pread(fd, min(size, 64), offset)
+    finally:
+        os.close(fd)
     walk = _ShardWalk([], [], [], [], [], "")
     for number, (key, members) in enumerate(groups):
-        image = next((members[ext] for ext in members if ext in _IMAGE_EXTENSIONS), None)
+        name, offset, size = next((members[ext] for ext in members if ext in _IMAGE_EXTENSIONS), (key, 0, 0))
         label, problem = -1, ""
-        if image is None:
+        if name == key:
             problem = f"no image member (extensions {', '.join(sorted(_IMAGE_EXTENSIONS))})"
-        elif image.offset_data + image.size > file_size:
+        elif offset + size > file_size:
             problem = f"cut short: the shard ends at byte {file_size}"
         elif number not in labels:
             problem = f"no complete .{LABEL_EXTENSION} member"
         else:
             label, problem = _parse_label(labels[number], num_classes)
-        walk.names.append(image.name if image is not None else key)
+        walk.names.append(name)
         walk.labels.append(label)
-        walk.offsets.append(image.offset_data if image is not None else 0)
-        walk.sizes.append(image.size if image is not None else 0)
+        walk.offsets.append(offset)
+        walk.sizes.append(size)
         walk.problems.append(problem)
     if damage or len(groups) != expected:
         walk.damage = (f"shard {path} is {damage or 'not the one indexed'}: {len(groups)} of the {expected} samples "
