@@ -134,10 +134,19 @@ _REGULAR_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
 # Members that carry no sample and need no interpreting: folders, links, devices, FIFOs.
 _SKIPPED_TYPES = (tarfile.LNKTYPE, tarfile.SYMTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.DIRTYPE,
                   tarfile.FIFOTYPE)
+_PLAIN_TYPES = _REGULAR_TYPES + _SKIPPED_TYPES
 
 
 class _NotPlain(Exception):
     """A header that only tarfile interprets (pax, GNU long names, sizes in base 256)."""
+
+
+def _octal(field: bytes) -> int | None:
+    """A tar header's octal number field (NUL or space terminated), or None when it holds something else."""
+    digits = field.split(b"\0", 1)[0].strip()
+    if not digits or digits.strip(b"01234567"):
+        return None
+    return int(digits, 8)
 
 
 def _plain_entries(fd: int, file_size: int) -> tuple[Entries, str]:
@@ -154,16 +163,15 @@ def _plain_entries(fd: int, file_size: int) -> tuple[Entries, str]:
             if os.pread(fd, _TAR_BLOCK, offset + _TAR_BLOCK) != bytes(_TAR_BLOCK):
                 return entries, f"truncated or damaged after byte {offset} (no end-of-archive marker there)"
             return entries, ""
-        stored = header[148:156].split(b"\0", 1)[0].strip()
-        if not stored.isdigit() or int(stored, 8) != sum(header[:148]) + 8 * 32 + sum(header[156:]):
-            return entries, f"damaged at byte {offset} (a header with a wrong checksum)"
-        kind, size_field = header[156:157], header[124:136]
-        if size_field[:1] in (b"\x80", b"\xff") or kind not in _REGULAR_TYPES + _SKIPPED_TYPES:
+        kind, size = header[156:157], _octal(header[124:136])
+        # Anything unusual (another checksum convention, a size in base 256, a pax or GNU header) goes to
+        # tarfile, which also judges a damaged header.
+        if (_octal(header[148:156]) != sum(header[:148]) + 8 * 32 + sum(header[156:]) or size is None
+                or kind not in _PLAIN_TYPES):
             raise _NotPlain
-        size = int(size_field.split(b"\0", 1)[0].strip() or b"0", 8)
         if kind in _REGULAR_TYPES:
             name = header[:100].split(b"\0", 1)[0]
-            if header[257:262] == b"ustar" and header[345] != 0:
+            if header[257:263] == b"ustar\0" and header[345] != 0:  # POSIX ustar's prefix (GNU's magic differs)
                 name = header[345:500].split(b"\0", 1)[0] + b"/" + name
             entries.append((name.decode("utf-8", "surrogateescape"), offset + _TAR_BLOCK, size))
         offset += _TAR_BLOCK + -(-size // _TAR_BLOCK) * _TAR_BLOCK
