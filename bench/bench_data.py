@@ -10,9 +10,9 @@ on the same images as WebDataset tar shards.
 Rows: pytorch, dali-cpu, dali-gpu (only with a GPU), synthetic, and a plain torchvision ImageFolder +
 DataLoader baseline with the same training augmentation (float ToTensor + Normalize in the workers, as
 most training scripts do). Columns: the folder, and the shards of the same images (--shards, or converted
-from --data into a temporary folder); the file-based backends read both, one after the other. Every
-measurement times whole batches delivered on the device after one warm-up epoch start, so worker start-up
-and DALI pipeline builds are excluded. Prints a table, then JSON (folder rows under the backend's name,
+from --data into a temporary folder); the file-based backends read both in alternating rounds (--rounds).
+Every measurement times whole batches delivered on the device after one warm-up epoch start, so worker
+start-up and DALI pipeline builds are excluded. Prints a table, then JSON (folder rows under the backend's name,
 shard rows under "<backend>/shards").
 """
 from __future__ import annotations
@@ -111,18 +111,26 @@ def run(args) -> dict[str, dict]:
         if args.shards is not None:
             num_classes = read_index(args.shards)["num_classes"]
         backends = ["pytorch", "dali-cpu", *(["dali-gpu"] if ctx.is_cuda else [])]
-        rows = [(name, data_format) for name in backends for data_format in args.data_format]
-        rows += [("synthetic", "folder"), ("imagefolder-baseline", "folder")]
+        # A backend's folder and shard loaders are timed in alternating rounds, so that load from other
+        # processes on a shared machine falls on both alike.
+        groups = [[(name, data_format) for data_format in args.data_format] for name in backends]
+        groups += [[("synthetic", "folder")], [("imagefolder-baseline", "folder")]]
         results: dict[str, dict] = {}
-        for name, data_format in rows:
-            if name == "imagefolder-baseline":
-                _, batches = baseline_loader(data, args, ctx)
-            else:
-                _, batches = our_loader(name, sources[data_format], data_format, num_classes, args, ctx)
-            ips, images = measure(batches, args.batches, ctx)
-            label = name if data_format == "folder" else f"{name}/{data_format}"
-            results[label] = {"images_per_second": round(ips, 1), "images": images}
-            print(f"  {label:22s} {ips:10.1f} img/s", file=sys.stderr, flush=True)
+        for group in groups:
+            loaders = {}
+            for name, data_format in group:
+                label = name if data_format == "folder" else f"{name}/{data_format}"
+                loaders[label] = baseline_loader(data, args, ctx)[1] if name == "imagefolder-baseline" \
+                    else our_loader(name, sources[data_format], data_format, num_classes, args, ctx)[1]
+            timed = {label: [0, 0.0] for label in loaders}  # images, seconds
+            for _ in range(args.rounds if len(loaders) > 1 else 1):
+                for label, batches in loaders.items():
+                    ips, images = measure(batches, max(1, args.batches // args.rounds), ctx)
+                    timed[label][0] += images
+                    timed[label][1] += images / ips
+            for label, (images, seconds) in timed.items():
+                results[label] = {"images_per_second": round(images / seconds, 1), "images": images}
+                print(f"  {label:22s} {images / seconds:10.1f} img/s", file=sys.stderr, flush=True)
     return results
 
 
@@ -164,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-j", "--workers", type=int, default=2, help="loader workers / DALI threads (default: 2)")
     p.add_argument("--prefetch", type=int, default=2, help="prefetch factor / DALI queue depth (default: 2)")
     p.add_argument("--batches", type=int, default=30, help="batches timed per backend (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="alternating rounds over which a backend's folder and shard timings are split "
+                        "(default: %(default)s)")
     p.add_argument("--interpolation", default="bilinear", choices=("bilinear", "bicubic", "triangular"))
     p.add_argument("--augmentation", default=None, choices=("autoaugment", "randaugment", "trivialaugment"))
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
@@ -176,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--shards needs --data, the same images as a folder (for the folder and baseline rows)")
     if args.quick:
         args.image_size, args.source_size, args.images_per_class = 32, 48, 4
-        args.batch_size, args.batches, args.workers, args.shard_size = 4, 3, 1, 10
+        args.batch_size, args.batches, args.workers, args.shard_size, args.rounds = 4, 3, 1, 10, 1
     results = run(args)
     print(f"\ntrain pipeline, {args.image_size} px, batch {args.batch_size}, workers {args.workers}, "
           f"augmentation {args.augmentation}")

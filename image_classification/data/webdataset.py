@@ -4,9 +4,10 @@ validation, and --data-format detection.
 A `ShardIndex` has the interface of the folder backend's ImageFolderIndex (`root`, `classes`, `samples`,
 `read`, `epoch_order`), so every backend reads shards through the code it uses for folders: the same
 augmentation, normalisation, per-sample seeding, replacement of unreadable samples and exact mid-epoch
-resume. It is built by walking each shard's tar headers once (tarfile reads a header and seeks past the
-member's data; only the few bytes of each `.cls` member are read), recording where each image's bytes lie;
-a reader then takes one image with a single `os.pread` on a shard file it keeps open.
+resume. It is built by walking each shard's tar headers once (one 512-byte read per member, the members'
+data skipped; only the few bytes of each `.cls` member are read; Python's tarfile walks tars with pax or GNU
+headers), recording where each image's bytes lie; a reader then takes one image with a single `os.pread` on a
+shard file it keeps open.
 
 Sample names: `<shard path>:<member name>`, e.g. /data/shards/train-000003.tar:0007_000012.jpg, so a warning
 names the shard and the key. A sample is bad (training replaces it, validation drops it, each counted as an
@@ -53,7 +54,7 @@ _TAR_BLOCK = tarfile.BLOCKSIZE
 _RANK_SHUFFLE = 0x5A4D
 # Shard files a reading process keeps open: a rank's shards for a few batches, well under any ulimit.
 _OPEN_SHARDS = 64
-# Threads walking shard headers: the walk waits on the file system (one read per sample), not the CPU.
+# Threads walking shard headers: on a network file system the walk mostly waits for its reads.
 _WALK_THREADS = 16
 
 
@@ -260,19 +261,20 @@ def _cached_walk(path: Path, num_classes: int, expected: int) -> _ShardWalk:
 
 
 class _OpenShards:
-    """Shard files this process has open, least recently used closed first; reopened after a fork."""
+    """Shard files this process has open, least recently used closed first.
+
+    A forked DataLoader worker inherits the descriptors, which pread (positionless) shares safely; a pickled
+    copy (spawned workers) starts with none.
+    """
 
     def __init__(self, limit: int = _OPEN_SHARDS) -> None:
         self.limit = limit
-        self._pid = os.getpid()
         self._files: OrderedDict[str, int] = OrderedDict()
-        self._lock = threading.Lock()  # DALI's external source and DataLoader workers each read from one thread
+        self._lock = threading.Lock()
 
     def pread(self, path: str, size: int, offset: int) -> bytes:
+        """`size` bytes of `path` from `offset` (fewer at its end)."""
         with self._lock:
-            if self._pid != os.getpid():  # a forked worker: the parent's descriptors share its file offsets
-                self._files = OrderedDict()
-                self._pid = os.getpid()
             fd = self._files.pop(path, None)
             if fd is None:
                 fd = os.open(path, os.O_RDONLY)
@@ -295,8 +297,7 @@ class _OpenShards:
         self.__init__(state["limit"])
 
     def __del__(self) -> None:
-        if self._pid == os.getpid():
-            self.close()
+        self.close()
 
 
 class ShardIndex:
@@ -306,9 +307,8 @@ class ShardIndex:
     `shard_starts[s]:shard_starts[s + 1]` are the sample numbers of shard s.
     """
 
-    def __init__(self, root: Path, split: str, classes: list[str], shard_paths: list[Path],
-                 walks: list[_ShardWalk]) -> None:
-        self.root, self.split, self.classes = root, split, classes
+    def __init__(self, root: Path, classes: list[str], shard_paths: list[Path], walks: list[_ShardWalk]) -> None:
+        self.root, self.classes = root, classes
         self.shard_paths = [str(path) for path in shard_paths]
         self.samples = [(f"{path}:{name}", label) for path, walk in zip(self.shard_paths, walks)
                         for name, label in zip(walk.names, walk.labels)]
@@ -401,7 +401,7 @@ def scan_shards(data_dir: str | os.PathLike, split: str, num_classes: int) -> Sh
     for walk in walks:
         if walk.damage:  # its bad samples (a cut-short image, say) are named when a loader reaches them
             log.warning("%s", walk.damage)
-    shard_index = ShardIndex(root, split, classes, paths, walks)
+    shard_index = ShardIndex(root, classes, paths, walks)
     if not shard_index.samples:
         raise DataError(f"the {split} shards of {root} hold no samples")
     return shard_index
