@@ -22,11 +22,15 @@ give exactly the batches of the uninterrupted run (see Loader).
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from ..cli import UserError
 from ..context import ExecutionContext
 from .folder import IMG_EXTENSIONS, DataError, ImageFolderIndex, dataset_classes, scan_split
 from .loader import MAGNITUDE_BINS, MEAN, STD, Loader
+
+if TYPE_CHECKING:  # imported when used: it pulls in the shard writer and torchvision
+    from .webdataset import ShardIndex
 
 BACKENDS = ("pytorch", "dali-cpu", "dali-gpu", "synthetic")
 AUGMENTATIONS = (None, "autoaugment", "randaugment", "trivialaugment")
@@ -63,7 +67,7 @@ def _resolve_seed(seed: int | None) -> int:
 
 
 def scan_data(data_dir: str | os.PathLike | None, split: str, num_classes: int, data_format: str = "auto"
-              ) -> ImageFolderIndex:
+              ) -> ImageFolderIndex | ShardIndex:
     """The index of one split: class folders (ImageFolderIndex) or tar shards (webdataset.ShardIndex), as
     --data-format says or, with auto, as the data folder holds."""
     from .webdataset import resolve_format, scan_shards
