@@ -264,6 +264,22 @@ def test_data_format_detection_and_one_line_errors(generated, shards, tmp_path):
         scan_data(tmp_path / "empty", "train", 10, "auto")
     with pytest.raises(DataError, match="has 3 classes but the model has --num_classes 2"):
         scan_data(shards, "train", 2)
+    broken = tmp_path / "broken"
+    shutil.copytree(shards, broken)
+    record = read_index(broken)
+    record["splits"]["val"]["shards"] = "val-000000.tar"
+    (broken / INDEX_FILE).write_text(json.dumps(record))
+    with pytest.raises(DataError, match=f"{INDEX_FILE}: the val split's shard list is not"):
+        scan_data(broken, "val", 10)
+    record["splits"]["val"] = read_index(shards)["splits"]["val"]
+    (broken / INDEX_FILE).write_text(json.dumps(record))
+    (broken / "val-000001.tar").unlink()
+    with pytest.raises(DataError, match="val-000001.tar is missing \\(1 of the 3 val shards"):
+        scan_data(broken, "val", 10)
+    del record["splits"]["val"]
+    (broken / INDEX_FILE).write_text(json.dumps(record))
+    with pytest.raises(DataError, match="has no val split"):
+        scan_data(broken, "val", 10)
 
 
 def test_data_format_flag_reaches_main_and_launch(shards):

@@ -390,14 +390,19 @@ def scan_shards(data_dir: str | os.PathLike, split: str, num_classes: int) -> Sh
     classes = _read_classes(root, index)
     if len(classes) > num_classes:
         raise DataError(f"{root} has {len(classes)} classes but the model has --num_classes {num_classes}")
-    paths = [root / shard["name"] for shard in record["shards"]]
+    shards = record.get("shards") if isinstance(record, dict) else None
+    if not isinstance(shards, list) or not all(isinstance(shard, dict) and isinstance(shard.get("name"), str)
+                                               and isinstance(shard.get("samples"), int) for shard in shards):
+        raise DataError(f"{root / INDEX_FILE}: the {split} split's shard list is not a list of "
+                        "{\"name\", \"samples\"} records")
+    paths = [root / shard["name"] for shard in shards]
     missing = [str(path) for path in paths if not path.is_file()]
     if missing:
         raise DataError(f"{missing[0]} is missing ({len(missing)} of the {len(paths)} {split} shards that "
                         f"{root / INDEX_FILE} lists)")
     with ThreadPoolExecutor(max_workers=max(1, min(_WALK_THREADS, len(paths)))) as pool:
         walks = list(pool.map(lambda item: _cached_walk(item[0], len(classes), item[1]["samples"]),
-                              zip(paths, record["shards"])))
+                              zip(paths, shards)))
     for walk in walks:
         if walk.damage:  # its bad samples (a cut-short image, say) are named when a loader reaches them
             log.warning("%s", walk.damage)
