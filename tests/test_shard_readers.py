@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from image_classification import models
-from image_classification.arguments import parse_args
+from image_classification.arguments import build_parser, parse_args
 from image_classification.context import ExecutionContext
 from image_classification.data import DataError, build_train_loader, build_val_loader, scan_data
 from image_classification.data.folder import scan_split, shard_size
@@ -131,12 +131,15 @@ def test_pytorch_and_dali_read_the_same_labels_in_the_same_order(shards):
 
 # --- exact resume ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", ["pytorch", "dali-cpu"])
-def test_loader_resumes_mid_epoch_with_the_uninterrupted_batches(shards, tmp_path, backend):
+@pytest.mark.parametrize(("backend", "workers"), [("pytorch", 0), ("pytorch", 2), ("dali-cpu", 1)],
+                         ids=["pytorch-w0", "pytorch-w2", "dali-cpu"])  # w2: reads in worker processes
+def test_loader_resumes_mid_epoch_with_the_uninterrupted_batches(shards, tmp_path, backend, workers):
     def build():
-        return loader("train", backend, shards, size=16, batch=4)
+        return loader("train", backend, shards, size=16, batch=4, workers=workers)
 
-    expected = epoch(build(), 1)
+    uninterrupted = build()
+    expected = epoch(uninterrupted, 1)
+    uninterrupted.close()
     interrupted = build()
     interrupted.set_epoch(1)
     taken = list(itertools.islice(interrupted, 2))
@@ -145,6 +148,7 @@ def test_loader_resumes_mid_epoch_with_the_uninterrupted_batches(shards, tmp_pat
     resumed = build()
     resumed.load_state_dict(torch.load(tmp_path / "loader.pt", weights_only=True))
     actual = taken + epoch(resumed, 1, skip=2)
+    resumed.close()
     assert len(actual) == len(expected) == 6
     for (images, labels), (want_images, want_labels) in zip(actual, expected):
         assert torch.equal(labels, want_labels) and torch.equal(images, want_images)
@@ -283,6 +287,7 @@ def test_data_format_detection_and_one_line_errors(generated, shards, tmp_path):
 
 
 def test_data_format_flag_reaches_main_and_launch(shards):
+    assert "--data-format {auto,folder,shards}" in build_parser().format_help()  # main.py -h, quant_main.py -h
     assert parse_args([str(shards)]).data_format == "auto"
     assert parse_args([str(shards), "--data-format", "shards"]).data_format == "shards"
     launched = build_args(["--model", "efficientnet-b0", "--precision", "FP32", "--mode", "convergence",
