@@ -135,6 +135,7 @@ def run(args) -> dict[str, dict]:
 
 
 def formats(text: str) -> list[str]:
+    """--data-format's value: folder, shards or both, comma-separated."""
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names or any(name not in FORMATS for name in names):
         raise argparse.ArgumentTypeError(f"must be folder, shards or folder,shards, got {text!r}")

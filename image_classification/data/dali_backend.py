@@ -1,9 +1,9 @@
 """The `dali-cpu` and `dali-gpu` backends: NVIDIA DALI pipelines fed with our own per-epoch file order.
 
 Instead of letting fn.readers.file shuffle, the loader computes each epoch's shard order itself (the same
-order as the pytorch backend, see the index's epoch_order) and feeds the encoded files batch by batch
-through fn.external_source. That makes the data order an exact function of (seed, epoch, rank) and lets
-`skip_batches` start mid-epoch on exactly the right files. DALI's own random draws (crop window, flip,
+order as the pytorch backend, see the index's epoch_order) and feeds the encoded files (or tar shard
+members, see webdataset.py) batch by batch through fn.external_source. That makes the data order an exact
+function of (seed, epoch, rank) and lets `skip_batches` start mid-epoch on exactly the right files. DALI's own random draws (crop window, flip,
 augmentation policy) come from the pipeline seed, derived from (seed, epoch, rank, first batch), so an
 epoch started from its beginning is reproduced exactly; that is why each training epoch builds its own
 pipeline, while validation, which draws nothing at random, keeps one pipeline for all its passes. A

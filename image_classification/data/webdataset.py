@@ -285,6 +285,7 @@ class _OpenShards:
             return os.pread(fd, size, offset)
 
     def close(self) -> None:
+        """Close every open shard file."""
         with self._lock:
             for fd in self._files.values():
                 os.close(fd)
