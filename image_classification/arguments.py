@@ -12,7 +12,7 @@ import sys
 from . import gpu_affinity
 from .cli import ArgumentParser, Number, UserError, check_numbers
 from .context import CPU_ALLOCATORS, DIST_BACKENDS
-from .data import AUGMENTATIONS
+from .data import AUGMENTATIONS, DATA_FORMATS
 from .models import available_models, fused, get_entry
 from .progressive import RANDAUG_MAX_MAGNITUDE
 
@@ -40,12 +40,16 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-h", "--help", action="store_true", help="show this help (main and model flags) and exit")
     p.add_argument("data", metavar="DIR", nargs="?", default=None,
-                   help="dataset folder with train/<class>/* and val/<class>/* (not needed with --data-backend "
-                        "synthetic)")
+                   help="dataset folder with train/<class>/* and val/<class>/*, or with the tar shards of "
+                        "python -m image_classification.data.shards (not needed with --data-backend synthetic)")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-backend", default="dali-cpu", choices=("pytorch", "synthetic", "dali-cpu", "dali-gpu"),
                    help="input pipeline (default: %(default)s)")
+    g.add_argument("--data-format", default="auto", choices=DATA_FORMATS,
+                   help="how DIR holds the images: folder (train/<class>/*, val/<class>/*), shards (WebDataset "
+                        "<split>-NNNNNN.tar with index.json), auto: folder when DIR has train/ or val/, else "
+                        "shards (not in the reference) (default: %(default)s)")
     g.add_argument("--interpolation", default="bilinear", choices=("bilinear", "bicubic", "triangular"),
                    help="resize interpolation of the data pipeline (default: %(default)s)")
     g.add_argument("-j", "--workers", type=Number(int, low=0), default=5, metavar="N",

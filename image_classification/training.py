@@ -171,7 +171,7 @@ def eval_image_size(args, entry) -> int:
 
 def _loader_options(args, ctx: ExecutionContext, seed: int) -> dict:
     return dict(batch_size=args.batch_size, ctx=ctx, num_classes=args.model_args.num_classes, workers=args.workers,
-                prefetch=args.prefetch, interpolation=args.interpolation, seed=seed)
+                prefetch=args.prefetch, interpolation=args.interpolation, seed=seed, data_format=args.data_format)
 
 
 def build_stage_train_loader(args, ctx: ExecutionContext, settings: StageSettings, seed: int):

@@ -9,8 +9,10 @@
 Backends: pytorch (torchvision transforms in DataLoader workers), dali-cpu and dali-gpu (NVIDIA DALI,
 CPU or nvJPEG decoding), synthetic (one random batch, no I/O). All file-based backends read
 `<data>/train/<class>/**` and `<data>/val/<class>/**` by torchvision ImageFolder's rules (images at any
-depth, symlinks followed, an empty class folder is an error), number the classes the same way, shard by
-rank and order each epoch by (seed, epoch) identically; 16-bit grayscale images are scaled to 8 bits.
+depth, symlinks followed, an empty class folder is an error), or (`data_format`, see webdataset.py) the
+WebDataset tar shards `python -m image_classification.data.shards` writes; they number the classes the same
+way, shard by rank and order each epoch by (seed, epoch) identically; 16-bit grayscale images are scaled to
+8 bits.
 Unreadable images (corrupt, empty, decompression bombs) are warned about once, naming the file, and
 counted per epoch in `loader.epoch_bad_files`: training replaces each by the next readable image (full
 batches), validation leaves it out (a shorter batch; every readable image scored once). An unusable
@@ -20,18 +22,24 @@ give exactly the batches of the uninterrupted run (see Loader).
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from ..cli import UserError
 from ..context import ExecutionContext
 from .folder import IMG_EXTENSIONS, DataError, ImageFolderIndex, dataset_classes, scan_split
 from .loader import MAGNITUDE_BINS, MEAN, STD, Loader
 
+if TYPE_CHECKING:  # imported when used: it pulls in the shard writer and torchvision
+    from .webdataset import ShardIndex
+
 BACKENDS = ("pytorch", "dali-cpu", "dali-gpu", "synthetic")
 AUGMENTATIONS = (None, "autoaugment", "randaugment", "trivialaugment")
 INTERPOLATIONS = ("bilinear", "bicubic", "triangular")
+DATA_FORMATS = ("auto", "folder", "shards")
 
-__all__ = ["AUGMENTATIONS", "BACKENDS", "IMG_EXTENSIONS", "INTERPOLATIONS", "MAGNITUDE_BINS", "MEAN", "STD",
-           "DataError", "Loader", "build_train_loader", "build_val_loader", "dataset_classes"]
+__all__ = ["AUGMENTATIONS", "BACKENDS", "DATA_FORMATS", "IMG_EXTENSIONS", "INTERPOLATIONS", "MAGNITUDE_BINS", "MEAN", "STD",
+           "DataError", "Loader", "build_train_loader", "build_val_loader", "dataset_classes",
+           "scan_data"]
 
 
 def _check_choices(backend: str, interpolation: str, augmentation: str | None = None) -> None:
@@ -58,6 +66,18 @@ def _resolve_seed(seed: int | None) -> int:
     return int.from_bytes(os.urandom(4), "little") if seed is None else seed
 
 
+def scan_data(data_dir: str | os.PathLike | None, split: str, num_classes: int, data_format: str = "auto"
+              ) -> ImageFolderIndex | ShardIndex:
+    """The index of one split: class folders (ImageFolderIndex) or tar shards (webdataset.ShardIndex), as
+    --data-format says or, with auto, as the data folder holds."""
+    from .webdataset import resolve_format, scan_shards
+    if data_dir is None:
+        raise DataError("no data folder given (DIR)")
+    if resolve_format(data_dir, data_format) == "shards":
+        return scan_shards(data_dir, split, num_classes)
+    return scan_split(data_dir, split, num_classes)
+
+
 def _file_loader(backend: str, index: ImageFolderIndex, *, train: bool, image_size: int, batch_size: int,
                  ctx: ExecutionContext, workers: int, prefetch: int, interpolation: str,
                  augmentation: str | None, magnitude: int, seed: int) -> Loader:
@@ -76,7 +96,7 @@ def _file_loader(backend: str, index: ImageFolderIndex, *, train: bool, image_si
 def build_train_loader(backend: str, data_dir: str | None, *, image_size: int, batch_size: int,
                        ctx: ExecutionContext, num_classes: int = 1000, workers: int = 5, prefetch: int = 2,
                        interpolation: str = "bilinear", augmentation: str | None = None,
-                       randaug_magnitude: int = 9, seed: int | None = None) -> Loader:
+                       randaug_magnitude: int = 9, seed: int | None = None, data_format: str = "auto") -> Loader:
     """Training batches: random-resized crop, flip, optional augmentation policy; shuffled; last partial dropped."""
     _check_choices(backend, interpolation, augmentation)
     _check_sizes(image_size, batch_size, workers)
@@ -87,7 +107,7 @@ def build_train_loader(backend: str, data_dir: str | None, *, image_size: int, b
         from .synthetic import SyntheticLoader
         return SyntheticLoader(image_size=image_size, batch_size=batch_size, ctx=ctx, num_classes=num_classes,
                                seed=seed)
-    index = scan_split(data_dir, "train", num_classes)
+    index = scan_data(data_dir, "train", num_classes, data_format)
     per_rank = len(index.samples) // ctx.world_size
     if per_rank < batch_size:
         raise DataError(f"{index.root} has {len(index.samples)} images: fewer than one batch of {batch_size} "
@@ -99,7 +119,7 @@ def build_train_loader(backend: str, data_dir: str | None, *, image_size: int, b
 
 def build_val_loader(backend: str, data_dir: str | None, *, image_size: int, batch_size: int,
                      ctx: ExecutionContext, num_classes: int = 1000, workers: int = 5, prefetch: int = 2,
-                     interpolation: str = "bilinear", seed: int | None = None) -> Loader:
+                     interpolation: str = "bilinear", seed: int | None = None, data_format: str = "auto") -> Loader:
     """Validation batches: short side to image_size+32, centre crop; dataset order; every image once."""
     _check_choices(backend, interpolation)
     _check_sizes(image_size, batch_size, workers)
@@ -108,7 +128,7 @@ def build_val_loader(backend: str, data_dir: str | None, *, image_size: int, bat
         from .synthetic import VAL_BATCHES, SyntheticLoader
         return SyntheticLoader(image_size=image_size, batch_size=batch_size, ctx=ctx, num_classes=num_classes,
                                batches_per_epoch=VAL_BATCHES, seed=seed + 1)
-    index = scan_split(data_dir, "val", num_classes)
+    index = scan_data(data_dir, "val", num_classes, data_format)
     return _file_loader(backend, index, train=False, image_size=image_size, batch_size=batch_size, ctx=ctx,
                         workers=workers, prefetch=prefetch, interpolation=interpolation, augmentation=None,
                         magnitude=0, seed=seed)

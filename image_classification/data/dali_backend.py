@@ -1,9 +1,9 @@
 """The `dali-cpu` and `dali-gpu` backends: NVIDIA DALI pipelines fed with our own per-epoch file order.
 
 Instead of letting fn.readers.file shuffle, the loader computes each epoch's shard order itself (the same
-order as the pytorch backend, see folder.shard_indices) and feeds the encoded files batch by batch
-through fn.external_source. That makes the data order an exact function of (seed, epoch, rank) and lets
-`skip_batches` start mid-epoch on exactly the right files. DALI's own random draws (crop window, flip,
+order as the pytorch backend, see the index's epoch_order) and feeds the encoded files (or tar shard
+members, see webdataset.py) batch by batch through fn.external_source. That makes the data order an exact
+function of (seed, epoch, rank) and lets `skip_batches` start mid-epoch on exactly the right files. DALI's own random draws (crop window, flip,
 augmentation policy) come from the pipeline seed, derived from (seed, epoch, rank, first batch), so an
 epoch started from its beginning is reproduced exactly; that is why each training epoch builds its own
 pipeline, while validation, which draws nothing at random, keeps one pipeline for all its passes. A
@@ -47,7 +47,7 @@ from PIL import Image
 
 from ..cli import UserError
 from ..context import ExecutionContext
-from .folder import DROPPED, REPLACED, DataError, ImageFolderIndex, epoch_seed, shard_indices, shard_size
+from .folder import DROPPED, REPLACED, DataError, ImageFolderIndex, UnreadableSample, epoch_seed, shard_size
 from .loader import MAGNITUDE_BINS, MEAN, STD, Batch, Loader, device_batches
 
 log = logging.getLogger(__name__)
@@ -283,8 +283,8 @@ class DaliLoader(Loader):
 
     def batches(self, epoch: int) -> list[list[int]]:
         """Dataset indices of each batch of the epoch (full batches only when training)."""
-        order = shard_indices(len(self.index.samples), epoch=epoch, seed=self.seed, rank=self.ctx.rank,
-                              world_size=self.ctx.world_size, shuffle=self.train, equal_shards=self.train)
+        order = self.index.epoch_order(epoch=epoch, seed=self.seed, rank=self.ctx.rank, world_size=self.ctx.world_size,
+                                       shuffle=self.train, equal_shards=self.train)
         size = self.batch_size
         return [order[start:start + size] for start in range(0, len(self) * size, size) if start < len(order)]
 
@@ -296,10 +296,9 @@ class DaliLoader(Loader):
         if path in self._bad:
             return None
         try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as err:
-            problem = f"cannot read: {err.strerror}"
+            data = self.index.read(index)
+        except UnreadableSample as err:
+            problem = str(err)
         else:
             problem = unusable(data)
         if problem is None:

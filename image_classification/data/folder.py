@@ -27,6 +27,10 @@ class DataError(UserError):
     """The dataset cannot be used as given (missing folder, no images, too many classes); one-line message."""
 
 
+class UnreadableSample(Exception):
+    """A sample whose encoded image cannot be had (the message says why): it is bad, the run goes on."""
+
+
 @dataclass(frozen=True)
 class ImageFolderIndex:
     """The images of one split: sorted class names and (path, class index) samples in a stable order."""
@@ -42,6 +46,20 @@ class ImageFolderIndex:
     @property
     def labels(self) -> list[int]:
         return [label for _, label in self.samples]
+
+    def read(self, position: int) -> bytes:
+        """The encoded bytes of sample `position`'s file, or UnreadableSample saying why not."""
+        try:
+            with open(self.samples[position][0], "rb") as f:
+                return f.read()
+        except OSError as err:
+            raise UnreadableSample(f"cannot read: {err.strerror}") from None
+
+    def epoch_order(self, *, epoch: int, seed: int, rank: int, world_size: int, shuffle: bool,
+                    equal_shards: bool) -> list[int]:
+        """This rank's sample numbers for `epoch`, in order: `shard_indices` of the samples."""
+        return shard_indices(len(self.samples), epoch=epoch, seed=seed, rank=rank, world_size=world_size,
+                             shuffle=shuffle, equal_shards=equal_shards)
 
 
 def _class_folders(split_dir: Path) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import io
 import random
 import signal
 import weakref
@@ -26,7 +27,7 @@ from torchvision.transforms import InterpolationMode
 
 from ..cli import UserError
 from ..context import ExecutionContext
-from .folder import DROPPED, DataError, ImageFolderIndex, epoch_seed, shard_indices, shard_size
+from .folder import DROPPED, DataError, ImageFolderIndex, UnreadableSample, epoch_seed, shard_size
 from .loader import MAGNITUDE_BINS, Batch, Loader, device_batches
 
 # --interpolation -> torchvision mode. On PIL images torchvision resizes with Pillow, whose BILINEAR
@@ -99,10 +100,18 @@ def load_rgb(path: str) -> Image.Image:
     Pillow refuses decompression bombs (more than 2 x Image.MAX_IMAGE_PIXELS) with DecompressionBombError.
     """
     with open(path, "rb") as f:
-        image = Image.open(f)
-        if image.mode in SIXTEEN_BIT_MODES:
-            image = to_8bit(image)
-        return image.convert("RGB")  # convert() reads all pixel data, so truncation fails here
+        return _rgb(Image.open(f))
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """`load_rgb` of an image file's bytes (a shard member's, say)."""
+    return _rgb(Image.open(io.BytesIO(data)))
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    if image.mode in SIXTEEN_BIT_MODES:
+        image = to_8bit(image)
+    return image.convert("RGB")  # convert() reads all pixel data, so truncation fails here
 
 
 def to_8bit(image: Image.Image) -> Image.Image:
@@ -118,7 +127,7 @@ def to_8bit(image: Image.Image) -> Image.Image:
 
 
 class FolderDataset(Dataset):
-    """Samples of an ImageFolderIndex, addressed by (epoch, index) keys.
+    """Samples of an ImageFolderIndex (or a webdataset.ShardIndex), addressed by (epoch, index) keys.
 
     Returns (uint8 image or None, label, bad records). With `replace` (training) an undecodable file is
     replaced by the next readable file in dataset order (with that file's label), so batches stay full and
@@ -129,6 +138,7 @@ class FolderDataset(Dataset):
 
     def __init__(self, index: ImageFolderIndex, transform: Callable, seed: int, replace: bool = True) -> None:
         self.samples = index.samples
+        self.read = index.read
         self.transform = transform
         self.seed = seed
         self.replace = replace
@@ -140,9 +150,13 @@ class FolderDataset(Dataset):
         epoch, index = key
         failures: list[tuple[str, str]] = []
         for attempt in range(len(self.samples) if self.replace else 1):
-            path, label = self.samples[(index + attempt) % len(self.samples)]
+            position = (index + attempt) % len(self.samples)
+            path, label = self.samples[position]
             try:
-                image = load_rgb(path)
+                image = decode_rgb(self.read(position))
+            except UnreadableSample as err:
+                failures.append((path, str(err)))
+                continue
             except Exception as err:  # noqa: BLE001 - any decoder failure of one file must not end the run
                 failures.append((path, f"{type(err).__name__}: {err}"))
                 continue
@@ -169,9 +183,10 @@ class FolderDataset(Dataset):
 class EpochShardSampler(Sampler):
     """Yields (epoch, dataset index) keys of this rank's shard for the selected epoch, from a skip offset."""
 
-    def __init__(self, num_items: int, *, seed: int, rank: int, world_size: int, shuffle: bool, equal_shards: bool
-                 ) -> None:
-        self.num_items, self.seed, self.rank, self.world_size = num_items, seed, rank, world_size
+    def __init__(self, index: ImageFolderIndex, *, seed: int, rank: int, world_size: int, shuffle: bool,
+                 equal_shards: bool) -> None:
+        self.index, self.num_items = index, len(index.samples)
+        self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shuffle, self.equal_shards = shuffle, equal_shards
         self.epoch = 0
         self.skip_items = 0
@@ -181,8 +196,8 @@ class EpochShardSampler(Sampler):
 
     def order(self) -> list[int]:
         """The shard's full order for the selected epoch."""
-        return shard_indices(self.num_items, epoch=self.epoch, seed=self.seed, rank=self.rank,
-                             world_size=self.world_size, shuffle=self.shuffle, equal_shards=self.equal_shards)
+        return self.index.epoch_order(epoch=self.epoch, seed=self.seed, rank=self.rank, world_size=self.world_size,
+                                      shuffle=self.shuffle, equal_shards=self.equal_shards)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         return ((self.epoch, index) for index in self.order()[self.skip_items:])
@@ -234,7 +249,7 @@ class PytorchLoader(Loader):
 
     def __init__(self, index: ImageFolderIndex, transform: Callable, *, train: bool, batch_size: int,
                  ctx: ExecutionContext, workers: int, prefetch: int, seed: int) -> None:
-        self.sampler = EpochShardSampler(len(index.samples), seed=seed, rank=ctx.rank, world_size=ctx.world_size,
+        self.sampler = EpochShardSampler(index, seed=seed, rank=ctx.rank, world_size=ctx.world_size,
                                          shuffle=train, equal_shards=train)
         super().__init__(classes=index.classes, batch_size=batch_size, drop_last=train, ctx=ctx,
                          num_samples=shard_size(len(index.samples), rank=ctx.rank, world_size=ctx.world_size,
