@@ -52,6 +52,7 @@ def make_step(entry: common.Entry, arch: str, ctx, images: torch.Tensor, target:
 
         def step():
             return train_step(engine, images, target, optimizer_step=True)
+        step = common.with_kernels(entry, step)
     else:
         scaler = ctx.grad_scaler(128.0)
 

@@ -38,20 +38,22 @@ PRECISIONS = ("fp32", "tf32", "bf16", "amp")
 class Entry:
     """One measured model: `ours`, `timm` or `torchvision`, with its layout and whether it is compiled.
 
-    Written on the command line as NAME[+nhwc|+nchw][+compile][+freeze], e.g. `ours+nhwc+compile`; +freeze
-    (inference only) compiles with inductor's freezing. A plain `ours` takes
-    --memory-format and --compile, a plain peer runs as its users run it by default (NCHW, eager).
+    Written on the command line as NAME[+nhwc|+nchw][+compile][+freeze][+aten], e.g. `ours+nhwc+compile`;
+    +freeze (inference only) compiles with inductor's freezing; +aten (ours only) runs ATen's BN, SiLU and SE
+    layers instead of our fused CPU kernels (main.py --cpu-kernels off). A plain `ours` takes --memory-format
+    and --compile, a plain peer runs as its users run it by default (NCHW, eager).
     """
 
     name: str
     memory_format: str = "nchw"
     compile: bool = False
     freeze: bool = False  # inference only: inductor's freezing (weights as constants, BN folded into convs)
+    aten: bool = False
 
     @property
     def label(self) -> str:
         return (self.name + ("+nhwc" if self.memory_format == "nhwc" else "") + ("+compile" if self.compile else "")
-                + ("+freeze" if self.freeze else ""))
+                + ("+freeze" if self.freeze else "") + ("+aten" if self.aten else ""))
 
     @property
     def is_ours(self) -> bool:
@@ -66,16 +68,19 @@ def parse_entries(text: str, memory_format: str, compile_ours: bool, allow_freez
         if name not in ("ours", *PEERS):
             raise ValueError(f"--models: unknown model {name!r}; use ours, timm or torchvision, optionally with "
                              f"+nhwc, +nchw and +compile (e.g. ours+nhwc+compile)")
-        unknown = set(options) - {"nhwc", "nchw", "compile", "freeze"}
+        unknown = set(options) - {"nhwc", "nchw", "compile", "freeze", "aten"}
         if unknown:
             raise ValueError(f"--models: unknown option(s) {sorted(unknown)} in {item!r}; use +nhwc, +nchw, +compile, "
-                             f"+freeze")
+                             f"+freeze, +aten")
         if "freeze" in options and not allow_freeze:
             raise ValueError(f"--models: +freeze ({item!r}) applies to inference only")
+        if "aten" in options and name != "ours":
+            raise ValueError(f"--models: +aten ({item!r}) applies to ours only (the peers always run ATen's layers)")
         plain_ours = name == "ours" and not options
         fmt = memory_format if plain_ours else ("nhwc" if "nhwc" in options else "nchw")
         freeze = "freeze" in options
-        entries.append(Entry(name, fmt, compile_ours if plain_ours else ("compile" in options or freeze), freeze))
+        entries.append(Entry(name, fmt, compile_ours if plain_ours else ("compile" in options or freeze), freeze,
+                             "aten" in options))
     if not entries:
         raise ValueError("--models: name at least one model")
     return entries
@@ -92,6 +97,21 @@ def build_model(entry: Entry, arch: str, num_classes: int = 1000) -> nn.Module:
         return timm.create_model(f"efficientnet_{arch}", num_classes=num_classes)
     import torchvision
     return getattr(torchvision.models, f"efficientnet_{arch}")(num_classes=num_classes)
+
+
+def with_kernels(entry: Entry, fn: Callable[[], object]) -> Callable[[], object]:
+    """`fn` run with our fused CPU kernels on, or off for a +aten entry (they are a process-wide switch)."""
+    if not entry.aten:
+        return fn
+
+    def run_with_aten():
+        from image_classification.models import fused
+        fused.set_enabled(False)
+        try:
+            return fn()
+        finally:
+            fused.set_enabled(True)
+    return run_with_aten
 
 
 def default_image_size(arch: str) -> int:

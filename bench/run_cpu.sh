@@ -19,18 +19,22 @@ run() {  # run TITLE SCRIPT FLAGS...: one bench script, its command and output a
         | tee -a "$log"
 }
 
-run "train b0 fp32 224 bs32" bench/bench_train.py --models ours,ours+nhwc,ours+nhwc+compile,timm,torchvision \
-    --batch-sizes 32 --repeats 8 --json "$out/train_b0_fp32.json"
+# Every model in every configuration its users can pick (layout, torch.compile): like-for-like ratios first.
+run "train b0 fp32 224 bs32" bench/bench_train.py \
+    --models ours,timm,torchvision,ours+nhwc,ours+nhwc+aten,timm+nhwc,torchvision+nhwc,ours+nhwc+compile,timm+nhwc+compile,torchvision+nhwc+compile \
+    --batch-sizes 32 --repeats 6 --json "$out/train_b0_fp32.json"
 run "train b0 fp32 224 bs32, glibc's default allocator" bench/bench_train.py \
-    --models ours,ours+nhwc,timm,torchvision --batch-sizes 32 --repeats 5 --cpu-allocator system \
+    --models ours+nhwc,timm+nhwc,torchvision+nhwc --batch-sizes 32 --repeats 5 --cpu-allocator system \
     --json "$out/train_b0_fp32_system_allocator.json"
-run "train b4 fp32 380 bs8" bench/bench_train.py --archs b4 --models ours,ours+nhwc,timm,torchvision \
-    --batch-sizes 8 --repeats 5 --json "$out/train_b4_fp32.json"
+run "train b4 fp32 380 bs8" bench/bench_train.py --archs b4 \
+    --models ours,timm,torchvision,ours+nhwc,timm+nhwc,torchvision+nhwc --batch-sizes 8 --repeats 5 \
+    --json "$out/train_b4_fp32.json"
 run "inference b0 fp32 224" bench/bench_inference.py --models ours,ours+nhwc,ours+nhwc+freeze,timm,torchvision \
     --batch-sizes 1,8,32 --repeats 10 --json "$out/inference_b0_fp32.json"
 run "e2e" bench/bench_e2e.py --iterations 15 --skip 3 --repeats 3 --json "$out/e2e_b0_fp32.json"
 run "train b0 bf16 112 bs16" bench/bench_train.py --precision bf16 --image-size 112 \
-    --models ours,ours+nhwc,timm,torchvision --batch-sizes 16 --repeats 5 --json "$out/train_b0_bf16_112.json"
+    --models ours,timm,torchvision,ours+nhwc,timm+nhwc,torchvision+nhwc --batch-sizes 16 --repeats 5 \
+    --json "$out/train_b0_bf16_112.json"
 run "inference b0 bf16 224" bench/bench_inference.py --precision bf16 --models ours,ours+nhwc,timm,torchvision \
     --batch-sizes 8 --repeats 10 --json "$out/inference_b0_bf16.json"
 if [ -d data/generated ]; then  # the main job's dataset (scripts/demo.sh makes it)
