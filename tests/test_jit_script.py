@@ -15,7 +15,7 @@ from torch import nn
 
 import prefork
 from image_classification.cli import EXIT_ERROR, UserError
-from image_classification.models import get_entry
+from image_classification.models import fused, get_entry
 from image_classification.models.common import _Fp32Conv
 from image_classification.training import compile_model
 from reports import by_step, read_report
@@ -24,6 +24,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # One member of each family, at sizes that keep every stage's feature map at least 1x1.
 FAMILIES = [("efficientnet-b0", 64), ("efficientnet-widese-b0", 32), ("efficientnet-v2-s", 32)]
+
+
+@pytest.fixture(autouse=True)
+def aten_layers():
+    """Scripted models run ATen's BN, SiLU and SE; eager is compared on the same layers (the fused CPU kernels,
+    which eager uses where a feature map is 1x1 and so counts as channels_last, are checked in test_fused.py)."""
+    fused.set_enabled(False)
+    yield
+    fused.set_enabled(True)
 
 
 def build(arch: str, **params) -> nn.Module:
