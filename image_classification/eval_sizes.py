@@ -65,6 +65,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     if "-h" in argv or "--help" in argv:
         parser.print_help()
+        probe = ArgumentParser(add_help=False)
+        probe.add_argument("-a", "--arch")
+        arch = probe.parse_known_args(argv)[0].arch
+        if arch in available_models():
+            print(f"\nmodel flags of {arch}:")
+            print(get_entry(arch).parser().format_help())
         raise SystemExit(0)
     args, rest = parser.parse_known_args(argv)
     try:
