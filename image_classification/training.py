@@ -8,6 +8,7 @@
         train_one_epoch           forward, loss, backward, (accumulated) optimizer step, EMA, log
         validate                  loss, top-1/top-k, throughput and latency percentiles
         save_checkpoint           the reference's checkpoint files, atomically, with every rank's resume state
+        finish_swa                --swa-start: BN statistics of the weight average, its validation, model_swa.pth.tar
 
 Device, precision and memory format come from one `ExecutionContext`; the loop never asks torch.cuda.
 Per step nothing waits for the device: metrics stay tensors until print frequency, where a loss that is no
