@@ -140,3 +140,15 @@ def test_eval_sizes_prints_one_row_per_size_and_crop_pct(generated, weights):
                           "efficientnet-b0", "--sizes", "32", "--crop-pcts", "1.5"], capture_output=True, text=True,
                          cwd=ROOT)
     assert bad.returncode == 2 and bad.stderr.startswith("eval_sizes.py: error: argument --crop-pcts")
+
+
+@pytest.mark.parametrize("argv, flag", [(["--eval-crop-pct", "0"], "--eval-crop-pct"),
+                                        (["--eval-crop-pct", "1.5"], "--eval-crop-pct"),
+                                        (["--tta", "crop"], "--tta"), (["--swa-lr", "0"], "--swa-lr"),
+                                        (["--swa-start", "-1"], "--swa-start")])
+def test_out_of_range_evaluation_and_averaging_flags_are_one_line_errors(argv, flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["/data", *argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(f"main.py: error: argument {flag}")
+    assert len(err.strip().splitlines()) == 1
