@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torchvision import transforms as T
 
 from image_classification.arguments import parse_args
