@@ -15,6 +15,7 @@ from .context import CPU_ALLOCATORS, DIST_BACKENDS
 from .data import AUGMENTATIONS, DATA_FORMATS
 from .models import available_models, fused, get_entry
 from .progressive import RANDAUG_MAX_MAGNITUDE
+from .tta import TTA_MODES
 
 # The reference defaults to resnet50, a ConvNets model this EfficientNet suite does not have; its first
 # EfficientNet takes that place so that a reference command line without --arch still runs.
@@ -62,6 +63,13 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
     g.add_argument("--eval-image-size", type=Number(int, low=1), default=None, metavar="N",
                    help="validation image size (not in the reference) (default: --image-size when given, else the "
                         "arch's evaluation size: 384 for efficientnet-v2-s, the training size for B0-B7)")
+    g.add_argument("--eval-crop-pct", type=Number(float, low=0, high=1, low_open=True), default=None, metavar="P",
+                   help="validation crop fraction: the short side is resized to round(S/P) before the centre crop of "
+                        "S = --eval-image-size; with --eval-image-size the FixRes knob (not in the reference) "
+                        "(default: the reference's resize to S+32)")
+    g.add_argument("--tta", default="none", choices=TTA_MODES,
+                   help="test-time augmentation of every validation: flip averages the softmax of each image and of "
+                        "its horizontal mirror (not in the reference) (default: %(default)s)")
     g.add_argument("--augmentation", type=str, default=None, choices=AUGMENTATIONS,
                    help="extra training augmentation: autoaugment (ImageNet policy), randaugment (2 operations of "
                         "--randaug-magnitude), trivialaugment (not in the reference) (default: none)")
@@ -133,6 +141,16 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
                    metavar="DECAY",
                    help="keep an exponential moving average of the weights with this decay, validated as val_ema "
                         "(default: off)")
+    g.add_argument("--swa-start", type=Number(int, low=0), default=None, metavar="EPOCH",
+                   help="stochastic weight averaging: from this epoch (counted from 0) on, average the weights at "
+                        "the end of every epoch with the LR annealed to --swa-lr; at the end of the run the average "
+                        "gets fresh BN statistics, is validated as swa.* and saved as model_swa.pth.tar (not in the "
+                        "reference) (default: off)")
+    g.add_argument("--swa-lr", type=Number(float, low=0, low_open=True), default=None, metavar="LR",
+                   help="learning rate of the averaging epochs, needed with --swa-start (default: none)")
+    g.add_argument("--swa-anneal-epochs", type=Number(int, low=0), default=10, metavar="N",
+                   help="epochs over which the LR goes from the schedule's to --swa-lr by cosine annealing (0: at "
+                        "once) (default: %(default)s)")
 
     g = p.add_argument_group(
         "progressive training (EfficientNetV2; not in the reference)",

@@ -257,10 +257,17 @@ class CheckpointWriter:
         return self.latest
 
     def _prune(self) -> None:
-        pattern = re.compile(r"checkpoint_(\d{4,})\.pth\.tar$")
-        epochs = sorted(int(m.group(1)) for p in self.workspace.iterdir() if (m := pattern.match(p.name)))
-        for epoch in epochs[:-self.keep_last]:
-            self.epoch_path(epoch).unlink(missing_ok=True)
+        for path in epoch_checkpoints(self.workspace)[:-self.keep_last]:
+            path.unlink(missing_ok=True)
+
+
+EPOCH_FILE = re.compile(r"checkpoint_(\d{4,})\.pth\.tar$")
+
+
+def epoch_checkpoints(workspace: str | Path) -> list[Path]:
+    """The workspace's per-epoch checkpoints (--gather-checkpoints), oldest epoch first."""
+    found = [(int(m.group(1)), path) for path in Path(workspace).iterdir() if (m := EPOCH_FILE.match(path.name))]
+    return [path for _, path in sorted(found)]
 
 
 def write_class_names(workspace: str | Path, classes: list[str]) -> None:

@@ -25,6 +25,7 @@ from .data.pytorch_backend import load_rgb, val_transform
 from .models import available_models, get_entry
 from .models.quantized import require_ranges
 from .models.weights import WeightsError
+from .tta import TTA_MODES, with_tta
 
 PROG = "classify.py"
 TOPK = 5
@@ -104,12 +105,13 @@ class Prediction:
 
 
 class Classifier:
-    """A model in eval mode on the context's device, with the validation preprocessing of its input."""
+    """A model in eval mode on the context's device, with the validation preprocessing of its input and, with
+    `tta` flip, the mean of the softmax of each image and of its mirror (tta.py)."""
 
     def __init__(self, model: nn.Module, ctx: ExecutionContext, names: Sequence[str], image_size: int,
-                 interpolation: str = "bilinear", topk: int = TOPK) -> None:
+                 interpolation: str = "bilinear", topk: int = TOPK, tta: str = "none") -> None:
         self.ctx = ctx
-        self.model = model.to(ctx.device, memory_format=ctx.memory_format).eval()
+        self.model = with_tta(model.to(ctx.device, memory_format=ctx.memory_format), tta).eval()
         self.names = list(names)
         self.image_size = image_size
         self.interpolation = interpolation
@@ -157,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the reference always used 224)")
     p.add_argument("--interpolation", default="bilinear", choices=("bilinear", "bicubic", "triangular"),
                    help="resize interpolation, as main.py's --interpolation (default: %(default)s)")
+    p.add_argument("--tta", default="none", choices=TTA_MODES,
+                   help="test-time augmentation: flip averages the softmax of the image and of its horizontal mirror "
+                        "(not in the reference) (default: %(default)s)")
     p.add_argument("--precision", default="AMP", choices=("AMP", "FP32"),
                    help="AMP: fp16 autocast on GPU, bf16 autocast on CPU (default: %(default)s)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
@@ -214,7 +219,7 @@ def build_classifier(args: argparse.Namespace) -> Classifier:
         print(f"{PROG}: warning: {args.arch} has random weights (no --pretrained or --pretrained-from-file)",
               file=sys.stderr)
     image_size = args.image_size or entry.default_eval_image_size
-    return Classifier(model, ctx, names, image_size, args.interpolation)
+    return Classifier(model, ctx, names, image_size, args.interpolation, tta=args.tta)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,6 +8,7 @@
         train_one_epoch           forward, loss, backward, (accumulated) optimizer step, EMA, log
         validate                  loss, top-1/top-k, throughput and latency percentiles
         save_checkpoint           the reference's checkpoint files, atomically, with every rank's resume state
+        finish_swa                --swa-start: BN statistics of the weight average, its validation, model_swa.pth.tar
 
 Device, precision and memory format come from one `ExecutionContext`; the loop never asks torch.cuda.
 Per step nothing waits for the device: metrics stay tensors until print frequency, where a loss that is no
@@ -49,6 +50,8 @@ from .models import fused, get_entry
 from .models.weights import fit_state_dict
 from .optimizers import optimizer_from_args
 from .progressive import ProgressiveSchedule, StageSettings, progressive_schedule
+from .swa import SWA, SWA_FILE, swa_checkpoint, swa_from_args
+from .tta import with_tta
 
 # Not in the reference: image_size (per epoch), the training resolution, which progressive training changes, and
 # bad_files (per epoch), the unreadable images met (replaced in training, left out of validation).
@@ -128,6 +131,7 @@ class Engine:
     optimizer: torch.optim.Optimizer | None = None
     scaler: torch.amp.GradScaler | None = None
     ema: EMA | None = None
+    swa: SWA | None = None
     mixup: Mixup | None = None
     accumulation: int = 1
     guard: DivergenceGuard | None = None
@@ -187,7 +191,8 @@ def build_loaders(args, ctx: ExecutionContext, settings: StageSettings, eval_siz
     from .data import build_val_loader
     train = None if args.evaluate else build_stage_train_loader(args, ctx, settings, seed)
     val = None if args.training_only and not args.evaluate else build_val_loader(
-        args.data_backend, args.data, image_size=eval_size, **_loader_options(args, ctx, seed))
+        args.data_backend, args.data, image_size=eval_size, crop_pct=args.eval_crop_pct,
+        **_loader_options(args, ctx, seed))
     return train, val
 
 
@@ -294,6 +299,8 @@ def log_parameters(logger: Logger, args, ctx: ExecutionContext) -> None:
     prefixes = (("train", TRAIN_METRICS), ("val", VAL_METRICS))
     if args.use_ema is not None:
         prefixes += (("val_ema", VAL_METRICS),)
+    if args.swa_start is not None:
+        prefixes += (("swa", VAL_METRICS),)
     for prefix, names in prefixes:
         logger.register_metrics(prefix, names)
 
@@ -349,6 +356,8 @@ def resume_from(saved: dict, path: str, engine: Engine, state: RunState, train_l
     if engine.ema is not None:
         source = saved.get("state_dict_ema") or saved["state_dict"]
         engine.ema.load_state_dict(fit_state_dict(engine.ema.module, source, source=f"{path} (EMA)", resuming=True))
+    if engine.swa is not None:
+        engine.swa.resume(saved.get("swa"), int(saved["epoch"]), path)
     state.epoch = int(saved["epoch"])
     state.iteration = int(saved.get("iteration", 0))
     state.best_prec1 = float(saved["best_prec1"])
@@ -381,6 +390,8 @@ def checkpoint_state(engine: Engine, state: RunState, args) -> dict:
     }
     if engine.ema is not None:
         out["state_dict_ema"] = engine.ema.state_dict()
+    if engine.swa is not None:
+        out["swa"] = engine.swa.state_dict()
     out.update({
         "scaler": engine.scaler.state_dict() if engine.scaler is not None else {},
         "iteration": state.iteration,
@@ -545,7 +556,9 @@ def train_step(engine: Engine, images: torch.Tensor, target: torch.Tensor, optim
 @torch.no_grad()
 def validate(model: nn.Module, loader, ctx: ExecutionContext, logger: Logger, args, *, prefix: str = "val",
              step: tuple[int, ...] = (0, 0)) -> dict[str, float]:
-    """Loss, top-1 and top-k (all-reduced), throughput and per-batch compute latency (mean and percentiles)."""
+    """Loss, top-1 and top-k (all-reduced), throughput and per-batch compute latency (mean and percentiles), of
+    `model` as --tta evaluates it."""
+    model = with_tta(model, args.tta)
     model.eval()
     loader.set_epoch(step[0])
     length = len(loader) if args.prof <= 0 else min(len(loader), args.prof)
@@ -744,6 +757,7 @@ def setup_run(args, ctx: ExecutionContext, prepare_model: PrepareModel | None, c
         engine.optimizer = optimizer_from_args(model, args)
     if args.use_ema is not None:
         engine.ema = EMA(model, args.use_ema)
+    engine.swa = swa_from_args(args, model, engine.optimizer)
     if saved is not None:
         resume_from(saved, args.resume, engine, state, train_loader, logger)
     return Job(args=args, engine=engine, state=state, schedule=schedule, stage=stage, train_loader=train_loader,
@@ -778,6 +792,27 @@ def save_checkpoint(job: Job, *, is_best: bool) -> None:
         job.writer.save({**checkpoint_state(job.engine, state, job.args), **per_rank}, is_best=is_best)
 
 
+def finish_swa(job: Job) -> dict[str, float]:
+    """The end of an SWA run: BN statistics of the averaged weights, their validation (swa.*), the latest
+    checkpoint again with those statistics, and model_swa.pth.tar."""
+    args, engine, state = job.args, job.engine, job.state
+    if engine.swa.n_averaged == 0:  # early stopping before --swa-start
+        job.logger.print(f"=> SWA: the run stopped before --swa-start {args.swa_start}; nothing was averaged")
+        return {}
+    engine.swa.update_bn(job.train_loader, engine.ctx, epoch=state.epoch, max_batches=args.prof if args.prof > 0
+                         else None)
+    record = {}
+    if job.val_loader is not None:
+        record = validate(engine.swa.module, job.val_loader, engine.ctx, job.logger, args, prefix="swa",
+                          step=(state.epoch, 0))
+    save_checkpoint(job, is_best=False)
+    if job.writer is not None:
+        path = job.writer.workspace / SWA_FILE
+        ckpt.atomic_save(swa_checkpoint(checkpoint_state(engine, state, args), engine.swa), path)
+        job.logger.print(f"=> SWA: {engine.swa.n_averaged} epochs averaged, BN statistics updated; saved {path}")
+    return record
+
+
 def train(job: Job, stop: StopRequest) -> dict:
     """Epochs from the run state's to --epochs (or --run-epochs of them); stops early on patience or a signal."""
     args, engine, state, logger = job.args, job.engine, job.state, job.logger
@@ -785,7 +820,7 @@ def train(job: Job, stop: StopRequest) -> dict:
     last_epoch = args.epochs if args.run_epochs < 0 else min(args.epochs, state.epoch + args.run_epochs)
     train_loader = job.train_loader
     current = None  # the stage being trained; job.stage is the one train_loader was built for
-    interrupted = False
+    interrupted = stopped_early = False
     while state.epoch < last_epoch:
         epoch = state.epoch
         settings = job.schedule.settings(epoch)
@@ -793,7 +828,7 @@ def train(job: Job, stop: StopRequest) -> dict:
             train_loader = enter_stage(settings, job.stage, train_loader, engine, args, job.schedule,
                                        state.data_seed, logger)
             job.train_loader, current, job.stage = train_loader, settings, settings
-        lr = lr_of(epoch)
+        lr = lr_of(epoch) if engine.swa is None else engine.swa.lr(epoch, lr_of(epoch))
         set_lr(engine.optimizer, lr)
         record = train_one_epoch(engine, train_loader, epoch, state, logger, args, stop, lr)
         record["train.image_size"] = settings.image_size
@@ -806,6 +841,8 @@ def train(job: Job, stop: StopRequest) -> dict:
                          + (f"saved {job.writer.latest}; continue with --resume {job.writer.latest}"
                             if job.writer is not None else "no checkpoint (--no-checkpoints)"))
             break
+        if engine.swa is not None:
+            engine.swa.end_of_epoch(engine.model, epoch)
         is_best = False
         if job.val_loader is not None:
             # The reference's validation steps carry the epoch's training iteration count (--prof shortens it).
@@ -829,6 +866,7 @@ def train(job: Job, stop: StopRequest) -> dict:
         if (args.early_stopping_patience > 0 and job.val_loader is not None
                 and state.epochs_without_improvement >= args.early_stopping_patience):
             logger.print(f"=> early stopping: no better val top-1 for {state.epochs_without_improvement} epochs")
+            stopped_early = True
             break
         if stop.agreed(engine.ctx):
             interrupted = True
@@ -836,6 +874,8 @@ def train(job: Job, stop: StopRequest) -> dict:
                          + (f"; continue with --resume {job.writer.latest}" if job.writer is not None else ""))
             break
     summary = _summary(state.history)
+    if engine.swa is not None and not interrupted and (stopped_early or state.epoch >= args.epochs):
+        summary.update(finish_swa(job))
     if not interrupted:  # an interrupted run is summarised by the run that finishes it
         logger.log((), summary)
     return {**summary, "best_prec1": state.best_prec1, "epoch": state.epoch, "interrupted": interrupted}

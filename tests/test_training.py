@@ -372,7 +372,7 @@ def test_validation_reports_the_warm_up_batch_apart(monkeypatch):
 
     ctx = create_context(device="cpu")
     loader = SyntheticLoader(image_size=8, batch_size=2, ctx=ctx, num_classes=4, batches_per_epoch=5)
-    args = argparse.Namespace(prof=-1, topk=5, print_freq=10)
+    args = argparse.Namespace(prof=-1, topk=5, print_freq=10, tta="none")
     result = training.validate(Timed(), loader, ctx, Logger(None, enabled=False), args)
     assert result["val.first_batch_latency"] == 10.0
     assert result["val.compute_latency"] == result["val.compute_latency_at100"] == 1.0

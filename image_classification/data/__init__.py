@@ -80,17 +80,17 @@ def scan_data(data_dir: str | os.PathLike | None, split: str, num_classes: int, 
 
 def _file_loader(backend: str, index: ImageFolderIndex, *, train: bool, image_size: int, batch_size: int,
                  ctx: ExecutionContext, workers: int, prefetch: int, interpolation: str,
-                 augmentation: str | None, magnitude: int, seed: int) -> Loader:
+                 augmentation: str | None, magnitude: int, seed: int, crop_pct: float | None = None) -> Loader:
     if backend == "pytorch":
         from .pytorch_backend import PytorchLoader, train_transform, val_transform
         transform = (train_transform(image_size, interpolation, augmentation, magnitude) if train
-                     else val_transform(image_size, interpolation))
+                     else val_transform(image_size, interpolation, crop_pct))
         return PytorchLoader(index, transform, train=train, batch_size=batch_size, ctx=ctx, workers=workers,
                              prefetch=prefetch, seed=seed)
     from .dali_backend import DaliLoader
     return DaliLoader(index, train=train, gpu=backend == "dali-gpu", image_size=image_size, batch_size=batch_size,
                       ctx=ctx, workers=workers, prefetch=prefetch, interpolation=interpolation,
-                      augmentation=augmentation, magnitude=magnitude, seed=seed)
+                      augmentation=augmentation, magnitude=magnitude, seed=seed, crop_pct=crop_pct)
 
 
 def build_train_loader(backend: str, data_dir: str | None, *, image_size: int, batch_size: int,
@@ -119,8 +119,10 @@ def build_train_loader(backend: str, data_dir: str | None, *, image_size: int, b
 
 def build_val_loader(backend: str, data_dir: str | None, *, image_size: int, batch_size: int,
                      ctx: ExecutionContext, num_classes: int = 1000, workers: int = 5, prefetch: int = 2,
-                     interpolation: str = "bilinear", seed: int | None = None, data_format: str = "auto") -> Loader:
-    """Validation batches: short side to image_size+32, centre crop; dataset order; every image once."""
+                     interpolation: str = "bilinear", seed: int | None = None, data_format: str = "auto",
+                     crop_pct: float | None = None) -> Loader:
+    """Validation batches: short side to image_size+32 (or round(image_size/crop_pct)), centre crop; dataset
+    order; every image once."""
     _check_choices(backend, interpolation)
     _check_sizes(image_size, batch_size, workers)
     seed = _resolve_seed(seed)
@@ -131,4 +133,4 @@ def build_val_loader(backend: str, data_dir: str | None, *, image_size: int, bat
     index = scan_data(data_dir, "val", num_classes, data_format)
     return _file_loader(backend, index, train=False, image_size=image_size, batch_size=batch_size, ctx=ctx,
                         workers=workers, prefetch=prefetch, interpolation=interpolation, augmentation=None,
-                        magnitude=0, seed=seed)
+                        magnitude=0, seed=seed, crop_pct=crop_pct)

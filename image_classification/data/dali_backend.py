@@ -48,7 +48,7 @@ from PIL import Image
 from ..cli import UserError
 from ..context import ExecutionContext
 from .folder import DROPPED, REPLACED, DataError, ImageFolderIndex, UnreadableSample, epoch_seed, shard_size
-from .loader import MAGNITUDE_BINS, MEAN, STD, Batch, Loader, device_batches
+from .loader import MAGNITUDE_BINS, MEAN, STD, Batch, Loader, device_batches, val_resize_size
 
 log = logging.getLogger(__name__)
 
@@ -191,17 +191,17 @@ def _train_graph(source: Callable, *, decoder: str, image_size: int, interp, aug
     return _crop_mirror_normalize(images, normalize=normalize, layout=layout, mirror=mirror), labels
 
 
-def _val_graph(source: Callable, *, decoder: str, image_size: int, interp, augmentation: None, magnitude: int,
-               layout: str, normalize: bool):
-    """Decode, resize the short side to S+32 with torchvision's size rule, centre-crop S, normalise."""
+def _val_graph(source: Callable, *, decoder: str, image_size: int, resize_size: int, interp, augmentation: None,
+               magnitude: int, layout: str, normalize: bool):
+    """Decode, resize the short side to `resize_size` with torchvision's size rule, centre-crop S, normalise."""
     fn, types, _ = dali_modules()
     from nvidia.dali import math as dmath
     encoded, labels = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
                                          dtype=[types.UINT8, types.INT64])
     shape = fn.peek_image_shape(encoded, dtype=types.FLOAT)
     height, width = shape[0], shape[1]
-    short = float(image_size + 32)
-    # torchvision Resize(int): short side -> S+32, long side -> int(S+32 * long / short) (truncated).
+    short = float(resize_size)
+    # torchvision Resize(int): short side -> R, long side -> int(R * long / short) (truncated).
     width_is_short = fn.cast(width <= height, dtype=types.FLOAT)
     resize_x = width_is_short * short + (1.0 - width_is_short) * dmath.floor(short * width / height)
     resize_y = (1.0 - width_is_short) * short + width_is_short * dmath.floor(short * height / width)
@@ -259,7 +259,7 @@ class DaliLoader(Loader):
 
     def __init__(self, index: ImageFolderIndex, *, train: bool, gpu: bool, image_size: int, batch_size: int,
                  ctx: ExecutionContext, workers: int, prefetch: int, interpolation: str,
-                 augmentation: str | None, magnitude: int, seed: int) -> None:
+                 augmentation: str | None, magnitude: int, seed: int, crop_pct: float | None = None) -> None:
         if gpu and not ctx.is_cuda:
             raise UserError("--data-backend dali-gpu needs a CUDA GPU (this run is on "
                                f"{ctx.device.type}); use --data-backend dali-cpu or pytorch")
@@ -272,6 +272,8 @@ class DaliLoader(Loader):
                                   interp=interp_type(interpolation), augmentation=augmentation,
                                   magnitude=magnitude, layout="HWC" if ctx.channels_last else "CHW",
                                   normalize=normalizes_in_pipeline(gpu, ctx))
+        if not train:
+            self.graph_options["resize_size"] = val_resize_size(image_size, crop_pct)
         # (DALI checkpoint after the last batch handed out, the batch its pipeline started at), for state_dict()
         # after the consumer stops mid-epoch; None outside a training epoch.
         self._resume_point: tuple[bytes, int] | None = None

@@ -25,6 +25,16 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 MAGNITUDE_BINS = 31
 
 
+def val_resize_size(image_size: int, crop_pct: float | None = None) -> int:
+    """The short side that validation resizes to before its centre crop of `image_size`: round(S / crop_pct), or
+    the reference's S + 32 without --eval-crop-pct."""
+    if crop_pct is None:
+        return image_size + 32
+    if not 0.0 < crop_pct <= 1.0:
+        raise UserError(f"--eval-crop-pct must be in (0, 1], got {crop_pct}")
+    return round(image_size / crop_pct)
+
+
 class Loader:
     """An epoch of (images, labels) batches on ctx.device; call `set_epoch` before each epoch.
 

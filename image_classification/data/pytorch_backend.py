@@ -28,7 +28,7 @@ from torchvision.transforms import InterpolationMode
 from ..cli import UserError
 from ..context import ExecutionContext
 from .folder import DROPPED, DataError, ImageFolderIndex, UnreadableSample, epoch_seed, shard_size
-from .loader import MAGNITUDE_BINS, Batch, Loader, device_batches
+from .loader import MAGNITUDE_BINS, Batch, Loader, device_batches, val_resize_size
 
 # --interpolation -> torchvision mode. On PIL images torchvision resizes with Pillow, whose BILINEAR
 # filter is already a triangle filter widened when downscaling (antialiased), i.e. DALI's "triangular";
@@ -84,11 +84,12 @@ def train_transform(image_size: int, interpolation: str = "bilinear", augmentati
     ])
 
 
-def val_transform(image_size: int, interpolation: str = "bilinear") -> T.Compose:
-    """PIL image -> uint8 [3,S,S]: short side to S+32, centre crop S (the reference's evaluation geometry)."""
+def val_transform(image_size: int, interpolation: str = "bilinear", crop_pct: float | None = None) -> T.Compose:
+    """PIL image -> uint8 [3,S,S]: short side to S+32 (the reference's evaluation geometry), or to round(S/crop_pct),
+    then centre crop S."""
     mode = interpolation_mode(interpolation)
     return T.Compose([
-        T.Resize(image_size + 32, interpolation=mode, antialias=True),
+        T.Resize(val_resize_size(image_size, crop_pct), interpolation=mode, antialias=True),
         T.CenterCrop(image_size),
         T.PILToTensor(),
     ])

@@ -1,0 +1,134 @@
+"""Stochastic weight averaging (--swa-start, --swa-lr, --swa-anneal-epochs), with torch.optim.swa_utils.
+
+From epoch --swa-start on (0-based) the LR is SWALR's instead of --lr-schedule's: at the start of each such epoch
+it moves from the LR in use towards --swa-lr by cosine annealing over --swa-anneal-epochs epochs, then stays
+there. At the end of each of those epochs the weights join an equal-weight running average (AveragedModel over
+the parameters). When the run completes (its last epoch, or early stopping), the averaged model's BatchNorm
+statistics are measured afresh over one pass of the training loader (update_bn; averaged over processes in
+distributed runs), it is validated and reported as swa.* in the run summary, and it is written to
+<workspace>/model_swa.pth.tar, a checkpoint whose state_dict is the SWA weights (for --evaluate --resume,
+--pretrained-from-file, classify.py).
+
+Training checkpoints carry the SWA state under "swa" (averaged weights and buffers, the number of epochs averaged,
+SWALR's state), so that --resume continues the average and the LR exactly, also from the middle of an epoch.
+"""
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import SWALR, AveragedModel
+
+from .averaging import recompute_bn
+from .checkpoint import CheckpointError
+from .cli import UserError
+from .context import ExecutionContext
+from .metrics import all_reduce_sum
+
+SWA_FILE = "model_swa.pth.tar"
+ANNEAL_STRATEGY = "cos"
+
+
+class SWA:
+    """The averaged copy of a model and the LR schedule of the averaging epochs."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, start: int, swa_lr: float,
+                 anneal_epochs: int):
+        self.start = start
+        self.swa_lr = swa_lr
+        self.optimizer = optimizer
+        self.averaged = AveragedModel(model)
+        # Built before any optimizer step: its first step leaves the LR as it is (with annealing), and
+        # --lr-schedule sets every epoch's LR before --swa-start anyway.
+        self.scheduler = SWALR(optimizer, swa_lr=swa_lr, anneal_epochs=anneal_epochs,
+                               anneal_strategy=ANNEAL_STRATEGY)
+
+    @property
+    def module(self) -> nn.Module:
+        """The averaged model (what is validated and saved)."""
+        return self.averaged.module
+
+    @property
+    def n_averaged(self) -> int:
+        """How many epochs' weights are in the average."""
+        return int(self.averaged.n_averaged.item())
+
+    def lr(self, epoch: int, scheduled: float) -> float:
+        """The LR of `epoch`: `scheduled` (--lr-schedule's) before --swa-start, SWALR's from then on."""
+        if epoch < self.start:
+            return scheduled
+        # One SWALR step per averaging epoch, taken as the epoch starts; a run resumed in the middle of an
+        # epoch has already taken that epoch's step (its state is in the checkpoint).
+        with warnings.catch_warnings():
+            # It would warn when no optimizer step came before (--swa-start 0, or a resumed run): a per-iteration
+            # scheduler's concern, not this per-epoch one's.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            while self.scheduler.last_epoch < epoch - self.start + 1:
+                self.scheduler.step()
+        return self.scheduler.get_last_lr()[0]
+
+    def end_of_epoch(self, model: nn.Module, epoch: int) -> None:
+        """Add the weights of `model` (unwrapped) after `epoch` to the average, from --swa-start on."""
+        if epoch >= self.start:
+            self.averaged.update_parameters(model)
+
+    def update_bn(self, loader, ctx: ExecutionContext, *, epoch: int, max_batches: int | None = None) -> None:
+        """BN statistics of the averaged weights over one pass of the training `loader` (the first `max_batches`
+        batches with --prof), averaged over processes."""
+        loader.set_epoch(epoch)
+        recompute_bn(self.module, itertools.islice(loader, max_batches or len(loader)), ctx)
+        if ctx.distributed:
+            for module in self.module.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    for stats in (module.running_mean, module.running_var):
+                        stats.copy_(all_reduce_sum(stats.clone()) / ctx.world_size)
+
+    def state_dict(self) -> dict:
+        return {"start": self.start, "state_dict": self.module.state_dict(),
+                "n_averaged": self.averaged.n_averaged.clone(), "scheduler": self.scheduler.state_dict()}
+
+    def resume(self, state: dict | None, epoch: int, source: str) -> None:
+        """Restore the SWA state of a checkpoint whose next epoch is `epoch` (refusing one that has passed
+        --swa-start without it)."""
+        if state is None:
+            if epoch > self.start:
+                raise CheckpointError(f"--resume {source}: the checkpoint is at epoch {epoch}, after --swa-start "
+                                      f"{self.start}, and has no SWA state (trained without --swa-start)")
+        else:
+            if int(state["start"]) != self.start and epoch > min(int(state["start"]), self.start):
+                raise CheckpointError(f"--resume {source}: the run averages from epoch {state['start']}, "
+                                      f"--swa-start is {self.start}; resume with --swa-start {state['start']}")
+            self.module.load_state_dict(state["state_dict"])
+            self.averaged.n_averaged.copy_(state["n_averaged"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        # The optimizer state just restored may come from a run without SWA (no swa_lr in its groups) or
+        # another --swa-lr: this run's flag decides.
+        for group in self.optimizer.param_groups:
+            group["swa_lr"] = self.swa_lr
+
+
+def swa_from_args(args, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> SWA | None:
+    """The run's SWA, None without --swa-start; refuses flag combinations that would average nothing."""
+    if args.swa_start is None:
+        if args.swa_lr is not None:
+            raise UserError("--swa-lr needs --swa-start EPOCH (the first epoch averaged)")
+        return None
+    if args.swa_lr is None:
+        raise UserError("--swa-start needs --swa-lr LR (the learning rate of the averaging epochs)")
+    if args.evaluate:
+        raise UserError(f"--swa-start is for training; to evaluate a run's SWA weights use --evaluate --resume "
+                        f"<workspace>/{SWA_FILE}")
+    if args.swa_start >= args.epochs:
+        raise UserError(f"--swa-start {args.swa_start} averages nothing in a run of --epochs {args.epochs} "
+                        f"(epochs are counted from 0)")
+    return SWA(model, optimizer, start=args.swa_start, swa_lr=args.swa_lr, anneal_epochs=args.swa_anneal_epochs)
+
+
+def swa_checkpoint(checkpoint: dict, swa: SWA) -> dict:
+    """The model_swa.pth.tar of a run: its checkpoint with the SWA weights as state_dict, no optimizer state."""
+    replaced = {"state_dict": swa.module.state_dict(), "optimizer": {}}
+    out = {key: replaced.get(key, value) for key, value in checkpoint.items() if key not in ("state_dict_ema", "swa")}
+    out["swa_epochs_averaged"] = swa.n_averaged
+    return out
