@@ -195,7 +195,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _gloo_run(tmp_path: Path, name: str, nproc: int, batch: int, teacher: Path) -> Path:
+def _gloo_run(tmp_path: Path, name: str, nproc: int, batch: int, teacher: Path, *extra: str) -> Path:
     """test_multiproc's worker (BN-free tiny model, rank-sharded in-memory data), distilled from `teacher`."""
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER.format(root=str(ROOT), tests=str(ROOT / "tests")))
@@ -204,7 +204,7 @@ def _gloo_run(tmp_path: Path, name: str, nproc: int, batch: int, teacher: Path) 
              "--lr", "0.2", "--momentum", "0.9", "--wd", "1e-3", "--lr-schedule", "cosine", "--seed", "5",
              "--print-freq", "2", "--workspace", str(workspace), "--device", "cpu", "-j", "0",
              "--teacher-arch", "tiny-bn-free", "--teacher-weights", str(teacher), "--kd-alpha", "0.6",
-             "--kd-temperature", "3", "--dist-backend", "gloo"]
+             "--kd-temperature", "3", "--dist-backend", "gloo", *extra]
     command = [sys.executable, "multiproc.py", "--nproc_per_node", str(nproc), "--master_port", str(_free_port()),
                str(worker), *flags]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240,
@@ -213,16 +213,19 @@ def _gloo_run(tmp_path: Path, name: str, nproc: int, batch: int, teacher: Path) 
     return workspace
 
 
-def test_two_gloo_processes_distil_as_one_process_on_the_same_global_batch(tmp_path):
+def test_two_gloo_processes_and_accumulation_distil_as_one_process_on_the_same_global_batch(tmp_path):
     teacher = tmp_path / "teacher.pth"
     weights = tiny_model.TinyEntry()(num_classes=3).state_dict()
     torch.save({k: v.flip(0) * 1.5 for k, v in weights.items()}, teacher)  # another model than the student
     single = _gloo_run(tmp_path, "single", 1, 8, teacher)
     double = _gloo_run(tmp_path, "double", 2, 4, teacher)
+    accumulated = _gloo_run(tmp_path, "accumulated", 1, 4, teacher, "--optimizer-batch-size", "8")
     a = torch.load(single / "checkpoint.pth.tar", weights_only=True)
     b = torch.load(double / "checkpoint.pth.tar", weights_only=True)
+    c = torch.load(accumulated / "checkpoint.pth.tar", weights_only=True)
     for name in a["state_dict"]:
         torch.testing.assert_close(a["state_dict"][name], b["state_dict"][name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a["state_dict"][name], c["state_dict"][name], rtol=1e-5, atol=1e-6)
     assert b["teacher"]["sha256"] == distillation.file_sha256(teacher)
     ea = epoch_records(read_report(single / "experiment_raport.json"))
     eb = epoch_records(read_report(double / "experiment_raport.json"))
