@@ -202,3 +202,20 @@ def test_flags_are_in_the_help_and_refused_with_evaluate(capsys, tmp_path):
     args = parse_args(run_args(tmp_path, "--evaluate", "--layer-decay", "0.5", "--head-init", "zero"))
     with pytest.raises(UserError, match=r"^--layer-decay, --head-init change\(s\) training; not with --evaluate$"):
         finetune.check_flags(args)
+
+
+def test_quant_main_takes_the_flags_and_refuses_a_zero_quantized_head(tmp_path):
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    try:
+        import quant_main
+    finally:
+        sys.path.pop(0)
+    args = quant_main.parse_args(run_args(tmp_path, "--arch", "efficientnet-quant-b0", "--layer-decay", "0.9",
+                                          "--freeze-until", "stem", "--head-init", "zero"))
+    model = get_entry(args.arch)(**vars(args.model_args))
+    scales = finetune.lr_scales(model, layer_decay=0.9)  # every parameter of the quantized model has a depth
+    assert scales.keys() == dict(model.named_parameters()).keys() and scales["classifier.fc.weight"] == 1.0
+    with pytest.raises(UserError, match=r"^--head-init zero: efficientnet-quant-b0's classifier quantizes its "
+                                        r"weights in a range calibrated from them"):
+        finetune.prepare(model, args)
