@@ -158,8 +158,8 @@ def teacher_identity(args) -> dict | None:
 
 
 def distiller_from_args(args, ctx: ExecutionContext) -> Distiller | None:
-    """The run's Distiller on the device in its memory format, or None without --teacher-arch."""
-    check_flags(args)
+    """The run's Distiller on the device in its memory format, or None without --teacher-arch (flags checked by
+    check_flags)."""
     if args.teacher_arch is None:
         return None
     try:

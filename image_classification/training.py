@@ -346,9 +346,10 @@ def _this_rank(saved: dict, key: str, ctx: ExecutionContext):
 
 def resume_from(saved: dict, path: str, engine: Engine, state: RunState, train_loader, logger: Logger) -> None:
     """Restore model, optimizer, scaler, EMA, RNG, data position and run state from a training checkpoint."""
-    distillation.check_resume(saved, path, engine.distiller)
-    if engine.optimizer is not None and saved.get("optimizer"):
-        finetune.check_resume(saved["optimizer"], engine.optimizer, path)
+    if engine.optimizer is not None:  # training goes on: with the checkpoint's teacher and optimizer groups
+        distillation.check_resume(saved, path, engine.distiller)
+        if saved.get("optimizer"):
+            finetune.check_resume(saved["optimizer"], engine.optimizer, path)
     engine.model.load_state_dict(fit_state_dict(engine.model, saved["state_dict"], source=str(path), resuming=True))
     if engine.optimizer is not None and saved.get("optimizer"):
         engine.optimizer.load_state_dict(saved["optimizer"])

@@ -141,6 +141,8 @@ def test_resume_with_a_teacher_equals_the_uninterrupted_run_and_another_teacher_
     with pytest.raises(CheckpointError, match=r"this run is without a teacher; resume with the checkpoint's "
                                               r"--teacher-arch and --teacher-weights$"):
         train(run_args(split, None, "--mixup", "0.2", "--use-ema", "0.9", *more))
+    # Evaluating a distilled checkpoint needs no teacher.
+    assert train(run_args(split, None, "--evaluate", "--resume", str(split / "checkpoint.pth.tar")))["val.top1"] >= 0
 
 
 def test_a_timm_teacher_distils_a_run(tmp_path):
