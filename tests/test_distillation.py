@@ -235,3 +235,22 @@ def test_two_gloo_processes_and_accumulation_distil_as_one_process_on_the_same_g
         assert ea[epoch]["train.kd_loss"] > 0
         for key in ("train.loss", "train.kd_loss"):
             assert ea[epoch][key] == pytest.approx(eb[epoch][key], rel=1e-5, abs=1e-6), (epoch, key)
+
+
+def test_a_distilled_run_stopped_mid_epoch_resumes_exactly(tmp_path, monkeypatch):
+    from test_training import float_tensors, stop_at_iteration
+    teacher = b0_teacher(tmp_path / "teacher.pth", seed=1)
+    full, split = tmp_path / "full", tmp_path / "split"
+    train(run_args(full, teacher, "--cutmix", "0.5"))
+    with monkeypatch.context() as patch:
+        stop_at_iteration(patch, 3 + 2)  # epoch 1, after its second batch
+        assert train(run_args(split, teacher, "--cutmix", "0.5"))["interrupted"]
+    saved = torch.load(split / "checkpoint.pth.tar", weights_only=True)
+    assert (saved["epoch"], saved["iteration"]) == (1, 2)
+    train(run_args(split, teacher, "--cutmix", "0.5", "--resume", str(split / "checkpoint.pth.tar")))
+    expected, resumed = float_tensors(full / "checkpoint.pth.tar"), float_tensors(split / "checkpoint.pth.tar")
+    for name, value in expected.items():
+        assert torch.equal(value, resumed[name]), name
+    ra, rb = epoch_records(read_report(full / "experiment_raport.json")), \
+        epoch_records(read_report(split / "experiment_raport.json"))
+    assert ra[1]["train.kd_loss"] == rb[1]["train.kd_loss"] and ra[1]["train.loss"] == rb[1]["train.loss"]
