@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import re
+
 import torch
 from torch import nn
 
