@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import gpu_affinity
+from . import distillation, finetune, gpu_affinity
 from .cli import ArgumentParser, Number, UserError, check_numbers
 from .context import CPU_ALLOCATORS, DIST_BACKENDS
 from .data import AUGMENTATIONS, DATA_FORMATS
@@ -226,6 +226,8 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
                         "latest and the best checkpoint are stored, as in the reference (default: %(default)s)")
     g.add_argument("--raport-file", type=str, default="experiment_raport.json", metavar="NAME",
                    help="JSON-lines (DLLogger) report, relative to --workspace (default: %(default)s)")
+    finetune.add_arguments(p)
+    distillation.add_arguments(p)
     return p
 
 

@@ -34,6 +34,7 @@ DEFAULT, VERBOSE = 0, 1
 # registered without metadata there.
 METRIC_METADATA: dict[str, dict[str, str]] = {
     "loss": {"unit": None, "format": ":.5f"},
+    "kd_loss": {"unit": None, "format": ":.5f"},  # distillation.py's term of train.loss
     "top1": {"unit": "%", "format": ":.2f"},
     "top5": {"unit": "%", "format": ":.2f"},
     "total_ips": {"unit": "images/s", "format": ":.2f"},

@@ -44,6 +44,6 @@ def schedule_from_args(args) -> Callable[[int], float]:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Give every parameter group the LR `lr`."""
+    """Give every parameter group the LR `lr`, times its `lr_scale` where it has one (fine-tuning's factors)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt
+from . import distillation, finetune
 from .cli import UserError
 from .context import ExecutionContext, create_context, set_cpu_allocator
 from .divergence import DivergenceGuard, causes_for
@@ -135,6 +136,8 @@ class Engine:
     mixup: Mixup | None = None
     accumulation: int = 1
     guard: DivergenceGuard | None = None
+    distiller: distillation.Distiller | None = None   # --teacher-arch
+    frozen: finetune.FrozenParts | None = None        # --freeze-until
 
 
 # --- setup ----------------------------------------------------------------------------------------------------
@@ -296,7 +299,9 @@ def log_parameters(logger: Logger, args, ctx: ExecutionContext) -> None:
                   gpu=ctx.device.index if ctx.is_cuda else None, world_size=ctx.world_size)
     logger.log("PARAMETER", params, verbose=False)
     logger.log("PARAMETER", {f"model.{k}": v for k, v in model_params.items()}, verbose=False)
-    prefixes = (("train", TRAIN_METRICS), ("val", VAL_METRICS))
+    # train.kd_loss, with a teacher only, follows train.loss.
+    train_metrics = {"loss": DEFAULT, "kd_loss": DEFAULT, **TRAIN_METRICS} if args.teacher_arch else TRAIN_METRICS
+    prefixes = (("train", train_metrics), ("val", VAL_METRICS))
     if args.use_ema is not None:
         prefixes += (("val_ema", VAL_METRICS),)
     if args.swa_start is not None:
@@ -348,6 +353,10 @@ def _this_rank(saved: dict, key: str, ctx: ExecutionContext):
 
 def resume_from(saved: dict, path: str, engine: Engine, state: RunState, train_loader, logger: Logger) -> None:
     """Restore model, optimizer, scaler, EMA, RNG, data position and run state from a training checkpoint."""
+    if engine.optimizer is not None:  # training goes on: with the checkpoint's teacher and optimizer groups
+        distillation.check_resume(saved, path, engine.distiller)
+        if saved.get("optimizer"):
+            finetune.check_resume(saved["optimizer"], engine.optimizer, path)
     engine.model.load_state_dict(fit_state_dict(engine.model, saved["state_dict"], source=str(path), resuming=True))
     if engine.optimizer is not None and saved.get("optimizer"):
         engine.optimizer.load_state_dict(saved["optimizer"])
@@ -392,6 +401,8 @@ def checkpoint_state(engine: Engine, state: RunState, args) -> dict:
         out["state_dict_ema"] = engine.ema.state_dict()
     if engine.swa is not None:
         out["swa"] = engine.swa.state_dict()
+    if engine.distiller is not None:  # which teacher, not its weights: --resume checks it is the same
+        out["teacher"] = engine.distiller.identity
     out.update({
         "scaler": engine.scaler.state_dict() if engine.scaler is not None else {},
         "iteration": state.iteration,
@@ -429,6 +440,8 @@ def train_one_epoch(engine: Engine, loader, epoch: int, state: RunState, logger:
     ctx = engine.ctx
     model, optimizer, scaler = engine.train_model, engine.optimizer, engine.scaler
     model.train()
+    if engine.frozen is not None:
+        engine.frozen.keep_eval(model)
     engine.criterion.train()
     start_iteration = state.iteration
     loader.set_epoch(epoch, skip_batches=start_iteration)
@@ -436,11 +449,12 @@ def train_one_epoch(engine: Engine, loader, epoch: int, state: RunState, logger:
     if args.prof > 0:
         length = min(length, args.prof)
     optimizer.zero_grad(set_to_none=True)  # an accumulation never spans two epochs
-    epoch_meter = SumMeter(["loss"], ctx.device)
+    losses = _loss_names(engine)
+    epoch_meter = SumMeter(losses, ctx.device)
     if start_iteration and state.epoch_meter is not None:  # resumed mid-epoch: the epoch's loss sums so far
         epoch_meter.load_state_dict(state.epoch_meter)
     state.epoch_meter = None
-    interval_meter = SumMeter(["loss"], ctx.device)
+    interval_meter = SumMeter(losses, ctx.device)
     progress = Progress(f"train {epoch}", length, enabled=ctx.is_main_process)
     epoch_images = interval_images = 0
     epoch_data_time = interval_data_time = 0.0
@@ -460,7 +474,7 @@ def train_one_epoch(engine: Engine, loader, epoch: int, state: RunState, logger:
             engine.guard.after_step(epoch, iteration + 1)
         if engine.ema is not None:  # every iteration, counted over the run, as the reference
             engine.ema.update(engine.model, epoch * len(loader) + iteration)
-        weighted = (loss.detach() * batch).view(1)
+        weighted = _step_losses(engine, loss) * batch
         epoch_meter.add(weighted, batch)
         interval_meter.add(weighted, batch)
         epoch_images += batch
@@ -474,9 +488,10 @@ def train_one_epoch(engine: Engine, loader, epoch: int, state: RunState, logger:
         if (iteration + 1) % args.print_freq == 0:  # the reference's records; the epoch's end checks its own loss
             ctx.synchronize()
             elapsed = time.perf_counter() - interval_start
-            interval_loss = interval_meter.averages(ctx.distributed)["loss"]
+            interval_losses = interval_meter.averages(ctx.distributed)
+            interval_loss = interval_losses["loss"]
             logger.log((epoch, iteration + 1), {
-                "train.loss": interval_loss,
+                **{f"train.{name}": value for name, value in interval_losses.items()},
                 **_throughput("train", interval_images * ctx.world_size, interval_iterations, elapsed,
                               interval_data_time),
                 "train.lr": lr,
@@ -496,19 +511,32 @@ def train_one_epoch(engine: Engine, loader, epoch: int, state: RunState, logger:
     state.iteration = iteration + 1 if stopped else 0
     ctx.synchronize()
     elapsed = time.perf_counter() - epoch_start
-    epoch_loss = epoch_meter.averages(ctx.distributed)["loss"]
+    epoch_losses = epoch_meter.averages(ctx.distributed)
+    epoch_loss = epoch_losses["loss"]
     if iterations:
         engine.guard.check_loss(epoch_loss, epoch, iteration + 1)
         engine.guard.check_weights(engine.model, epoch, iteration + 1)
     if stopped:
         state.epoch_meter = epoch_meter.state_dict()
     return {
-        "train.loss": epoch_loss,
+        **{f"train.{name}": value for name, value in epoch_losses.items()},
         **_throughput("train", epoch_images * ctx.world_size, iterations, elapsed, epoch_data_time),
         "train.lr": lr,
         "train.grad_scale": scaler.get_scale() if scaler.is_enabled() else 1.0,
         "train.bad_files": _count(loader.epoch_bad_files, ctx),
     }
+
+
+def _loss_names(engine: Engine) -> list[str]:
+    """The train.* losses the loop averages: the loss, and with a teacher its distillation term."""
+    return ["loss", "kd_loss"] if engine.distiller is not None else ["loss"]
+
+
+def _step_losses(engine: Engine, loss: torch.Tensor) -> torch.Tensor:
+    """The step's values of `_loss_names`, as one tensor."""
+    if engine.distiller is None:
+        return loss.detach().view(1)
+    return torch.stack([loss.detach(), engine.distiller.last_kd_loss])
 
 
 def _count(value: int, ctx: ExecutionContext) -> int:
@@ -543,8 +571,13 @@ def train_step(engine: Engine, images: torch.Tensor, target: torch.Tensor, optim
         else engine.train_model.no_sync()
     with sync:
         with engine.ctx.autocast():
-            # One expression, so the logits are freed before backward (only the loss's own saved tensors stay).
-            loss = engine.criterion(engine.train_model(images), target)
+            if engine.distiller is None:
+                # One expression, so the logits are freed before backward (only the loss's own saved tensors stay).
+                loss = engine.criterion(engine.train_model(images), target)
+            else:  # the teacher sees the same (mixed) batch
+                logits = engine.train_model(images)
+                loss = engine.distiller.loss(engine.criterion(logits, target), logits, images)
+                del logits
         engine.scaler.scale(loss / engine.accumulation).backward()
     if optimizer_step:
         engine.scaler.step(engine.optimizer)
@@ -721,6 +754,8 @@ def setup_run(args, ctx: ExecutionContext, prepare_model: PrepareModel | None, c
     fresh_auto_start = args.resume == AUTO_RESUME and resume is None
     if resume != args.resume:
         args = argparse.Namespace(**{**vars(args), "resume": resume})
+    finetune.check_flags(args)
+    distillation.check_flags(args)
     saved = read_resume_checkpoint(args.resume, args) if args.resume else None
     accumulation = accumulation_steps(args.optimizer_batch_size, args.batch_size, ctx.world_size)
     entry = get_entry(args.arch)
@@ -736,6 +771,7 @@ def setup_run(args, ctx: ExecutionContext, prepare_model: PrepareModel | None, c
         logger.print(f"=> --resume auto: no checkpoint at "
                      f"{Path(args.workspace) / (checkpoint_prefix + args.checkpoint_filename)}; starting fresh")
     model = entry(**vars(args.model_args))
+    frozen = finetune.prepare(model, args)
     state = RunState(data_seed=shared_seed(ctx, args.seed))
     if saved is not None:
         # The data order of a resumed run comes from the checkpoint: its seed is needed by the loaders, and its
@@ -752,9 +788,11 @@ def setup_run(args, ctx: ExecutionContext, prepare_model: PrepareModel | None, c
     scaler = ctx.grad_scaler(args.static_loss_scale)
     engine = Engine(ctx=ctx, model=model, train_model=train_model,
                     criterion=build_loss(args.label_smoothing, schedule.max_mixup, schedule.max_cutmix).to(ctx.device),
-                    scaler=scaler, accumulation=accumulation, guard=DivergenceGuard(scaler, causes_for(args)))
+                    scaler=scaler, accumulation=accumulation, guard=DivergenceGuard(scaler, causes_for(args)),
+                    frozen=frozen)
     if not args.evaluate:
         engine.optimizer = optimizer_from_args(model, args)
+        engine.distiller = distillation.distiller_from_args(args, ctx)
     if args.use_ema is not None:
         engine.ema = EMA(model, args.use_ema)
     engine.swa = swa_from_args(args, model, engine.optimizer)

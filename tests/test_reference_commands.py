@@ -128,7 +128,7 @@ README_LINES = [
 ]
 
 ALTERNATIVES = re.compile(r"<([\w-]+(?:\|[\w-]+)+)>|\b([A-Z0-9]+(?:\|[A-Z0-9]+)+)\b")  # <DGX1V|DGXA100>, AMP|FP32
-DATA_PATHS = {"/imagenet", "/data/imagenet"}  # the reference's data path as its recipes write it
+DATA_PATHS = {"/imagenet", "/data/imagenet", "/data/flowers102"}  # the data paths the recipes write (flowers102: finetune/)
 TRAINERS = {"main.py", "launch.py", "quant_main.py"}
 VERSION = "b0"
 
