@@ -17,6 +17,8 @@ import copy
 import torch
 from torch import nn
 
+from .cli import UserError
+
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A copy of `model` in eval mode with every `conv` → `bn` pair of our layer builder folded into `conv`."""
@@ -40,6 +42,6 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     if quantizer is not None and getattr(quantizer, "amax", None) is not None:
         amax = quantizer.amax
         if amax.numel() != scale.numel():
-            raise ValueError(f"cannot fold BatchNorm into a convolution whose weight range is not per output channel "
+            raise UserError(f"cannot fold BatchNorm into a convolution whose weight range is not per output channel "
                              f"(range shape {list(amax.shape)}, {scale.numel()} channels)")
         quantizer.amax = amax * scale.abs().view(amax.shape)
