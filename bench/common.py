@@ -29,6 +29,7 @@ from image_classification.context import (  # noqa: E402
     CPU_ALLOCATORS, ExecutionContext, create_context, set_cpu_allocator)
 
 PEERS = ("timm", "torchvision")
+ENGINES = ("onnxruntime", "openvino")  # inference only: the model exported to ONNX and run in that engine
 PRECISIONS = ("fp32", "tf32", "bf16", "amp")
 
 
@@ -41,17 +42,27 @@ class Entry:
     Written on the command line as NAME[+nhwc|+nchw][+compile][+freeze], e.g. `ours+nhwc+compile`; +freeze
     (inference only) compiles with inductor's freezing. A plain `ours` takes
     --memory-format and --compile, a plain peer runs as its users run it by default (NCHW, eager).
+    Inference only: NAME+onnxruntime or NAME+openvino exports the model to ONNX and runs it in that engine
+    (which chooses its own layout), and ours+ENGINE+int8 runs the Q/DQ export of efficientnet-quant-<arch>.
     """
 
     name: str
     memory_format: str = "nchw"
     compile: bool = False
     freeze: bool = False  # inference only: inductor's freezing (weights as constants, BN folded into convs)
+    engine: str = "torch"  # inference only: onnxruntime or openvino run the model's ONNX export
+    int8: bool = False  # with an engine: the QAT model's Q/DQ export (ours only)
 
     @property
     def label(self) -> str:
         return (self.name + ("+nhwc" if self.memory_format == "nhwc" else "") + ("+compile" if self.compile else "")
-                + ("+freeze" if self.freeze else ""))
+                + ("+freeze" if self.freeze else "") + ("" if self.engine == "torch" else f"+{self.engine}")
+                + ("+int8" if self.int8 else ""))
+
+    @property
+    def configuration(self) -> str:
+        """The label without the model's name: entries of equal configuration compare like with like."""
+        return self.label.partition("+")[2] or "default"
 
     @property
     def is_ours(self) -> bool:
@@ -66,12 +77,24 @@ def parse_entries(text: str, memory_format: str, compile_ours: bool, allow_freez
         if name not in ("ours", *PEERS):
             raise ValueError(f"--models: unknown model {name!r}; use ours, timm or torchvision, optionally with "
                              f"+nhwc, +nchw and +compile (e.g. ours+nhwc+compile)")
-        unknown = set(options) - {"nhwc", "nchw", "compile", "freeze"}
+        unknown = set(options) - {"nhwc", "nchw", "compile", "freeze", "int8", *ENGINES}
         if unknown:
             raise ValueError(f"--models: unknown option(s) {sorted(unknown)} in {item!r}; use +nhwc, +nchw, +compile, "
-                             f"+freeze")
-        if "freeze" in options and not allow_freeze:
-            raise ValueError(f"--models: +freeze ({item!r}) applies to inference only")
+                             f"+freeze" + (", +onnxruntime, +openvino, +int8" if allow_freeze else ""))
+        inference_only = {"freeze", "int8", *ENGINES} & set(options)
+        if inference_only and not allow_freeze:
+            raise ValueError(f"--models: +{'/+'.join(sorted(inference_only))} ({item!r}) applies to inference only")
+        engines = [option for option in options if option in ENGINES]
+        if engines:
+            if len(engines) > 1 or {"nhwc", "nchw", "compile", "freeze"} & set(options):
+                raise ValueError(f"--models: {item!r}: +{engines[0]} runs the ONNX export in one engine, which "
+                                 "chooses its own layout; drop the other options")
+            if "int8" in options and name != "ours":
+                raise ValueError(f"--models: {item!r}: +int8 runs our QAT model (efficientnet-quant-*); peers have none")
+            entries.append(Entry(name, engine=engines[0], int8="int8" in options))
+            continue
+        if "int8" in options:
+            raise ValueError(f"--models: {item!r}: +int8 needs an engine, e.g. ours+openvino+int8")
         plain_ours = name == "ours" and not options
         fmt = memory_format if plain_ours else ("nhwc" if "nhwc" in options else "nchw")
         freeze = "freeze" in options
@@ -345,6 +368,46 @@ def ratios(rows: list[dict], key: str, group: tuple[str, ...]) -> list[dict]:
     return out
 
 
+def best_ratios(rows: list[dict], key: str, group: tuple[str, ...]) -> list[dict]:
+    """Per group and per precision of ours: our fastest entry against the peers' fastest (by `key`), with the
+    paired ratio where both carry `samples_s`; the first comparison to read, best configuration against best."""
+    out = []
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[g] for g in group), []).append(row)
+    for rows_of_group in groups.values():
+        peers = [r for r in rows_of_group if not r["model"].startswith("ours")]
+        if not peers:
+            continue
+        peer = max(peers, key=lambda r: r[key])
+        for precision in dict.fromkeys(r["precision"] for r in rows_of_group if r["model"].startswith("ours")):
+            ours = max((r for r in rows_of_group if r["model"].startswith("ours") and r["precision"] == precision),
+                       key=lambda r: r[key])
+            out.append(_ratio(ours, peer, key, group))
+    return out
+
+
+def same_config_ratios(rows: list[dict], key: str, group: tuple[str, ...]) -> list[dict]:
+    """Every `ours*` entry against each peer run in the same configuration (layout, compile/freeze, engine)."""
+    out = []
+    for o in rows:
+        if not o["model"].startswith("ours"):
+            continue
+        for p in rows:
+            if (not p["model"].startswith("ours") and p["configuration"] == o["configuration"]
+                    and all(p[g] == o[g] for g in group)):
+                out.append(_ratio(o, p, key, group))
+    return out
+
+
+def _ratio(ours: dict, peer: dict, key: str, group: tuple[str, ...]) -> dict:
+    ratio = {**{g: ours[g] for g in group}, "ours": ours["model"], "peer": peer["model"],
+             f"{key}_ratio": round(ours[key] / peer[key], 4)}
+    if ours.get("samples_s") and peer.get("samples_s"):
+        ratio["paired_ratio"] = round(median([b / a for a, b in zip(ours["samples_s"], peer["samples_s"])]), 4)
+    return ratio
+
+
 RATIO_COLUMNS = [("arch", "arch", ""), ("batch_size", "batch", "d"), ("ours", "ours", ""), ("peer", "peer", ""),
                  ("img_per_s_ratio", "ours/peer", ".3f"), ("paired_ratio", "paired", ".3f")]
 RATIO_TITLE = "throughput ratios (ours / peer, same run; paired: median of per-round ratios)"
@@ -373,4 +436,5 @@ def write_json(path: Path | None, payload: dict) -> None:
 
 
 def entry_record(entry: Entry) -> dict:
-    return {"model": entry.label, **{k: v for k, v in asdict(entry).items() if k != "name"}}
+    return {"model": entry.label, "configuration": entry.configuration,
+            **{k: v for k, v in asdict(entry).items() if k != "name"}}
