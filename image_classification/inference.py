@@ -183,8 +183,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             print(f"\nmodel flags of {args.arch}:")
             print(get_entry(args.arch).parser().format_help())
         raise SystemExit(0)
-    if not args.image:
-        parser.error("give at least one --image PATH")
     if args.engine != "torch":
         check_engine_flags(parser, args, rest)
         return args
@@ -202,6 +200,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.model_args, rest = model_parser.parse_known_args(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if not args.image:
+        parser.error("give at least one --image PATH")
     return args
 
 
@@ -216,6 +216,8 @@ def check_engine_flags(parser: argparse.ArgumentParser, args: argparse.Namespace
                      f"{', '.join(given)} apply to --engine torch")
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if not args.image:
+        parser.error("give at least one --image PATH")
 
 
 def weights_error_line(err: WeightsError, arch: str) -> str:
