@@ -34,10 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
-def make_forward(entry: common.Entry, arch: str, ctx, images: torch.Tensor, workdir: Path):
-    """A function running one inference batch of the entry's model; engines: (function, engine settings)."""
+def make_forward(entry: common.Entry, arch: str, ctx, images: torch.Tensor, workdir: Path,
+                 threads: int | None = None):
+    """A function running one inference batch of the entry's model, and the engine's settings (None for torch)."""
     if entry.engine != "torch":
-        return engine_forward(entry, arch, images, workdir)
+        return engine_forward(entry, arch, images, workdir, threads)
     ctx = common.context_for(ctx, entry)
     model = common.build_model(entry, arch).to(ctx.device, memory_format=ctx.memory_format).eval()
     net = common.maybe_compile(model, entry)
@@ -79,13 +80,14 @@ def int8_model(arch: str, images: torch.Tensor) -> torch.nn.Module:
     return fold_batchnorm(model)
 
 
-def engine_forward(entry: common.Entry, arch: str, images: torch.Tensor, workdir: Path):
+def engine_forward(entry: common.Entry, arch: str, images: torch.Tensor, workdir: Path, threads: int | None):
+    """A function running one batch of the entry's ONNX export in its engine, and the engine's settings."""
     from image_classification.engines import open_engine
     size = images.shape[-1]
     # Calibration's own batch of 4: BatchNorm's batch statistics need more than one value per channel.
     calibration = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(1))
     path = export_entry(entry, arch, size, workdir, calibration)
-    engine = open_engine(entry.engine, path)
+    engine = open_engine(entry.engine, path, threads)
     batch = images.cpu().numpy()
     settings = engine.describe(tuple(batch.shape)) if entry.engine == "openvino" else engine.describe()
     return (lambda: engine.run(batch)), {"onnx": path.name, **settings}
@@ -129,7 +131,8 @@ def measure(args: argparse.Namespace, ctx, entries: list[common.Entry], workdir:
             images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(ctx.device)
             forwards, first, engine_settings = {}, {}, {}
             for entry in entries:
-                forwards[entry.label], engine_settings[entry.label] = make_forward(entry, arch, ctx, images, workdir)
+                forwards[entry.label], engine_settings[entry.label] = make_forward(entry, arch, ctx, images, workdir,
+                                                                                   args.threads)
                 first[entry.label] = common.warm_up(forwards[entry.label], ctx, max(args.warmup, 1))
             samples = common.interleaved(forwards, ctx, args.repeats)
             memory = {}
