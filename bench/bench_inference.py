@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"{report['machine']['torch_threads']} threads), {args.repeats} interleaved samples; peak MiB: PyTorch's "
         "tensors (profiler), peak RSS: the entry's process alone")
     engines = [{"model": r["model"], "batch_size": r["batch_size"],
-                "settings": ", ".join(f"{k} {v}" for k, v in r["engine_settings"].items() if k not in ("onnx", "engine"))}
+                "settings": ", ".join(f"{k} {v}" for k, v in r["engine_settings"].items()
+                                      if k not in ("onnx", "engine"))}
                for r in report["results"] if r["engine_settings"]]
     common.print_table(engines, [("model", "model", ""), ("batch_size", "batch", "d"), ("settings", "settings", "")],
                        "engine settings")

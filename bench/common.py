@@ -90,7 +90,8 @@ def parse_entries(text: str, memory_format: str, compile_ours: bool, allow_freez
                 raise ValueError(f"--models: {item!r}: +{engines[0]} runs the ONNX export in one engine, which "
                                  "chooses its own layout; drop the other options")
             if "int8" in options and name != "ours":
-                raise ValueError(f"--models: {item!r}: +int8 runs our QAT model (efficientnet-quant-*); peers have none")
+                raise ValueError(f"--models: {item!r}: +int8 runs our QAT model (efficientnet-quant-*); "
+                                 "peers have none")
             entries.append(Entry(name, engine=engines[0], int8="int8" in options))
             continue
         if "int8" in options:

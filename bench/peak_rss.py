@@ -6,9 +6,10 @@
 
 Prints one JSON line, {"entry": ..., "peak_rss_mib": ...}: the process's peak RSS (VmHWM of /proc/self/status)
 after building the entry and running `--calls` batches. Not getrusage's ru_maxrss: Linux carries that over
-from the forked parent across exec, so a child of a large bench process would report the parent's peak. An engine entry (+onnxruntime, +openvino) loads the
-ONNX file that bench_inference.py exported and imports no PyTorch, as a deployment of that engine would not;
-a PyTorch entry builds and (with +freeze) compiles its model as bench_inference.py does.
+from the forked parent across exec, so a child of a large bench process would report the parent's peak. An
+engine entry (+onnxruntime, +openvino) loads the ONNX file that bench_inference.py exported and imports no
+PyTorch, as a deployment of that engine would not; a PyTorch entry builds and (with +freeze) compiles its model
+as bench_inference.py does.
 """
 from __future__ import annotations
 
