@@ -98,8 +98,9 @@ def run(args: argparse.Namespace) -> dict:
                              "peak_memory_mib": memory[entry.label]})
             del steps
     return {"benchmark": "train_step", "machine": common.machine_info(ctx), "settings": common.settings(args, ctx),
-            "results": rows, "ratios": common.ratios(rows, "img_per_s", ("arch", "batch_size")),
-            "best": common.best_ratios(rows, "img_per_s", ("arch", "batch_size"))}
+            "results": rows, "best_ratios": common.best_ratios(rows, "img_per_s", ("arch", "batch_size")),
+            "same_config_ratios": common.same_config_ratios(rows, "img_per_s", ("arch", "batch_size")),
+            "ratios": common.ratios(rows, "img_per_s", ("arch", "batch_size"))}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         report = run(args)
     except ValueError as err:
         p.error(str(err))
+    common.print_ratio_tables(report)
     common.print_table(report["results"], [
         ("arch", "arch", ""), ("batch_size", "batch", "d"), ("image_size", "size", "d"), ("precision", "prec", ""),
         ("model", "model", ""), ("img_per_s", "img/s", ".2f"), ("step_ms_median", "step ms", ".1f"),
@@ -118,7 +120,6 @@ def main(argv: list[str] | None = None) -> dict:
         ("peak_memory_mib", "peak MiB", ".0f")],
         f"training step, {report['machine']['device']} ({report['machine']['cpu']}, "
         f"{report['machine']['torch_threads']} threads), median of {args.repeats}")
-    common.print_ratio_tables(report)
     common.write_json(args.json, report)
     return report
 

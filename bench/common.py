@@ -29,6 +29,7 @@ from image_classification.context import (  # noqa: E402
     CPU_ALLOCATORS, ExecutionContext, create_context, set_cpu_allocator)
 
 PEERS = ("timm", "torchvision")
+ENGINES = ("onnxruntime", "openvino")  # inference only: the model exported to ONNX and run in that engine
 PRECISIONS = ("fp32", "tf32", "bf16", "amp")
 
 
@@ -42,18 +43,29 @@ class Entry:
     +freeze (inference only) compiles with inductor's freezing; +aten (ours only) runs ATen's BN, SiLU and SE
     layers instead of our fused CPU kernels (main.py --cpu-kernels off). A plain `ours` takes --memory-format
     and --compile, a plain peer runs as its users run it by default (NCHW, eager).
+    Inference only: NAME+onnxruntime or NAME+openvino exports the model to ONNX and runs it in that engine
+    (which chooses its own layout), and ours+ENGINE+int8 runs the Q/DQ export of efficientnet-quant-<arch>.
     """
 
     name: str
     memory_format: str = "nchw"
     compile: bool = False
     freeze: bool = False  # inference only: inductor's freezing (weights as constants, BN folded into convs)
-    aten: bool = False
+    engine: str = "torch"  # inference only: onnxruntime or openvino run the model's ONNX export
+    int8: bool = False  # with an engine: the QAT model's Q/DQ export (ours only)
+    aten: bool = False  # ours only: --cpu-kernels off
 
     @property
     def label(self) -> str:
         return (self.name + ("+nhwc" if self.memory_format == "nhwc" else "") + ("+compile" if self.compile else "")
-                + ("+freeze" if self.freeze else "") + ("+aten" if self.aten else ""))
+                + ("+freeze" if self.freeze else "") + ("" if self.engine == "torch" else f"+{self.engine}")
+                + ("+int8" if self.int8 else "") + ("+aten" if self.aten else ""))
+
+    @property
+    def configuration(self) -> str:
+        """The label without the model's name (nor +aten, which selects our kernels, not a setting): entries of
+        equal configuration compare like with like."""
+        return self.label.removesuffix("+aten").partition("+")[2] or "default"
 
     @property
     def is_ours(self) -> bool:
@@ -68,19 +80,32 @@ def parse_entries(text: str, memory_format: str, compile_ours: bool, allow_freez
         if name not in ("ours", *PEERS):
             raise ValueError(f"--models: unknown model {name!r}; use ours, timm or torchvision, optionally with "
                              f"+nhwc, +nchw and +compile (e.g. ours+nhwc+compile)")
-        unknown = set(options) - {"nhwc", "nchw", "compile", "freeze", "aten"}
+        unknown = set(options) - {"nhwc", "nchw", "compile", "freeze", "int8", "aten", *ENGINES}
         if unknown:
             raise ValueError(f"--models: unknown option(s) {sorted(unknown)} in {item!r}; use +nhwc, +nchw, +compile, "
-                             f"+freeze, +aten")
-        if "freeze" in options and not allow_freeze:
-            raise ValueError(f"--models: +freeze ({item!r}) applies to inference only")
+                             f"+freeze, +aten" + (", +onnxruntime, +openvino, +int8" if allow_freeze else ""))
         if "aten" in options and name != "ours":
             raise ValueError(f"--models: +aten ({item!r}) applies to ours only (the peers always run ATen's layers)")
+        inference_only = {"freeze", "int8", *ENGINES} & set(options)
+        if inference_only and not allow_freeze:
+            raise ValueError(f"--models: +{'/+'.join(sorted(inference_only))} ({item!r}) applies to inference only")
+        engines = [option for option in options if option in ENGINES]
+        if engines:
+            if len(engines) > 1 or {"nhwc", "nchw", "compile", "freeze"} & set(options):
+                raise ValueError(f"--models: {item!r}: +{engines[0]} runs the ONNX export in one engine, which "
+                                 "chooses its own layout; drop the other options")
+            if "int8" in options and name != "ours":
+                raise ValueError(f"--models: {item!r}: +int8 runs our QAT model (efficientnet-quant-*); "
+                                 "peers have none")
+            entries.append(Entry(name, engine=engines[0], int8="int8" in options))
+            continue
+        if "int8" in options:
+            raise ValueError(f"--models: {item!r}: +int8 needs an engine, e.g. ours+openvino+int8")
         plain_ours = name == "ours" and not options
         fmt = memory_format if plain_ours else ("nhwc" if "nhwc" in options else "nchw")
         freeze = "freeze" in options
         entries.append(Entry(name, fmt, compile_ours if plain_ours else ("compile" in options or freeze), freeze,
-                             "aten" in options))
+                             aten="aten" in options))
     if not entries:
         raise ValueError("--models: name at least one model")
     return entries
@@ -338,73 +363,84 @@ def settings(args: argparse.Namespace, ctx: ExecutionContext) -> dict:
     return out
 
 
-def _configuration(row: dict) -> tuple:
-    """What an entry ran besides which model: layout, compile, freeze (and precision, the same for a run)."""
-    return row["memory_format"], row["compile"], row.get("freeze", False)
-
-
-def _ratio(o: dict, p: dict, key: str, group: tuple[str, ...]) -> dict:
-    ratio = {**{g: o[g] for g in group}, "ours": o["model"], "peer": p["model"],
-             "same_config": _configuration(o) == _configuration(p), f"{key}_ratio": round(o[key] / p[key], 4)}
-    if o.get("samples_s") and p.get("samples_s"):
-        paired = [b / a for a, b in zip(o["samples_s"], p["samples_s"])]
-        ratio["paired_ratio"] = round(median(paired), 4)
-    return ratio
-
-
-def _groups(rows: list[dict], group: tuple[str, ...]) -> list[list[dict]]:
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault(tuple(row[g] for g in group), []).append(row)
-    return list(groups.values())
-
-
 def ratios(rows: list[dict], key: str, group: tuple[str, ...]) -> list[dict]:
     """For each group of rows (same arch, batch, ...): every `ours*` entry's `key` divided by each peer's.
 
-    `same_config` marks the pairs that ran alike (layout, compile, freeze): the comparison that says which
-    implementation is faster; the others compare settings as much as implementations. Where rows carry
-    `samples_s` (seconds per call, one per interleaved round), also the paired ratio: the median over rounds of
-    peer seconds / ours seconds in the same round. A shared machine drifts by more than the few percent being
-    compared; within one round both entries meet the same drift, so this ratio is the steadier of the two.
+    Where rows carry `samples_s` (seconds per call, one per interleaved round), also the paired ratio: the
+    median over rounds of peer seconds / ours seconds in the same round. A shared machine drifts by more than
+    the few percent being compared; within one round both entries meet the same drift, so this ratio is the
+    steadier of the two.
     """
     out = []
-    for rows_of_group in _groups(rows, group):
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[g] for g in group), []).append(row)
+    for rows_of_group in groups.values():
         ours = [r for r in rows_of_group if r["model"].startswith("ours")]
         peers = [r for r in rows_of_group if not r["model"].startswith("ours")]
-        out.extend(_ratio(o, p, key, group) for o in ours for p in peers if o.get(key) and p.get(key))
+        for o in ours:
+            for p in peers:
+                if o.get(key) and p.get(key):
+                    ratio = {**{g: o[g] for g in group}, "ours": o["model"], "peer": p["model"],
+                             f"{key}_ratio": round(o[key] / p[key], 4)}
+                    if o.get("samples_s") and p.get("samples_s"):
+                        paired = [b / a for a, b in zip(o["samples_s"], p["samples_s"])]
+                        ratio["paired_ratio"] = round(median(paired), 4)
+                    out.append(ratio)
     return out
 
 
 def best_ratios(rows: list[dict], key: str, group: tuple[str, ...]) -> list[dict]:
-    """For each group: our fastest entry against each peer's fastest entry, whatever each ran."""
+    """Per group and per precision of ours: our fastest entry against the peers' fastest (by `key`), with the
+    paired ratio where both carry `samples_s`; the first comparison to read, best configuration against best."""
     out = []
-    for rows_of_group in _groups(rows, group):
-        best: dict[str, dict] = {}
-        for row in rows_of_group:
-            name = row["model"].split("+")[0]
-            if row.get(key) and (name not in best or row[key] > best[name][key]):
-                best[name] = row
-        if "ours" in best:
-            out.extend(_ratio(best["ours"], best[name], key, group) for name in PEERS if name in best)
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[g] for g in group), []).append(row)
+    for rows_of_group in groups.values():
+        peers = [r for r in rows_of_group if not r["model"].startswith("ours")]
+        if not peers:
+            continue
+        peer = max(peers, key=lambda r: r[key])
+        for precision in dict.fromkeys(r["precision"] for r in rows_of_group if r["model"].startswith("ours")):
+            ours = max((r for r in rows_of_group if r["model"].startswith("ours") and r["precision"] == precision),
+                       key=lambda r: r[key])
+            out.append(_ratio(ours, peer, key, group))
     return out
+
+
+def same_config_ratios(rows: list[dict], key: str, group: tuple[str, ...]) -> list[dict]:
+    """Every `ours*` entry against each peer run in the same configuration (layout, compile/freeze, engine)."""
+    out = []
+    for o in rows:
+        if not o["model"].startswith("ours"):
+            continue
+        for p in rows:
+            if (not p["model"].startswith("ours") and p["configuration"] == o["configuration"]
+                    and all(p[g] == o[g] for g in group)):
+                out.append(_ratio(o, p, key, group))
+    return out
+
+
+def _ratio(ours: dict, peer: dict, key: str, group: tuple[str, ...]) -> dict:
+    ratio = {**{g: ours[g] for g in group}, "ours": ours["model"], "peer": peer["model"],
+             f"{key}_ratio": round(ours[key] / peer[key], 4)}
+    if ours.get("samples_s") and peer.get("samples_s"):
+        ratio["paired_ratio"] = round(median([b / a for a, b in zip(ours["samples_s"], peer["samples_s"])]), 4)
+    return ratio
 
 
 RATIO_COLUMNS = [("arch", "arch", ""), ("batch_size", "batch", "d"), ("ours", "ours", ""), ("peer", "peer", ""),
                  ("img_per_s_ratio", "ours/peer", ".3f"), ("paired_ratio", "paired", ".3f")]
+RATIO_TITLE = "throughput ratios (ours / peer, same run; paired: median of per-round ratios)"
 
 
 def print_ratio_tables(report: dict) -> None:
-    """The ratios of a bench report: same configuration first, then best against best, then the other pairs."""
-    same = [r for r in report["ratios"] if r["same_config"]]
-    other = [r for r in report["ratios"] if not r["same_config"]]
-    paired = "paired: median of per-round ratios"
-    if same:
-        print_table(same, RATIO_COLUMNS, f"ours / peer in the same configuration (layout, compile, freeze), {paired}")
-    if report.get("best"):
-        print_table(report["best"], RATIO_COLUMNS, f"best against best: each side's fastest entry, {paired}")
-    if other:
-        print_table(other, RATIO_COLUMNS, f"ours / peer in different configurations (settings, not only code), {paired}")
+    """The comparisons to read first: best against best, then each of our entries against the same-run peers."""
+    print_table(report["best_ratios"], RATIO_COLUMNS,
+                "best vs best: our fastest entry per precision / the peers' fastest (paired: per round)")
+    print_table(report["same_config_ratios"], RATIO_COLUMNS,
+                "same configuration: each of our entries / the peers' entry run the same way")
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]], title: str) -> None:
@@ -430,4 +466,5 @@ def write_json(path: Path | None, payload: dict) -> None:
 
 
 def entry_record(entry: Entry) -> dict:
-    return {"model": entry.label, **{k: v for k, v in asdict(entry).items() if k != "name"}}
+    return {"model": entry.label, "configuration": entry.configuration,
+            **{k: v for k, v in asdict(entry).items() if k != "name"}}

@@ -6,11 +6,14 @@ This bench measures the same three numbers at small scale on a CPU, on a generat
 classes are learnable (the project's default, image_classification.data.generated): float weights
 (the main job's, or trained here from scratch) are loaded into efficientnet-quant-<v>, calibrated with
 each calibrator, and the default (histogram) one is fine-tuned with QAT. Images go through the validation
-preprocessing for every step here, QAT included.
+preprocessing for every step here, QAT included. --engines then exports the float model and the QAT model
+(Q/DQ, BatchNorm folded as model2onnx.py --fold-batchnorm does) and measures both files' top-1 in each
+engine of classify.py --engine, so that INT8 is compared with the same model's float export in the same engine.
 
     bash scripts/demo.sh && .venv/bin/python bench/qat_accuracy.py --float-weights runs/demo/model_best.pth.tar
     .venv/bin/python bench/qat_accuracy.py                      # trains the float b0 here first
     .venv/bin/python bench/qat_accuracy.py --data DIR --image-size 64 --json results.json
+    .venv/bin/python bench/qat_accuracy.py --engines onnxruntime,openvino     # also top-1 in each engine
 """
 from __future__ import annotations
 
@@ -52,6 +55,30 @@ def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle
     for start in range(0, len(images), batch_size):
         index = order[start:start + batch_size]
         yield images[index], labels[index]
+
+
+def engine_top1(engine, data: tuple[torch.Tensor, torch.Tensor], batch_size: int) -> float:
+    """Top-1 of an image_classification.engines engine on normalised images."""
+    correct = sum(int((engine.run(x.numpy()).argmax(1) == y.numpy()).sum())
+                  for x, y in batches(*data, batch_size, shuffle=False))
+    return 100.0 * correct / len(data[1])
+
+
+def engines_table(float_model: torch.nn.Module, qat: torch.nn.Module, engines: list[str], data, image_size: int,
+                  batch_size: int) -> dict[str, dict[str, float]]:
+    """Top-1 of the float model's ONNX export and of the QAT model's Q/DQ export in each engine."""
+    from image_classification.batchnorm_folding import fold_batchnorm
+    from image_classification.engines import open_engine
+    from image_classification.export import export_onnx
+    table = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {"fp32": export_onnx(float_model.eval(), Path(tmp) / "float.onnx", image_size=image_size),
+                 "int8": export_onnx(fold_batchnorm(qat), Path(tmp) / "int8.onnx", image_size=image_size)}
+        for name in engines:
+            table[name] = {precision: engine_top1(open_engine(name, path), data, batch_size)
+                           for precision, path in files.items()}
+            print(f"{name}: fp32 top-1 {table[name]['fp32']:.2f}, int8 {table[name]['int8']:.2f}", flush=True)
+    return table
 
 
 @torch.no_grad()
@@ -100,6 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--calibration-batches", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--engines", default="", help="comma-separated: also top-1 of the float and QAT exports in these "
+                   "engines (onnxruntime, openvino; default: none)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -115,6 +144,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"efficientnet-{args.arch} at {args.image_size} px: {len(train_data[1])} train / {len(val_data[1])} val "
           f"images, {num_classes} classes", flush=True)
 
+    engines = [name for name in args.engines.split(",") if name]
+    unknown = set(engines) - {"onnxruntime", "openvino"}
+    if unknown:
+        p.error(f"--engines: unknown {sorted(unknown)}; use onnxruntime, openvino")
     if args.float_weights is not None:
         model = get_entry(f"efficientnet-{args.arch}")(pretrained_from_file=str(args.float_weights), **params)
     else:
@@ -145,6 +178,12 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"| efficientnet-quant-{args.arch} ({args.image_size} px) | {results['float']:.2f} | "
           f"{results['calibrated_histogram']:.2f} | {results['calibrated_max']:.2f} | "
           f"{results['calibrated_percentile']:.2f} | {results['qat']:.2f} | {results['float'] - results['qat']:.2f} |")
+    if engines:
+        results["engines"] = {"torch": {"fp32": results["float"], "int8": results["qat"]},
+                              **engines_table(model, qat, engines, val_data, args.image_size, args.batch_size)}
+        print("\n| engine | fp32 top-1 | INT8 (QAT) top-1 | INT8 - fp32 |\n|---|---|---|---|")
+        for name, row in results["engines"].items():
+            print(f"| {name} | {row['fp32']:.2f} | {row['int8']:.2f} | {row['int8'] - row['fp32']:+.2f} |")
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return results

@@ -10,6 +10,11 @@ mkdir -p "$out"
 log="$out/run.log"
 : > "$log"
 
+# Our best PyTorch, onnxruntime and OpenVINO configurations (float and the QAT model's INT8 file) and the peers
+# in theirs: frozen-compiled channels_last, and exported to the same engines.
+ENGINE_MODELS=ours+nhwc+freeze,ours+onnxruntime,ours+openvino,ours+openvino+int8,ours+onnxruntime+int8
+ENGINE_MODELS=$ENGINE_MODELS,timm+nhwc+freeze,torchvision+nhwc+freeze,timm+onnxruntime,timm+openvino
+
 run() {  # run TITLE SCRIPT FLAGS...: one bench script, its command and output appended to run.log
     local title="$1"; shift
     echo "### $title" | tee -a "$log"
@@ -31,6 +36,8 @@ run "train b4 fp32 380 bs8" bench/bench_train.py --archs b4 \
     --json "$out/train_b4_fp32.json"
 run "inference b0 fp32 224" bench/bench_inference.py --models ours,ours+nhwc,ours+nhwc+freeze,timm,torchvision \
     --batch-sizes 1,8,32 --repeats 10 --json "$out/inference_b0_fp32.json"
+run "inference b0 224 engines, fp32 and int8, peak RSS" bench/bench_inference.py --batch-sizes 1,32 --repeats 10 \
+    --peak-rss --models "$ENGINE_MODELS" --json "$out/inference_b0_engines.json"
 run "e2e" bench/bench_e2e.py --iterations 15 --skip 3 --repeats 3 --json "$out/e2e_b0_fp32.json"
 run "train b0 bf16 112 bs16" bench/bench_train.py --precision bf16 --image-size 112 \
     --models ours,timm,torchvision,ours+nhwc,timm+nhwc,torchvision+nhwc --batch-sizes 16 --repeats 5 \

@@ -169,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ONNX opset, at least 13; 18 or more with --dynamo (default: %(default)s, as the reference)")
     p.add_argument("--dynamo", action="store_true",
                    help="use the torch.export-based exporter instead of the TorchScript-based one (float models)")
+    p.add_argument("--fold-batchnorm", action="store_true",
+                   help="fold every BatchNorm into the convolution before it (exact; for efficientnet-quant-* the "
+                        "per-channel weight ranges scale with the weights, so the INT8 weights stay the same): "
+                        "onnxruntime and OpenVINO fold BN only in float graphs, and without it keep a float BN "
+                        "after every INT8 convolution of a Q/DQ file")
     p.add_argument("--verify-batch-size", type=Number(int, low=0), default=4, metavar="N",
                    help="after export, run a random batch of N images in onnxruntime and compare with PyTorch; "
                         "0 skips the check (default: %(default)s)")
@@ -222,10 +227,15 @@ def _export_and_verify(args: argparse.Namespace) -> Path:
     model = entry(**vars(args.model_args)).to(device).eval()
     image_size = args.image_size or entry.default_eval_image_size
     output = Path(args.output) if args.output else default_output(args.model_args.pretrained_from_file, args.arch)
-    export_onnx(model, output, image_size=image_size, batch_size=args.batch_size, opset=args.opset, device=device,
+    exported = model
+    if args.fold_batchnorm:
+        from .batchnorm_folding import fold_batchnorm
+        exported = fold_batchnorm(model)
+    export_onnx(exported, output, image_size=image_size, batch_size=args.batch_size, opset=args.opset, device=device,
                 dynamo=args.dynamo)
     print(f"exported {args.arch} to {output} (opset {args.opset}, input '{INPUT_NAME}' [batch, 3, {image_size}, "
-          f"{image_size}], output '{OUTPUT_NAME}' [batch, {args.model_args.num_classes}], batch dynamic)")
+          f"{image_size}], output '{OUTPUT_NAME}' [batch, {args.model_args.num_classes}], batch dynamic"
+          f"{', BatchNorm folded into the convolutions' if args.fold_batchnorm else ''})")
     if args.verify_batch_size > 0:
         inputs = torch.randn(args.verify_batch_size, 3, image_size, image_size,
                              generator=torch.Generator().manual_seed(0)).to(device)

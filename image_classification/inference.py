@@ -3,6 +3,7 @@
     python classify.py --arch efficientnet-b0 --pretrained --image cat.jpg dog.png
     python classify.py --arch efficientnet-b0 --pretrained-from-file ws/model_best.pth.tar --num_classes 10 \\
         --class-names ws/classes.txt --image flower.jpg --cpu
+    python classify.py --engine openvino --onnx b0.onnx --image cat.jpg     # model2onnx.py's file, on the CPU
 
 Output per image (the reference's format): the path, then `<class name>: <prob>%` lines, best first.
 """
@@ -22,10 +23,11 @@ from .cli import EXIT_ERROR, USER_ERRORS, ArgumentParser, Number, UserError, err
 from .context import ExecutionContext, create_context
 from .data.loader import Normalizer
 from .data.pytorch_backend import load_rgb, val_transform
+from .engines import ENGINES, Engine, TorchEngine, onnx_io_sizes, open_engine
 from .models import available_models, get_entry
 from .models.quantized import require_ranges
 from .models.weights import WeightsError
-from .tta import TTA_MODES, with_tta
+from .tta import TTA_MODES
 
 PROG = "classify.py"
 TOPK = 5
@@ -105,13 +107,16 @@ class Prediction:
 
 
 class Classifier:
-    """A model in eval mode on the context's device, with the validation preprocessing of its input and, with
-    `tta` flip, the mean of the softmax of each image and of its mirror (tta.py)."""
+    """A model (PyTorch, or an ONNX file in an engine) with the validation preprocessing of its input and, with
+    `tta` flip, the mean of the softmax of each image and of its mirror (as tta.py in validation)."""
 
-    def __init__(self, model: nn.Module, ctx: ExecutionContext, names: Sequence[str], image_size: int,
+    def __init__(self, model: nn.Module | Engine, ctx: ExecutionContext, names: Sequence[str], image_size: int,
                  interpolation: str = "bilinear", topk: int = TOPK, tta: str = "none") -> None:
+        if tta not in TTA_MODES:
+            raise UserError(f"--tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
         self.ctx = ctx
-        self.model = with_tta(model.to(ctx.device, memory_format=ctx.memory_format), tta).eval()
+        self.engine = model if isinstance(model, Engine) else TorchEngine(model, ctx)
+        self.tta = tta
         self.names = list(names)
         self.image_size = image_size
         self.interpolation = interpolation
@@ -121,10 +126,11 @@ class Classifier:
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """Softmax over classes of a uint8 [B,3,S,S] batch, as float32 on the CPU."""
-        batch = self.normalize(self.ctx.to_device(images))
-        with self.ctx.autocast():
-            logits = self.model(batch)
-        return torch.softmax(logits.float(), dim=1).cpu()
+        images = self.normalize(self.ctx.to_device(images))
+        probs = torch.softmax(self.engine(images).float(), dim=1)
+        if self.tta == "flip":
+            probs = (probs + torch.softmax(self.engine(images.flip(3)).float(), dim=1)) / 2
+        return probs.cpu()
 
     def predict(self, path: str | Path) -> Prediction:
         """Top-k classes of one image file (raises ImageError for a file that is not a readable image)."""
@@ -162,8 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", default="none", choices=TTA_MODES,
                    help="test-time augmentation: flip averages the softmax of the image and of its horizontal mirror "
                         "(not in the reference) (default: %(default)s)")
-    p.add_argument("--precision", default="AMP", choices=("AMP", "FP32"),
-                   help="AMP: fp16 autocast on GPU, bf16 autocast on CPU (default: %(default)s)")
+    p.add_argument("--precision", default=None, choices=("AMP", "FP32"),
+                   help="AMP: fp16 autocast on GPU, bf16 autocast on CPU (default: AMP; --engine torch only)")
+    p.add_argument("--engine", default="torch", choices=ENGINES,
+                   help="torch: the --arch model in PyTorch; onnxruntime, openvino: the --onnx file that "
+                        "model2onnx.py wrote, on the CPU, in the precision it was exported in (default: %(default)s)")
+    p.add_argument("--onnx", default=None, metavar="FILE",
+                   help="with --engine onnxruntime or openvino: the ONNX file to run (its input fixes --image-size, "
+                        "its output the number of classes)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     p.add_argument("--class-names", default=None, metavar="FILE",
                    help="one class name per line (e.g. <workspace>/classes.txt written by training); default: "
@@ -182,6 +194,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             print(f"\nmodel flags of {args.arch}:")
             print(get_entry(args.arch).parser().format_help())
         raise SystemExit(0)
+    if args.engine != "torch":
+        check_engine_flags(parser, args, rest)
+        return args
+    if args.onnx is not None:
+        parser.error("--onnx runs in --engine onnxruntime or openvino; --engine torch runs --arch")
+    args.precision = args.precision or "AMP"
     if args.arch is None:
         parser.error("--arch is required; available: " + ", ".join(sorted(available_models())))
     try:
@@ -198,6 +216,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def check_engine_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> None:
+    """An ONNX engine runs --onnx as exported: flags that choose or change a PyTorch model are refused."""
+    if args.onnx is None:
+        parser.error(f"--engine {args.engine} runs an ONNX file: give --onnx FILE (written by model2onnx.py)")
+    given = (["--arch"] if args.arch else []) + (["--precision"] if args.precision else []) + \
+        [flag for flag in rest if flag.startswith("-")]
+    if given:
+        parser.error(f"--engine {args.engine} runs --onnx {args.onnx} as exported (model, weights, precision); "
+                     f"{', '.join(given)} apply to --engine torch")
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if not args.image:
+        parser.error("give at least one --image PATH")
+
+
 def weights_error_line(err: WeightsError, arch: str) -> str:
     """One line for a WeightsError: its headline, with a hint when the weights belong to another model."""
     # WeightsError explains a misfit over several lines; the headline plus a hint is the one line users need.
@@ -209,6 +242,8 @@ def weights_error_line(err: WeightsError, arch: str) -> str:
 
 def build_classifier(args: argparse.Namespace) -> Classifier:
     """The model (with its weights), device/precision context and class names that `args` describe."""
+    if args.engine != "torch":
+        return build_engine_classifier(args)
     entry = get_entry(args.arch)
     names = class_names(args.model_args.num_classes, args.class_names)
     ctx = create_context(device="cpu" if args.cpu else None, amp=args.precision == "AMP",
@@ -222,6 +257,18 @@ def build_classifier(args: argparse.Namespace) -> Classifier:
     return Classifier(model, ctx, names, image_size, args.interpolation, tta=args.tta)
 
 
+def build_engine_classifier(args: argparse.Namespace) -> Classifier:
+    """The --onnx file in --engine onnxruntime or openvino, its size and classes read from the file."""
+    image_size, num_classes = onnx_io_sizes(args.onnx)
+    if args.image_size is not None and args.image_size != image_size:
+        raise UserError(f"--image-size {args.image_size}: --onnx {args.onnx} takes {image_size} x {image_size} "
+                        "images (export another size with model2onnx.py --image-size)")
+    names = class_names(num_classes, args.class_names)
+    engine = open_engine(args.engine, args.onnx)
+    return Classifier(engine, create_context(device="cpu", amp=False), names, image_size, args.interpolation,
+                      tta=args.tta)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the top-5 of every --image; 0 when all were classified, 1 when any failed (each said why)."""
     args = parse_args(argv)
@@ -229,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         classifier = build_classifier(args)
     except WeightsError as err:
         return print_error(PROG, weights_error_line(err, args.arch))
-    except USER_ERRORS as err:  # e.g. a --class-names file that does not match --num_classes
+    except USER_ERRORS as err:  # e.g. a --class-names file that does not match --num_classes, a missing engine
         return print_error(PROG, error_message(err).splitlines()[0])
     failed = 0
     for result in classifier.predict_all(args.image):

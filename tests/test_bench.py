@@ -36,10 +36,16 @@ def test_bench_train_quick(tmp_path):
     assert pairs == {(o, p) for o in ("ours", "ours+nhwc") for p in ("timm", "torchvision")}
     assert all(r["img_per_s_ratio"] > 0 for r in report["ratios"])
     # The plain entries all run NCHW eager: that is the like-for-like pair; ours+nhwc has no NHWC peer here.
-    assert {(r["ours"], r["peer"]) for r in report["ratios"] if r["same_config"]} == {("ours", "timm"),
-                                                                                       ("ours", "torchvision")}
-    assert [r["peer"] for r in report["best"]] == ["timm", "torchvision"]
-    assert all(r["ours"] in ("ours", "ours+nhwc") for r in report["best"])
+    assert {(r["ours"], r["peer"]) for r in report["same_config_ratios"]} == {("ours", "timm"),
+                                                                               ("ours", "torchvision")}
+    (best,) = report["best_ratios"]
+    assert best["ours"] in ("ours", "ours+nhwc") and best["peer"] in ("timm", "torchvision")
+
+
+def test_bench_train_aten_entry_pairs_with_the_peer_in_its_layout(tmp_path):
+    report = run_bench("bench_train.py", tmp_path, "--models", "ours+nhwc,ours+nhwc+aten,timm+nhwc")
+    assert {(r["ours"], r["peer"]) for r in report["same_config_ratios"]} == {("ours+nhwc", "timm+nhwc"),
+                                                                               ("ours+nhwc+aten", "timm+nhwc")}
 
 
 def test_bench_train_quick_bf16(tmp_path):
@@ -92,3 +98,40 @@ def test_cpu_peak_memory_counts_live_tensors_not_the_heap():
         del held
     assert peak.mib == pytest.approx(7.0, abs=0.01)
     del c
+
+
+def test_bench_inference_quick_engines(tmp_path):
+    """Engine entries: ONNX exports in onnxruntime and OpenVINO, INT8 rows, best-vs-best first, peak RSS alone."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    report = run_bench("bench_inference.py", tmp_path, "--batch-sizes", "1", "--peak-rss", "--models",
+                       "ours,ours+onnxruntime,ours+openvino+int8,timm,timm+onnxruntime")
+    rows = {row["model"]: row for row in report["results"]}
+    assert list(rows) == ["ours", "ours+onnxruntime", "ours+openvino+int8", "timm", "timm+onnxruntime"]
+    assert rows["ours+openvino+int8"]["precision"] == "int8" and rows["ours+onnxruntime"]["precision"] == "fp32"
+    assert rows["ours+onnxruntime"]["engine_settings"]["graph_optimization"] == "ORT_ENABLE_ALL"
+    assert rows["ours+openvino+int8"]["engine_settings"]["int8_convolutions"] == 81  # every b0 convolution
+    assert rows["ours"]["engine_settings"] is None
+    for row in rows.values():
+        assert row["img_per_s"] > 0 and row["peak_rss_mib"] > 0
+    # best vs best: one row per precision of ours, each against the peers' fastest entry
+    assert [r["ours"] for r in report["best_ratios"]] in (
+        [a, "ours+openvino+int8"] for a in ("ours", "ours+onnxruntime"))
+    assert {r["peer"] for r in report["best_ratios"]} <= {"timm", "timm+onnxruntime"}
+    assert {(r["ours"], r["peer"]) for r in report["same_config_ratios"]} == {
+        ("ours", "timm"), ("ours+onnxruntime", "timm+onnxruntime")}
+
+
+def test_engine_entries_refuse_options_they_cannot_honour():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import common
+
+    for text, message in [("ours+nhwc+openvino", "chooses its own layout"), ("timm+openvino+int8", "peers have none"),
+                          ("ours+int8", "needs an engine"), ("ours+onnxruntime+openvino", "one engine")]:
+        with pytest.raises(ValueError, match=message):
+            common.parse_entries(text, "nchw", False, allow_freeze=True)
+    with pytest.raises(ValueError, match="inference only"):
+        common.parse_entries("ours+openvino", "nchw", False)
+    (entry,) = common.parse_entries("ours+openvino+int8", "nchw", False, allow_freeze=True)
+    assert (entry.engine, entry.int8, entry.label, entry.configuration) == (
+        "openvino", True, "ours+openvino+int8", "openvino+int8")
