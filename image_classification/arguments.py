@@ -186,9 +186,9 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
                         "large tensor afresh (b0 training 1.5x faster on 2 cores, resident memory stays near its "
                         "peak); system leaves glibc's defaults (not in the reference) (default: %(default)s)")
     g.add_argument("--cpu-kernels", default="auto", choices=fused.MODES,
-                   help="auto: on a CPU, float32 channels_last layers run batch norm and SiLU as one fused C kernel, "
-                        "compiled for this machine on first use (b0 training about 1.2x faster); off: ATen's "
-                        "separate layers (not in the reference) (default: %(default)s)")
+                   help="auto: on a CPU, float32 channels_last layers run batch norm + SiLU and the SE block as fused C "
+                        "kernels, compiled for this machine on first use (b0 training 1.13x faster, 28%% less memory); "
+                        "off: ATen's separate layers (not in the reference) (default: %(default)s)")
     g.add_argument("--dist-backend", default="auto", choices=DIST_BACKENDS,
                    help="process-group backend of a multi-process run: auto is nccl on GPUs and gloo on CPUs; "
                         "gloo lets several processes share one GPU, which NCCL refuses (not in the reference) "
