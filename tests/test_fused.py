@@ -74,6 +74,7 @@ def test_only_eager_float32_channels_last_cpu_calls_apply():
     assert not fused.applies(bn, x.contiguous())  # NCHW
     assert not fused.applies(bn, x.to(torch.bfloat16))
     assert not fused.applies(bn, _channels_last(1, 8, 1, 1))  # one value per channel: ATen's error
+    assert not fused.applies(nn.Identity(), x)  # a BN folded into its convolution
     bn.eval()
     assert not fused.applies(bn, x.requires_grad_())  # a frozen BN's backward stays ATen's
     fused.set_enabled(False)

@@ -138,8 +138,9 @@ def _eager_float32_channels_last(x: torch.Tensor) -> bool:
 
 def applies(bn: nn.BatchNorm2d, x: torch.Tensor) -> bool:
     """Whether `batch_norm_act(bn, x)` may replace bn (+ SiLU) for this call."""
-    if not (_eager_float32_channels_last(x) and bn.affine and bn.weight.dtype == torch.float32
-            and bn.track_running_stats):
+    # isinstance: BN folding (batchnorm_folding.py) leaves an Identity in its place.
+    if not (isinstance(bn, nn.BatchNorm2d) and _eager_float32_channels_last(x) and bn.affine
+            and bn.weight.dtype == torch.float32 and bn.track_running_stats):
         return False
     if bn.training:
         # ATen refuses a single value per channel; let it say so.
