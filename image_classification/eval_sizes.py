@@ -18,7 +18,7 @@ from itertools import product
 
 from .cli import ArgumentParser, Number, run_cli
 from .context import create_context
-from .models import available_models, get_entry
+from .models import available_models, get_entry, parse_model_flags
 from .tta import TTA_MODES
 
 PROG = "eval_sizes.py"
@@ -73,15 +73,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             print(get_entry(arch).parser().format_help())
         raise SystemExit(0)
     args, rest = parser.parse_known_args(argv)
-    try:
-        entry = get_entry(args.arch)
-    except ValueError as err:
-        parser.error(str(err))
-    model_parser = entry.parser()
-    model_parser.prog = PROG
-    args.model_args, rest = model_parser.parse_known_args(rest)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    parse_model_flags(parser, args, rest, PROG)
     return args
 
 

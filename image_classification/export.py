@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .cli import USER_ERRORS, ArgumentParser, Number, UserError, error_message, print_error
-from .models import available_models, get_entry
+from .models import available_models, get_entry, parse_model_flags
 from .models.weights import WeightsError
 from .inference import weights_error_line
 
@@ -197,15 +197,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise SystemExit(0)
     if args.arch is None:
         parser.error("--arch is required; available: " + ", ".join(sorted(available_models())))
-    try:
-        entry = get_entry(args.arch)
-    except ValueError as err:
-        parser.error(str(err))
-    model_parser = entry.parser()
-    model_parser.prog = PROG
-    args.model_args, rest = model_parser.parse_known_args(rest)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    parse_model_flags(parser, args, rest, PROG)
     return args
 
 

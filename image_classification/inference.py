@@ -24,7 +24,7 @@ from .context import ExecutionContext, create_context
 from .data.loader import Normalizer
 from .data.pytorch_backend import load_rgb, val_transform
 from .engines import ENGINES, Engine, TorchEngine, onnx_io_sizes, open_engine
-from .models import available_models, get_entry
+from .models import available_models, get_entry, parse_model_flags
 from .models.quantized import require_ranges
 from .models.weights import WeightsError
 from .tta import TTA_MODES
@@ -202,15 +202,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.precision = args.precision or "AMP"
     if args.arch is None:
         parser.error("--arch is required; available: " + ", ".join(sorted(available_models())))
-    try:
-        entry = get_entry(args.arch)
-    except ValueError as err:
-        parser.error(str(err))
-    model_parser = entry.parser()
-    model_parser.prog = PROG
-    args.model_args, rest = model_parser.parse_known_args(rest)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    parse_model_flags(parser, args, rest, PROG)
     if not args.image:
         parser.error("give at least one --image PATH")
     return args

@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+import argparse
+
 from ..cli import UserError
 from .efficientnet import EfficientNet, EfficientNetArch, efficientnet_specs
 from .entrypoints import EntryPoint
@@ -33,8 +35,22 @@ def get_entry(arch: str) -> EntryPoint:
     return _REGISTRY[arch]
 
 
+def parse_model_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str], prog: str) -> None:
+    """Set args.model_args from --arch's own flags among `rest` (what `parser` left); a wrong --arch or a flag
+    that neither parser knows is a usage error of `parser`. Shared by the scripts that take an arch's flags."""
+    try:
+        entry = get_entry(args.arch)
+    except ValueError as err:
+        parser.error(str(err))
+    model_parser = entry.parser()
+    model_parser.prog = prog
+    args.model_args, rest = model_parser.parse_known_args(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+
+
 # Module-level entry points: efficientnet_b0 … efficientnet_b7, efficientnet_widese_b0 … b7, efficientnet_quant_b0 … b7.
 globals().update({entry.__name__: entry for entry in _REGISTRY.values()})
 
 __all__ = ["EfficientNet", "EfficientNetArch", "EntryPoint", "WeightsError", "available_models", "get_entry",
-           "load_weights", "register"] + [entry.__name__ for entry in _REGISTRY.values()]
+           "load_weights", "parse_model_flags", "register"] + [entry.__name__ for entry in _REGISTRY.values()]
