@@ -23,6 +23,7 @@ from image_classification.context import create_context
 from image_classification.models import get_entry
 from image_classification.optimizers import build_optimizer
 from reports import by_step, epoch_records, read_report
+from runs import train
 from test_multiproc import WORKER
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,15 +38,6 @@ def run_args(workspace: Path, teacher: Path | None, *extra: str) -> list[str]:
             "--num_classes", "4", "--workers", "0", "--epochs", "2", "--print-freq", "2", "--seed", "3",
             "--optimizer", "rmsprop", "--lr", "0.01", "--rmsprop-eps", "0.01", "--lr-schedule", "cosine",
             "--warmup", "1", "--prof", "3", "--workspace", str(workspace), *kd, *extra]
-
-
-def train(argv: list[str]) -> dict:
-    from image_classification.training import main
-    torch.use_deterministic_algorithms(True)
-    try:
-        return main(parse_args(argv))
-    finally:
-        torch.use_deterministic_algorithms(False)
 
 
 def b0_teacher(path: Path, seed: int) -> Path:

@@ -15,6 +15,7 @@ from image_classification.cli import UserError
 from image_classification.lr_schedule import lr_at, schedule_from_args, set_lr
 from image_classification.models import get_entry
 from image_classification.optimizers import optimizer_from_args
+from runs import train
 
 SIZE = 32
 B0_BLOCKS = 16
@@ -26,15 +27,6 @@ def run_args(workspace: Path, *extra: str) -> list[str]:
             "--num_classes", "4", "--workers", "0", "--epochs", "2", "--print-freq", "2", "--seed", "3",
             "--optimizer", "rmsprop", "--lr", "0.01", "--rmsprop-eps", "0.01", "--lr-schedule", "cosine",
             "--warmup", "1", "--prof", "3", "--workspace", str(workspace), *extra]
-
-
-def train(argv: list[str]) -> dict:
-    from image_classification.training import main
-    torch.use_deterministic_algorithms(True)
-    try:
-        return main(parse_args(argv))
-    finally:
-        torch.use_deterministic_algorithms(False)
 
 
 def b0() -> torch.nn.Module:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from image_classification.arguments import parse_args
 from image_classification.cli import UserError
 from reports import by_step, epoch_records, read_report
+from runs import train
 
 SIZE = 32
 
@@ -19,15 +19,6 @@ def run_args(data: Path, workspace: Path, *extra: str) -> list[str]:
     return [str(data), "--arch", "efficientnet-b0", "--data-backend", "pytorch", "--image-size", str(SIZE), "-b", "12",
             "--num_classes", "3", "--workers", "0", "--epochs", "3", "--seed", "1", "--lr", "0.01",
             "--lr-schedule", "cosine", "--workspace", str(workspace), *extra]
-
-
-def train(argv: list[str]) -> dict:
-    from image_classification.training import main
-    torch.use_deterministic_algorithms(True)
-    try:
-        return main(parse_args(argv))
-    finally:
-        torch.use_deterministic_algorithms(False)
 
 
 def load(path: Path) -> dict:

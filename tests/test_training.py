@@ -33,6 +33,7 @@ from image_classification.metrics import accuracy, percentile
 from image_classification.mixup import mix
 from image_classification.optimizers import build_optimizer, parameter_groups
 from reports import by_step, epoch_records, read_report
+from runs import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -54,15 +55,6 @@ def run_args(workspace: Path, *extra: str) -> list[str]:
 def needs_data_module():
     """End-to-end runs use the real data pipelines (synthetic backend)."""
     pytest.importorskip("image_classification.data", reason="image_classification.data has not landed yet")
-
-
-def train(argv: list[str]) -> dict:
-    from image_classification.training import main
-    torch.use_deterministic_algorithms(True)
-    try:
-        return main(parse_args(argv))
-    finally:
-        torch.use_deterministic_algorithms(False)
 
 
 # --- end-to-end runs ------------------------------------------------------------------------------------------
