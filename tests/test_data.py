@@ -543,6 +543,21 @@ def test_generated_cli(tmp_path, capsys):
     assert exc.value.code == 2 and "--classes: must be an integer in [1, 10], got 99" in capsys.readouterr().err
 
 
+def test_transfer_class_set_draws_ten_other_classes(tmp_path, capsys):
+    assert generated_main(["--output", str(tmp_path / "t"), "--class-set", "transfer", "--train-per-class", "2",
+                           "--val-per-class", "1", "--image-size", "32"]) == 0
+    names = sorted(p.name for p in (tmp_path / "t" / "train").iterdir())
+    assert len(names) == 10 and not set(names) & set(CLASS_NAMES)
+    assert all(len(list((tmp_path / "t" / "val" / name).glob("*.jpg"))) == 1 for name in names)
+    again = generate_dataset(tmp_path / "again", num_classes=10, train_per_class=2, val_per_class=1, image_size=32,
+                             class_set="transfer")
+    assert all(f.read_bytes() == (again / f.relative_to(tmp_path / "t")).read_bytes()
+               for f in (tmp_path / "t").rglob("*.jpg"))
+    with pytest.raises(SystemExit) as exc:
+        generated_main(["--output", str(tmp_path / "u"), "--class-set", "imagenet"])
+    assert exc.value.code == 2 and "--class-set: invalid choice: 'imagenet'" in capsys.readouterr().err
+
+
 def test_bench_quick_runs():
     result = subprocess.run([sys.executable, "bench/bench_data.py", "--quick"], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)

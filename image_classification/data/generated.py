@@ -8,6 +8,10 @@ Each class is a shape (circle, square, triangle, star, ring, cross) on a noisy t
 texture (stripes, checker, dots, waves) filling the image. Position, scale, rotation, colours, texture
 period and noise are random per image, so a class is told by its shape or texture, never by its colour.
 The same arguments always write byte-identical files.
+
+`--class-set transfer` draws ten other classes in the same way (shapes hexagon, pentagon, diamond, arrow,
+crescent, ellipse; textures grid, zigzag, concentric, bricks): a second dataset for fine-tuning a model
+trained on the default set.
 """
 from __future__ import annotations
 
@@ -25,6 +29,9 @@ from ..cli import ArgumentParser, Number, error_message, print_error
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
 TEXTURES = ("stripes", "checker", "dots", "waves")
 CLASS_NAMES = SHAPES + TEXTURES
+TRANSFER_SHAPES = ("hexagon", "pentagon", "diamond", "arrow", "crescent", "ellipse")
+TRANSFER_TEXTURES = ("grid", "zigzag", "concentric", "bricks")
+CLASS_SETS = {"default": CLASS_NAMES, "transfer": TRANSFER_SHAPES + TRANSFER_TEXTURES}
 
 # Defaults sized for 2 CPU cores: 1,000 training images make an efficientnet-b0 epoch at 64 px a matter of
 # seconds to tens of seconds, and 96 px files leave room for random-resized crops and the val resize (S+32).
@@ -68,6 +75,17 @@ def _polygon(kind: str, radius: float) -> list[tuple[float, float]]:
         a, b = radius, radius * 0.32
         return [(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b), (b, a), (-b, a), (-b, b), (-a, b), (-a, -b),
                 (-b, -b)]
+    if kind in ("hexagon", "pentagon"):
+        sides = 6 if kind == "hexagon" else 5
+        return [(radius * math.cos(math.pi / 2 + k * 2 * math.pi / sides),
+                 radius * math.sin(math.pi / 2 + k * 2 * math.pi / sides)) for k in range(sides)]
+    if kind == "diamond":
+        return [(0, -radius), (radius * 0.5, 0), (0, radius), (-radius * 0.5, 0)]
+    if kind == "arrow":
+        a, b, head = radius, radius * 0.22, radius * 0.6
+        return [(-a, -b), (a - head, -b), (a - head, -head), (a, 0), (a - head, head), (a - head, b), (-a, b)]
+    if kind == "ellipse":
+        return [(radius * math.cos(t), radius * 0.5 * math.sin(t)) for t in (k * 2 * math.pi / 48 for k in range(48))]
     raise ValueError(f"no polygon for {kind!r}")
 
 
@@ -88,6 +106,11 @@ def _shape_mask(kind: str, rng: np.random.Generator, size: int) -> np.ndarray:
         if kind == "ring":
             inner = radius * rng.uniform(0.5, 0.7)
             draw.ellipse([cx - inner, cy - inner, cx + inner, cy + inner], fill=0)
+    elif kind == "crescent":
+        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=255)
+        angle = rng.uniform(0, 2 * math.pi)
+        bx, by = cx + 0.45 * radius * math.cos(angle), cy + 0.45 * radius * math.sin(angle)
+        draw.ellipse([bx - radius, by - radius, bx + radius, by + radius], fill=0)
     else:
         angle = rng.uniform(0, 2 * math.pi)
         cos, sin = math.cos(angle), math.sin(angle)
@@ -116,13 +139,28 @@ def _texture_mask(kind: str, rng: np.random.Generator, size: int) -> np.ndarray:
         wavelength = rng.uniform(1.5, 3.0) * period
         bent = u + amplitude * np.sin(2 * math.pi * v / wavelength)
         return (np.sin(2 * math.pi * bent / period) > 0).astype(np.float64)
+    if kind == "grid":
+        width = period * rng.uniform(0.2, 0.3)
+        return (((u % period) < width) | ((v % period) < width)).astype(np.float64)
+    if kind == "zigzag":
+        triangle = np.abs((v / (2 * period)) % 1.0 - 0.5) * period
+        return (np.sin(2 * math.pi * (u + triangle) / period) > 0).astype(np.float64)
+    if kind == "concentric":
+        cx, cy = rng.uniform(0, size, size=2)
+        radius = np.hypot(np.arange(size)[None, :] - cx, np.arange(size)[:, None] - cy)
+        return (np.sin(2 * math.pi * radius / period) > 0).astype(np.float64)
+    if kind == "bricks":
+        row = np.floor(v / period)
+        along = u + row * period
+        mortar = ((v % period) < period * 0.2) | ((along % (2 * period)) < period * 0.2)
+        return mortar.astype(np.float64)
     raise ValueError(f"unknown texture {kind!r}")
 
 
 def draw_image(kind: str, rng: np.random.Generator, size: int) -> Image.Image:
     """One RGB image of class `kind`."""
     foreground, other = _distinct_colours(rng)
-    if kind in SHAPES:
+    if kind in SHAPES + TRANSFER_SHAPES:
         background = _background(rng, size, other)
         mask = _shape_mask(kind, rng, size)
     else:
@@ -133,11 +171,13 @@ def draw_image(kind: str, rng: np.random.Generator, size: int) -> Image.Image:
     return Image.fromarray(np.clip(image, 0, 255).round().astype(np.uint8), "RGB")
 
 
-def _class_names(num_classes: int) -> list[str]:
-    if not 1 <= num_classes <= len(CLASS_NAMES):
-        raise ValueError(f"--classes must be between 1 and {len(CLASS_NAMES)} ({', '.join(CLASS_NAMES)}), "
-                         f"got {num_classes}")
-    return list(CLASS_NAMES[:num_classes])
+def _class_names(num_classes: int, class_set: str) -> list[str]:
+    if class_set not in CLASS_SETS:
+        raise ValueError(f"--class-set must be one of {', '.join(CLASS_SETS)}, got {class_set!r}")
+    names = CLASS_SETS[class_set]
+    if not 1 <= num_classes <= len(names):
+        raise ValueError(f"--classes must be between 1 and {len(names)} ({', '.join(names)}), got {num_classes}")
+    return list(names[:num_classes])
 
 
 def _encode(image: Image.Image) -> bytes:
@@ -148,7 +188,7 @@ def _encode(image: Image.Image) -> bytes:
 
 def generate_dataset(root: str | Path, num_classes: int = DEFAULT_CLASSES,
                      train_per_class: int = DEFAULT_TRAIN_PER_CLASS, val_per_class: int = DEFAULT_VAL_PER_CLASS,
-                     image_size: int = DEFAULT_IMAGE_SIZE, seed: int = 0,
+                     image_size: int = DEFAULT_IMAGE_SIZE, seed: int = 0, class_set: str = "default",
                      progress: Callable[[str], None] | None = None) -> Path:
     """Write root/{train,val}/<class>/<class>_<n>.jpg; identical bytes for identical arguments. Returns root."""
     if image_size < 8:
@@ -157,7 +197,7 @@ def generate_dataset(root: str | Path, num_classes: int = DEFAULT_CLASSES,
         raise ValueError("--train-per-class and --val-per-class must be >= 0")
     root = Path(root)
     for split_id, (split, count) in enumerate((("train", train_per_class), ("val", val_per_class))):
-        for class_id, name in enumerate(_class_names(num_classes)):
+        for class_id, name in enumerate(_class_names(num_classes, class_set)):
             folder = root / split / name
             folder.mkdir(parents=True, exist_ok=True)
             for n in range(count):
@@ -173,10 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     """CLI: write the dataset and print where it went."""
     p = ArgumentParser(prog="python -m image_classification.data.generated",
                                 description="Write a procedurally drawn ImageNet-layout dataset "
-                                            f"(classes: {', '.join(CLASS_NAMES)}).")
+                                            f"(classes: {', '.join(CLASS_NAMES)}; or with --class-set "
+                                            f"transfer: {', '.join(CLASS_SETS['transfer'])}).")
     p.add_argument("--output", required=True, type=Path, help="dataset folder to write (train/ and val/)")
     p.add_argument("--classes", type=Number(int, low=1, high=len(CLASS_NAMES)), default=DEFAULT_CLASSES,
                    help="number of classes (default: %(default)s)")
+    p.add_argument("--class-set", choices=sorted(CLASS_SETS), default="default",
+                   help="which ten classes to draw from: transfer is a second set of other shapes and textures, "
+                        "for fine-tuning a model trained on the default set (default: %(default)s)")
     p.add_argument("--train-per-class", type=Number(int, low=0), default=DEFAULT_TRAIN_PER_CLASS,
                    help="training images per class (default: %(default)s)")
     p.add_argument("--val-per-class", type=Number(int, low=0), default=DEFAULT_VAL_PER_CLASS,
@@ -187,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         root = generate_dataset(args.output, args.classes, args.train_per_class, args.val_per_class,
-                                args.image_size, args.seed)
+                                args.image_size, args.seed, args.class_set)
     except (ValueError, OSError) as err:
         return print_error(p.prog, error_message(err))
     total = args.classes * (args.train_per_class + args.val_per_class)
