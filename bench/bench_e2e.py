@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from bench_train import RMSPROP, make_step, recipe_lr  # noqa: E402
+from image_classification.logger import read_report  # noqa: E402
 
 
 def launch_argv(args: argparse.Namespace, arch: str, batch: int, size: int, workspace: Path) -> list[str]:
@@ -57,8 +57,7 @@ def launch_argv(args: argparse.Namespace, arch: str, batch: int, size: int, work
 def loop_window(report: Path, skip: int) -> tuple[int, float]:
     """(iterations, seconds) between the log of iteration `skip` and the last iteration of epoch 0."""
     times = {}
-    for line in report.read_text().splitlines():
-        record = json.loads(line[len("DLLL "):])
+    for record in read_report(report):
         step = record.get("step")  # METADATA records have none
         if record["type"] == "LOG" and isinstance(step, list) and len(step) == 2 and step[0] == 0:
             times[int(step[1])] = float(record["elapsedtime"])

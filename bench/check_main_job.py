@@ -10,7 +10,6 @@ the stated value minus --tolerance. Not a timed test: the time is reported, not 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -19,6 +18,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from image_classification.logger import epoch_summaries, read_report  # noqa: E402
 
 # What scripts/demo.sh (the main job's flags live there only) reached on the default generated dataset
 # (10 classes, 1000 train / 200 val images at 96 px), measured on 2 CPU cores (AVX2 EPYC) on 2026-12-02:
@@ -30,13 +32,8 @@ STATED_MINUTES = 4.0        # on 2 CPU cores, without the install, for informati
 
 def best_top1(report: Path) -> tuple[float, int]:
     """(best val.top1, epochs logged) of a report."""
-    best, epochs = float("-inf"), 0
-    for line in report.read_text().splitlines():
-        record = json.loads(line[5:])
-        if record["type"] == "LOG" and isinstance(record["step"], list) and len(record["step"]) == 1:
-            epochs += 1
-            best = max(best, record["data"].get("val.top1", float("-inf")))
-    return best, epochs
+    epochs = epoch_summaries(read_report(report))
+    return max((e.get("val.top1") or float("-inf") for e in epochs.values()), default=float("-inf")), len(epochs)
 
 
 def main(argv: list[str] | None = None) -> int:

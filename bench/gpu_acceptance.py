@@ -38,6 +38,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from image_classification import logger  # noqa: E402
+
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 # How the reasons of a quick (CPU) run's skipped steps begin.
 NO_GPU = "no GPU"
@@ -158,10 +162,11 @@ def read_report(path: Path) -> list[tuple[object, dict]]:
     if not path.is_file():
         raise StepFailed(f"no report {path}")
     records: list[tuple[object, dict]] = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.startswith("DLLL "):
-            continue
-        record = json.loads(line[5:])
+    try:
+        parsed = logger.read_report(path)
+    except logger.ReportError as err:
+        raise StepFailed(str(err)) from None
+    for record in parsed:
         if record.get("type") != "LOG":
             continue
         step_, data = record["step"], record["data"]

@@ -94,6 +94,44 @@ def format_value(name: str, value: Any) -> str:
     return f"{name} : {value}"
 
 
+class ReportError(ValueError):
+    """A report that cannot be read; the message names the file (and the line)."""
+
+
+def read_report(path: str | Path) -> list[dict]:
+    """The records (LOG and METADATA) of a DLLogger JSON-lines report, in order; other lines are skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ReportError(f"{path}: not a text report (DLLogger JSON lines)") from None
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.startswith("DLLL "):
+            try:
+                records.append(json.loads(line[5:]))
+            except json.JSONDecodeError:
+                raise ReportError(f"{path}:{number}: not a JSON record") from None
+    return records
+
+
+def by_step(records: list[dict]) -> dict[tuple, dict]:
+    """The LOG records of every step (a tuple: () the run, (epoch,), (epoch, iteration), ...) merged in file
+    order: a step's metrics come as one record per verbosity level, and a resumed run logs an epoch again.
+    A null (a registered metric a summary lacks) never hides a value."""
+    steps: dict[tuple, dict] = {}
+    for record in records:
+        if record.get("type") == "LOG" and isinstance(record.get("step"), list):
+            merged = steps.setdefault(tuple(record["step"]), {})
+            merged.update({k: v for k, v in record["data"].items() if v is not None or k not in merged})
+    return steps
+
+
+def epoch_summaries(records: list[dict]) -> dict[int, dict]:
+    """{epoch: its metrics} of a report's records, in epoch order."""
+    epochs = {step[0]: data for step, data in by_step(records).items() if len(step) == 1 and isinstance(step[0], int)}
+    return dict(sorted(epochs.items()))
+
+
 class Logger:
     """DLLogger-format JSON-lines report plus a readable stdout log; only the main process writes anything.
 

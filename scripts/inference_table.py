@@ -12,13 +12,13 @@ Throughput is val.total_ips (all processes), latencies are per-batch compute lat
 """
 from __future__ import annotations
 
-import json
 import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from image_classification.cli import ArgumentParser, error_message, print_error  # noqa: E402  (run as a script)
+from image_classification.logger import ReportError, read_report  # noqa: E402
 
 PROG = "inference_table.py"
 
@@ -26,29 +26,9 @@ COLUMNS = ("Batch Size", "Throughput Avg", "Latency Avg", "Latency 90%", "Latenc
 LATENCIES = ("compute_latency", "compute_latency_at90", "compute_latency_at95", "compute_latency_at99")
 
 
-class ReportError(ValueError):
-    """A report without the records the table needs; the message names the file."""
-
-
-def read_records(path: Path) -> list[dict]:
-    """The JSON objects of a DLLogger report's `DLLL ` lines."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ReportError(f"{path}: not a text report (DLLogger JSON lines)") from None
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.startswith("DLLL "):
-            try:
-                records.append(json.loads(line[5:]))
-            except json.JSONDecodeError:
-                raise ReportError(f"{path}:{number}: not a JSON record") from None
-    return records
-
-
 def inference_row(path: Path, prefix: str = "val") -> dict[str, float]:
     """batch_size, total_ips and the latencies (seconds) of one report: its summary, else its last epoch."""
-    records = read_records(path)
+    records = read_report(path)
     batch_size = None
     summaries: dict[tuple, dict[str, float]] = {}  # a step's metrics come as one record per verbosity level
     for record in records:

@@ -6,30 +6,22 @@
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from image_classification.cli import ArgumentParser  # noqa: E402  (the project root, when run as a script)
+from image_classification.logger import ReportError, epoch_summaries, read_report  # noqa: E402
 
 PROG = "plot_report.py"
 
 
 def read_epochs(path: Path) -> dict[int, dict[str, float]]:
     """Epoch records ({epoch: metrics}) of a report; later records of an epoch (a resumed run) win."""
-    epochs: dict[int, dict[str, float]] = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.startswith("DLLL "):
-            continue
-        try:
-            record = json.loads(line[5:])
-        except json.JSONDecodeError:
-            raise SystemExit(f"{PROG}: error: {path}:{number}: not a JSON record") from None
-        step = record.get("step")
-        if record.get("type") == "LOG" and isinstance(step, list) and len(step) == 1:
-            epochs.setdefault(step[0], {}).update(record["data"])
-    return epochs
+    try:
+        return epoch_summaries(read_report(path))
+    except ReportError as err:
+        raise SystemExit(f"{PROG}: error: {err}") from None
 
 
 def plot(epochs: dict[int, dict[str, float]], output: Path, title: str = "") -> None:

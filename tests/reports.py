@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from image_classification.logger import by_step, epoch_summaries  # noqa: F401  (the tests import them from here)
+
 
 def read_report(path: Path) -> list[dict]:
     records = []
@@ -17,16 +19,3 @@ def read_report(path: Path) -> list[dict]:
                                 ["timestamp", "elapsedtime", "datetime", "type", "metric", "metadata"])
         records.append(record)
     return records
-
-
-def by_step(records: list[dict]) -> dict[tuple, dict]:
-    """LOG records merged per step (a step's metrics come as one record per verbosity level)."""
-    steps: dict[tuple, dict] = {}
-    for r in records:
-        if r["type"] == "LOG" and isinstance(r["step"], list):
-            steps.setdefault(tuple(r["step"]), {}).update(r["data"])
-    return steps
-
-
-def epoch_records(records: list[dict]) -> dict[int, dict]:
-    return {step[0]: data for step, data in by_step(records).items() if len(step) == 1}

@@ -22,7 +22,7 @@ from image_classification.cli import UserError
 from image_classification.context import create_context
 from image_classification.models import get_entry
 from image_classification.optimizers import build_optimizer
-from reports import by_step, epoch_records, read_report
+from reports import by_step, epoch_summaries, read_report
 from runs import train
 from test_multiproc import WORKER
 
@@ -122,7 +122,7 @@ def test_resume_with_a_teacher_equals_the_uninterrupted_run_and_another_teacher_
     assert iterations and all(data["train.kd_loss"] > 0 for data in iterations)
     for epoch in (0, 1):
         for key in ("train.loss", "train.kd_loss", "val.loss"):
-            assert epoch_records(ra)[epoch][key] == epoch_records(rb)[epoch][key], (epoch, key)
+            assert epoch_summaries(ra)[epoch][key] == epoch_summaries(rb)[epoch][key], (epoch, key)
 
     other = b0_teacher(tmp_path / "other.pth", seed=2)
     more = ("--epochs", "3", "--resume", str(split / "checkpoint.pth.tar"))
@@ -221,8 +221,8 @@ def test_two_gloo_processes_and_accumulation_distil_as_one_process_on_the_same_g
         torch.testing.assert_close(a["state_dict"][name], b["state_dict"][name], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(a["state_dict"][name], c["state_dict"][name], rtol=1e-5, atol=1e-6)
     assert b["teacher"]["sha256"] == distillation.file_sha256(teacher)
-    ea = epoch_records(read_report(single / "experiment_raport.json"))
-    eb = epoch_records(read_report(double / "experiment_raport.json"))
+    ea = epoch_summaries(read_report(single / "experiment_raport.json"))
+    eb = epoch_summaries(read_report(double / "experiment_raport.json"))
     for epoch in (0, 1):
         assert ea[epoch]["train.kd_loss"] > 0
         for key in ("train.loss", "train.kd_loss"):
@@ -243,6 +243,6 @@ def test_a_distilled_run_stopped_mid_epoch_resumes_exactly(tmp_path, monkeypatch
     expected, resumed = float_tensors(full / "checkpoint.pth.tar"), float_tensors(split / "checkpoint.pth.tar")
     for name, value in expected.items():
         assert torch.equal(value, resumed[name]), name
-    ra, rb = epoch_records(read_report(full / "experiment_raport.json")), \
-        epoch_records(read_report(split / "experiment_raport.json"))
+    ra, rb = epoch_summaries(read_report(full / "experiment_raport.json")), \
+        epoch_summaries(read_report(split / "experiment_raport.json"))
     assert ra[1]["train.kd_loss"] == rb[1]["train.kd_loss"] and ra[1]["train.loss"] == rb[1]["train.loss"]

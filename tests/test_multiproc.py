@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from reports import epoch_records, read_report
+from reports import epoch_summaries, read_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,7 +82,7 @@ def _epochs(workspace: Path) -> dict[int, dict]:
     records = read_report(workspace / "experiment_raport.json")
     # Rank 0 alone writes: the flags' and the model's parameter records once.
     assert sum(r["type"] == "LOG" and r["step"] == "PARAMETER" for r in records) == 2
-    return epoch_records(records)
+    return epoch_summaries(records)
 
 
 def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from image_classification.cli import UserError
-from reports import by_step, epoch_records, read_report
+from reports import by_step, epoch_summaries, read_report
 from runs import train
 
 SIZE = 32
@@ -29,7 +29,7 @@ def test_swa_averages_the_last_epochs_updates_bn_and_reports_swa_metrics(generat
     summary = train(run_args(generated, tmp_path, "--swa-start", "1", "--swa-lr", "0.004", "--swa-anneal-epochs", "0",
                              "--gather-checkpoints", "3"))
     records = read_report(tmp_path / "experiment_raport.json")
-    epochs = epoch_records(records)
+    epochs = epoch_summaries(records)
     assert epochs[0]["train.lr"] == pytest.approx(0.01)  # the schedule's before --swa-start
     assert epochs[1]["train.lr"] == epochs[2]["train.lr"] == pytest.approx(0.004)  # SWALR's, no annealing
     assert epochs[2]["swa.top1"] is None  # registered, measured only at the end of the run
@@ -88,8 +88,8 @@ def test_resume_mid_epoch_with_swa_continues_the_average_and_the_lr_exactly(gene
     assert a["swa"]["scheduler"] == b["swa"]["scheduler"]
     for name, tensor in load(full / "model_swa.pth.tar")["state_dict"].items():
         assert torch.equal(tensor, load(split / "model_swa.pth.tar")["state_dict"][name]), name
-    ra, rb = epoch_records(read_report(full / "experiment_raport.json")), \
-        epoch_records(read_report(split / "experiment_raport.json"))
+    ra, rb = epoch_summaries(read_report(full / "experiment_raport.json")), \
+        epoch_summaries(read_report(split / "experiment_raport.json"))
     assert [ra[e]["train.lr"] for e in range(3)] == [rb[e]["train.lr"] for e in range(3)]
     assert ra[0]["train.lr"] > ra[1]["train.lr"] > ra[2]["train.lr"] > 0.002  # annealing over 3 epochs
     assert by_step(read_report(full / "experiment_raport.json"))[()]["swa.top1"] == \

@@ -32,7 +32,7 @@ from image_classification.lr_schedule import lr_at
 from image_classification.metrics import accuracy, percentile
 from image_classification.mixup import mix
 from image_classification.optimizers import build_optimizer, parameter_groups
-from reports import by_step, epoch_records, read_report
+from reports import by_step, epoch_summaries, read_report
 from runs import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ def test_short_run_writes_report_and_checkpoints(tmp_path):
     assert TRAIN_KEYS | VAL_KEYS <= metadata
     iterations = [data for step, data in by_step(records).items() if len(step) == 2]
     assert iterations and TRAIN_KEYS <= set(iterations[0])
-    epochs = epoch_records(records)
+    epochs = epoch_summaries(records)
     assert sorted(epochs) == [0, 1]
     for data in epochs.values():
         assert TRAIN_KEYS | VAL_KEYS | {k.replace("val.", "val_ema.") for k in VAL_KEYS} <= set(data)
@@ -148,8 +148,8 @@ def test_resume_after_one_epoch_equals_uninterrupted_run(tmp_path):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name}"
     assert a["best_prec1"] == b["best_prec1"]
-    ra, rb = epoch_records(read_report(full / "experiment_raport.json")), \
-        epoch_records(read_report(split / "experiment_raport.json"))
+    ra, rb = epoch_summaries(read_report(full / "experiment_raport.json")), \
+        epoch_summaries(read_report(split / "experiment_raport.json"))
     for epoch in (0, 1):
         for key in ("train.loss", "train.lr", "val.loss", "val.top1", "val.top5", "val_ema.loss"):
             assert ra[epoch][key] == rb[epoch][key], (epoch, key)
@@ -416,6 +416,26 @@ def test_logger_writes_dllogger_lines(tmp_path):
     assert not (tmp_path / "other.json").exists()
 
 
+def test_report_reader_merges_a_steps_records_and_names_a_bad_line(tmp_path):
+    from image_classification.logger import ReportError, by_step, epoch_summaries
+    from image_classification.logger import read_report as read_records
+    path = tmp_path / "r.json"
+    logger = Logger(path, print_stdout=False)
+    logger.register_metrics("val", {"top1": 0, "loss": 1})
+    logger.log((1,), {"val.top1": 50.0, "val.loss": 1.5})
+    logger.log((0,), {"val.top1": 40.0})  # the summary lists val.loss as null
+    logger.log((0,), {"val.loss": 2.0})   # logged again (a resumed run): its values win, its nulls do not
+    logger.log((), {"val.top1": 50.0})
+    logger.close()
+    records = read_records(path)
+    assert records == read_report(path)  # the tests' strict reader sees the same records
+    assert epoch_summaries(records) == {0: {"val.top1": 40.0, "val.loss": 2.0}, 1: {"val.top1": 50.0, "val.loss": 1.5}}
+    assert list(epoch_summaries(records)) == [0, 1] and by_step(records)[()]["val.top1"] == 50.0
+    path.write_text(path.read_text() + "DLLL {not json\n")
+    with pytest.raises(ReportError, match=f"{path}:{len(records) + 1}: not a JSON record"):
+        read_records(path)
+
+
 def test_dist_backend_is_nccl_on_gpus_gloo_on_cpus_and_gloo_lets_ranks_share_a_gpu(monkeypatch):
     from image_classification.cli import UserError
     from image_classification.context import dist_backend_for
@@ -530,7 +550,7 @@ def test_resume_mid_epoch_equals_the_uninterrupted_run(tiny_data, tmp_path, monk
     ra, rb = read_report(full / "experiment_raport.json"), read_report(split / "experiment_raport.json")
     epochs = [r["step"][0] for r in rb if r["type"] == "LOG" and isinstance(r["step"], list) and len(r["step"]) == 1]
     assert epochs == [0, 0, 1, 1]  # one record per verbosity level
-    assert epoch_records(ra)[1]["train.loss"] == epoch_records(rb)[1]["train.loss"]
+    assert epoch_summaries(ra)[1]["train.loss"] == epoch_summaries(rb)[1]["train.loss"]
     summaries = [r for r in rb if r["type"] == "LOG" and r["step"] == []]
     assert len(summaries) == 2 and by_step(rb)[()]["val.top1"] == by_step(ra)[()]["val.top1"]
 

@@ -22,7 +22,7 @@ from image_classification.data import build_train_loader
 from image_classification.data.generated import generate_dataset
 from image_classification.mixup import Mixup, box_lambda, cut_and_paste, cutmix_box, mix
 from image_classification.progressive import progressive_schedule
-from reports import epoch_records, read_report
+from reports import epoch_summaries, read_report
 from test_training import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,7 +214,7 @@ def test_each_stage_trains_at_its_size_and_validation_stays_at_eval_size(tmp_pat
     assert recorded["val"] == [(40, 40)] * 2
     magnitudes = (5, 15) if backend != "synthetic" else (9, 9)
     assert recorded["loaders"] == [(32, magnitudes[0]), (48, magnitudes[1])]
-    epochs = epoch_records(read_report(tmp_path / "experiment_raport.json"))
+    epochs = epoch_summaries(read_report(tmp_path / "experiment_raport.json"))
     assert [epochs[e]["train.image_size"] for e in (0, 1)] == [32, 48]
 
 
@@ -238,7 +238,7 @@ def test_resume_mid_stage_and_at_the_boundary_equals_the_uninterrupted_run(tmp_p
     for key in ("state_dict", "state_dict_ema"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name}"
-    ra, rb = (epoch_records(read_report(p / "experiment_raport.json")) for p in (full, split))
+    ra, rb = (epoch_summaries(read_report(p / "experiment_raport.json")) for p in (full, split))
     for epoch in range(4):
         for key in ("train.loss", "train.image_size", "val.loss", "val.top1", "val_ema.loss"):
             assert ra[epoch][key] == rb[epoch][key], (epoch, key)
