@@ -5,6 +5,7 @@ Everything else (models, data pipelines, the training loop) receives an
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import ctypes.util
@@ -108,14 +109,16 @@ class ExecutionContext:
         return ids
 
 
-def _ranks_per_gpu(dev: torch.device, requested: str | None) -> int:
-    """How many of this node's processes use `dev`: all of them for an explicit cuda:N, else those beyond a GPU each."""
-    if dev.type != "cuda":
-        return 1
-    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if requested not in (None, "", "auto") and torch.device(requested).index is not None:
-        return local_world_size
-    return -(-local_world_size // torch.cuda.device_count())
+def ranks_per_gpu(identity: str) -> int:
+    """The most ranks of the (initialised) process group that name the same GPU `identity`, exchanged over a
+    gloo group of their own."""
+    group = dist.new_group(backend="gloo")
+    try:
+        identities: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(identities, identity, group=group)
+    finally:
+        dist.destroy_process_group(group)
+    return max(collections.Counter(identities).values())
 
 
 @contextlib.contextmanager
@@ -247,13 +250,21 @@ def create_context(
         warnings.warn(f"{asked} on this CPU ({torch.backends.cpu.get_cpu_capability()}, no AVX512-BF16/AMX) runs "
                       f"bf16 emulated, several times slower than fp32; {turn_off} here", stacklevel=2)
     # Checked in a single process too: a flag never does nothing.
-    backend = dist_backend_for(dist_backend, dev, ranks_per_gpu=_ranks_per_gpu(dev, device) if world_size > 1 else 1)
+    backend = dist_backend_for(dist_backend, dev)
     if world_size > 1 and not dist.is_initialized():
         store = elastic_store(rank, world_size)
         if store is None:
             dist.init_process_group(backend=backend, init_method="env://")
         else:  # torchrun may restart the group: a store of this attempt's own (cluster.elastic_store)
             dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
+        if backend == "nccl":
+            # Whether ranks share a GPU shows only in the GPUs' UUIDs: with a GPU per process
+            # (CUDA_VISIBLE_DEVICES per task, srun --gpus-per-task 1) every rank sees its own as cuda:0.
+            try:
+                dist_backend_for(dist_backend, dev, ranks_per_gpu(str(torch.cuda.get_device_properties(dev).uuid)))
+            except UserError:
+                dist.destroy_process_group()
+                raise
     return ExecutionContext(
         device=dev,
         amp=amp,

@@ -452,6 +452,26 @@ def test_dist_backend_is_nccl_on_gpus_gloo_on_cpus_and_gloo_lets_ranks_share_a_g
     assert parse_args(["/data"]).dist_backend == "auto"
 
 
+def _ranks_per_gpu_worker(rank: int, store_file: str, identities: list[str], out: str) -> None:
+    import torch.distributed as dist
+    from image_classification.context import ranks_per_gpu
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=len(identities))
+    try:
+        Path(out, str(rank)).write_text(str(ranks_per_gpu(identities[rank])))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("identities, expected", [(["GPU-a", "GPU-b"], 1), (["GPU-a", "GPU-a"], 2)])
+def test_ranks_sharing_a_gpu_are_counted_by_the_gpus_identity(tmp_path, identities, expected):
+    # Each rank may see its own GPU as cuda:0 (a GPU per process): only the UUIDs tell whether they share one.
+    import torch.multiprocessing as mp
+    (tmp_path / "out").mkdir()
+    mp.spawn(_ranks_per_gpu_worker, args=(str(tmp_path / "store"), identities, str(tmp_path / "out")),
+             nprocs=len(identities))
+    assert [int((tmp_path / "out" / str(r)).read_text()) for r in range(len(identities))] == [expected] * 2
+
+
 def test_gpu_affinity_modes_and_cpu_refusal():
     assert parse_cpulist("0-3,8,10-11\n") == [0, 1, 2, 3, 8, 10, 11]
     sockets = [list(range(0, 8))] * 2 + [list(range(8, 16))] * 2
