@@ -64,20 +64,29 @@ def engine_top1(engine, data: tuple[torch.Tensor, torch.Tensor], batch_size: int
     return 100.0 * correct / len(data[1])
 
 
-def engines_table(float_model: torch.nn.Module, qat: torch.nn.Module, engines: list[str], data, image_size: int,
-                  batch_size: int) -> dict[str, dict[str, float]]:
-    """Top-1 of the float model's ONNX export and of the QAT model's Q/DQ export in each engine."""
+def without_quantizers(qat: torch.nn.Module, arch: str, params: dict) -> torch.nn.Module:
+    """The float network holding the QAT model's weights and BN statistics: the same model as the INT8 file,
+    without its quantizers (their `_amax` ranges are the only other state)."""
+    model = get_entry(f"efficientnet-{arch}")(**params)
+    model.load_state_dict({k: v for k, v in qat.state_dict().items() if not k.endswith("._amax")})
+    return model.eval()
+
+
+def engines_table(models: dict[str, torch.nn.Module], qat: torch.nn.Module, engines: list[str], data,
+                  image_size: int, batch_size: int) -> dict[str, dict[str, float]]:
+    """Top-1 in each engine of each float model's ONNX export (by name) and of the QAT model's Q/DQ export."""
     from image_classification.batchnorm_folding import fold_batchnorm
     from image_classification.engines import open_engine
     from image_classification.export import export_onnx
     table = {}
     with tempfile.TemporaryDirectory() as tmp:
-        files = {"fp32": export_onnx(float_model.eval(), Path(tmp) / "float.onnx", image_size=image_size),
-                 "int8": export_onnx(fold_batchnorm(qat), Path(tmp) / "int8.onnx", image_size=image_size)}
+        files = {name: export_onnx(model.eval(), Path(tmp) / f"{name}.onnx", image_size=image_size)
+                 for name, model in models.items()}
+        files["int8"] = export_onnx(fold_batchnorm(qat), Path(tmp) / "int8.onnx", image_size=image_size)
         for name in engines:
             table[name] = {precision: engine_top1(open_engine(name, path), data, batch_size)
                            for precision, path in files.items()}
-            print(f"{name}: fp32 top-1 {table[name]['fp32']:.2f}, int8 {table[name]['int8']:.2f}", flush=True)
+            print(f"{name}: " + ", ".join(f"{k} top-1 {v:.2f}" for k, v in table[name].items()), flush=True)
     return table
 
 
@@ -179,11 +188,19 @@ def main(argv: list[str] | None = None) -> dict:
           f"{results['calibrated_histogram']:.2f} | {results['calibrated_max']:.2f} | "
           f"{results['calibrated_percentile']:.2f} | {results['qat']:.2f} | {results['float'] - results['qat']:.2f} |")
     if engines:
-        results["engines"] = {"torch": {"fp32": results["float"], "int8": results["qat"]},
-                              **engines_table(model, qat, engines, val_data, args.image_size, args.batch_size)}
-        print("\n| engine | fp32 top-1 | INT8 (QAT) top-1 | INT8 - fp32 |\n|---|---|---|---|")
+        # fp32: the float model QAT started from; qat_fp32: the QAT model's own weights without quantizers, the
+        # float twin of the INT8 file, so INT8 - qat_fp32 is what quantization alone costs in that engine.
+        qat_float = without_quantizers(qat, args.arch, params)
+        results["engines"] = {"torch": {"fp32": results["float"], "qat_fp32": top1(qat_float, val_data,
+                                                                                      args.batch_size),
+                                        "int8": results["qat"]},
+                              **engines_table({"fp32": model, "qat_fp32": qat_float}, qat, engines, val_data,
+                                              args.image_size, args.batch_size)}
+        print("\n| engine | fp32 top-1 (before QAT) | QAT weights, fp32 | QAT INT8 | INT8 - QAT fp32 |")
+        print("|---|---|---|---|---|")
         for name, row in results["engines"].items():
-            print(f"| {name} | {row['fp32']:.2f} | {row['int8']:.2f} | {row['int8'] - row['fp32']:+.2f} |")
+            print(f"| {name} | {row['fp32']:.2f} | {row['qat_fp32']:.2f} | {row['int8']:.2f} | "
+                  f"{row['int8'] - row['qat_fp32']:+.2f} |")
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return results
