@@ -100,7 +100,7 @@ _SIGNATURES = {
     "bn_stats": (_POINTER, _INT64, _INT64, _POINTER, _POINTER, _POINTER, _INT),
     "bn_act_forward": (_POINTER, _POINTER, _INT64, _INT64, _POINTER, _POINTER, _INT, _INT),
     "bn_act_backward_sums": (_POINTER, _POINTER, _INT64, _INT64, _POINTER, _POINTER, _POINTER, _INT, _POINTER,
-                             _POINTER, _POINTER, _INT),
+                             _POINTER, _POINTER, _POINTER, _INT),
     "bn_act_backward_input": (_POINTER, _POINTER, _POINTER, _INT64, _INT64, _POINTER, _POINTER, _POINTER, _POINTER,
                               _POINTER, _INT, _INT),
     "se_scale_sums": (_POINTER, _POINTER, _INT64, _INT64, _INT64, _POINTER, _INT),
@@ -205,18 +205,22 @@ class _TrainingBatchNormAct(torch.autograd.Function):
         rows = x.numel() // channels
         sum_g, sum_gx = x.new_empty(channels), x.new_empty(channels)
         scratch = torch.zeros(2 * channels * threads, dtype=torch.float64)
+        grad_input = torch.empty_like(x, memory_format=torch.channels_last) if ctx.needs_input_grad[0] else None
+        # With a SiLU, the sums' pass leaves dL/dy in grad_input, and the input gradient is computed over it in
+        # place: one exponential per element in the backward instead of two.
+        grad_y = grad_input if ctx.silu and grad_input is not None else None
         library.bn_act_backward_sums(_ptr(grad), _ptr(x), rows, channels, _ptr(scale), _ptr(shift), _ptr(mean),
-                                     int(ctx.silu), _ptr(sum_g), _ptr(sum_gx), _ptr(scratch), threads)
-        grad_input = None
-        if ctx.needs_input_grad[0]:
+                                     int(ctx.silu), _ptr(sum_g), _ptr(sum_gx), _ptr(grad_y) if grad_y is not None
+                                     else None, _ptr(scratch), threads)
+        if grad_input is not None:
             # dx = w·invstd·(dy - mean(dy) - x̂·mean(dy·x̂)), x̂ = (x - mean)·invstd, written as dy·k + x·p + q.
             k = weight * invstd
             c = sum_gx * invstd * invstd / rows
             p = -k * c
             q = -k * (sum_g / rows) + k * c * mean
-            grad_input = torch.empty_like(x, memory_format=torch.channels_last)
-            library.bn_act_backward_input(_ptr(grad), _ptr(x), _ptr(grad_input), rows, channels, _ptr(scale),
-                                          _ptr(shift), _ptr(k), _ptr(p), _ptr(q), int(ctx.silu), threads)
+            source, silu = (grad_y, 0) if grad_y is not None else (grad, int(ctx.silu))
+            library.bn_act_backward_input(_ptr(source), _ptr(x), _ptr(grad_input), rows, channels, _ptr(scale),
+                                          _ptr(shift), _ptr(k), _ptr(p), _ptr(q), silu, threads)
         grad_weight = sum_gx * invstd if ctx.needs_input_grad[1] else None
         grad_bias = sum_g if ctx.needs_input_grad[2] else None
         return grad_input, grad_weight, grad_bias, None, None, None, None, None

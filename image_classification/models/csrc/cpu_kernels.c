@@ -91,11 +91,12 @@ static inline float pre_activation_grad(float g, float x, float scale, float shi
     return g * s * (1.0f + y * (1.0f - s));
 }
 
-/* Backward sums: sum_g[c] = sum over rows of dL/dy, sum_gx[c] = sum of dL/dy * (x - mean).
- * scratch: 2 * C * threads doubles, zeroed. */
+/* Backward sums: sum_g[c] = sum over rows of dL/dy, sum_gx[c] = sum of dL/dy * (x - mean); dL/dy itself is
+ * also written to grad_y unless it is NULL, so that the input gradient's pass need not recompute the SiLU's
+ * exponential. scratch: 2 * C * threads doubles, zeroed. */
 void bn_act_backward_sums(const float *grad, const float *x, int64_t rows, int64_t C, const float *scale,
                           const float *shift, const float *mean, int silu, float *sum_g, float *sum_gx,
-                          double *scratch, int threads) {
+                          float *grad_y, double *scratch, int threads) {
 #pragma omp parallel num_threads(threads)
     {
         int t = omp_get_thread_num(), n = omp_get_num_threads();
@@ -109,11 +110,22 @@ void bn_act_backward_sums(const float *grad, const float *x, int64_t rows, int64
             for (int64_t c = 0; c < C; c++) f1[c] = f2[c] = 0.0f;
             for (int64_t r = r0; r < r1; r++) {
                 const float *g = grad + r * C, *in = x + r * C;
+                float *gy_row = grad_y ? grad_y + r * C : NULL;
+                if (gy_row) {
 #pragma omp simd
-                for (int64_t c = 0; c < C; c++) {
-                    float gy = pre_activation_grad(g[c], in[c], scale[c], shift[c], silu);
-                    f1[c] += gy;
-                    f2[c] += gy * (in[c] - mean[c]);
+                    for (int64_t c = 0; c < C; c++) {
+                        float gy = pre_activation_grad(g[c], in[c], scale[c], shift[c], silu);
+                        gy_row[c] = gy;
+                        f1[c] += gy;
+                        f2[c] += gy * (in[c] - mean[c]);
+                    }
+                } else {
+#pragma omp simd
+                    for (int64_t c = 0; c < C; c++) {
+                        float gy = pre_activation_grad(g[c], in[c], scale[c], shift[c], silu);
+                        f1[c] += gy;
+                        f2[c] += gy * (in[c] - mean[c]);
+                    }
                 }
             }
             for (int64_t c = 0; c < C; c++) { s1[c] += f1[c]; s2[c] += f2[c]; }
