@@ -42,7 +42,7 @@ run "e2e" bench/bench_e2e.py --iterations 15 --skip 3 --repeats 3 --json "$out/e
 run "train b0 bf16 112 bs16" bench/bench_train.py --precision bf16 --image-size 112 \
     --models ours,timm,torchvision,ours+nhwc,timm+nhwc,torchvision+nhwc --batch-sizes 16 --repeats 5 \
     --json "$out/train_b0_bf16_112.json"
-run "inference b0 bf16 224" bench/bench_inference.py --precision bf16 --models ours,ours+nhwc,timm,torchvision \
+run "inference b0 bf16 224" bench/bench_inference.py --precision bf16 --models ours,ours+nhwc,timm,torchvision,timm+nhwc,torchvision+nhwc \
     --batch-sizes 8 --repeats 10 --json "$out/inference_b0_bf16.json"
 if [ -d data/generated ]; then  # the main job's dataset (scripts/demo.sh makes it)
     run "data pipelines, 64 px" bench/bench_data.py --data data/generated --image-size 64 --batches 15 \
