@@ -72,7 +72,7 @@ def train(args: argparse.Namespace, group: str, name: str, label: str, data: Pat
     """One main-job run with `flags` in WORKSPACE/name; its row (the best and last `metric`), labelled `label`,
     skipping a run already finished."""
     workspace = args.workspace / name
-    command = ["bash", "scripts/demo.sh", "--epochs", str(epochs), *flags]
+    command = ["bash", "scripts/demo.sh", "--epochs", str(epochs), *flags, *args.main_flags]
     shown = f"DATA={data} WORKSPACE={workspace} " + shlex.join(command)
     if not finished(workspace, epochs):
         run(command, args.workspace / f"{name}.log", dict(os.environ, DATA=str(data), WORKSPACE=str(workspace)))
@@ -180,7 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--average-last", type=int, default=5, help="checkpoints the base run keeps and averages")
     p.add_argument("--bn-batches", type=int, default=30, help="training batches of the BN recomputation")
     p.add_argument("--eval-sizes", type=int, nargs="+", default=[64, 80, 96], help="evaluation sizes of the base model")
+    p.add_argument("main_flags", nargs=argparse.REMAINDER,
+                   help="after --: more main.py flags for every training run (e.g. -- -b 8 on a tiny dataset)")
     args = p.parse_args(argv)
+    args.main_flags = args.main_flags[1:] if args.main_flags[:1] == ["--"] else args.main_flags
     args.workspace = args.workspace.resolve()
     args.workspace.mkdir(parents=True, exist_ok=True)
     rows = measure(args)
