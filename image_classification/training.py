@@ -714,7 +714,10 @@ def main(args: argparse.Namespace, *, prepare_model: PrepareModel | None = None,
                                                    keep_last=args.gather_checkpoints)
                 loader = job.train_loader if job.train_loader is not None else job.val_loader
                 ckpt.write_class_names(args.workspace, list(loader.classes))
-            return evaluate(job) if args.evaluate else train(job, stop)
+            result = evaluate(job) if args.evaluate else train(job, stop)
+            # Every rank past its last collective (and rank 0 past its checkpoint) before any tears the group down.
+            ctx.barrier()
+            return result
     finally:
         if ctx.distributed:
             import torch.distributed as dist
