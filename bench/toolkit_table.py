@@ -10,8 +10,8 @@ the row added, so the rows differ from the main job only by what they name:
 
   base         the main job on the default dataset, keeping its last 5 per-epoch checkpoints
   tta / sizes  the base model validated with --tta flip, and at larger evaluation sizes (scripts/eval_sizes.py)
-  average      the base run's last --average-last checkpoints averaged (scripts/average_checkpoints.py), with and without
-               BN statistics recomputed over --bn-batches training batches
+  average      the base run's last --average-last checkpoints averaged (scripts/average_checkpoints.py),
+               with and without BN statistics recomputed over --bn-batches training batches
   swa          the main job with --swa-start (weights averaged over the last epochs, BN recomputed)
   teacher      the main job trained for --teacher-epochs (a stronger b0)
   kd           the main job distilled from the teacher (--teacher-arch/--teacher-weights)
@@ -41,6 +41,7 @@ from image_classification.logger import by_step, epoch_summaries, read_report  #
 
 PY = sys.executable
 BASE_EPOCHS = 20  # the main job's, in scripts/demo.sh
+IMAGE_SIZE = 64   # its --image-size
 
 
 @dataclass
@@ -84,8 +85,10 @@ def train(args: argparse.Namespace, group: str, name: str, label: str, data: Pat
     return Row(group, label, max(values), values[-1], minutes, [shown])
 
 
-def evaluate(args: argparse.Namespace, weights: Path, *flags: str, sizes: tuple[int, ...] = (64,)) -> list[tuple]:
-    """scripts/eval_sizes.py on `weights` (10 classes of the default dataset): its (size, crop, top1) rows."""
+def evaluate(args: argparse.Namespace, weights: Path, *flags: str,
+             sizes: tuple[int, ...] = (IMAGE_SIZE,)) -> tuple[list[tuple[int, float, float]], str]:
+    """scripts/eval_sizes.py on `weights` (10 classes of the default dataset): its (size, crop, top1) rows and
+    the command."""
     command = [PY, "scripts/eval_sizes.py", str(args.data), "-a", "efficientnet-b0", "--num_classes", "10",
                "--pretrained-from-file", str(weights), "--sizes", *map(str, sizes), "-j", "1", *flags]
     print("$ " + shlex.join(command), flush=True)
@@ -102,8 +105,8 @@ def average(args: argparse.Namespace, name: str, *flags: str) -> tuple[Path, str
     """The base run's last checkpoints averaged (once) into a file named after the row; (file, command)."""
     stem = name.replace(",", "").replace(" ", "_")
     output = args.workspace / f"{stem}.pth.tar"
-    command = [PY, "scripts/average_checkpoints.py", "--workspace", str(args.workspace / "base"), "--last", str(args.average_last),
-               "--output", str(output), *flags]
+    command = [PY, "scripts/average_checkpoints.py", "--workspace", str(args.workspace / "base"),
+               "--last", str(args.average_last), "--output", str(output), *flags]
     if not output.exists():
         run(command, args.workspace / f"{stem}.log")
     return output, shlex.join(command)
@@ -115,7 +118,8 @@ def measure(args: argparse.Namespace) -> list[Row]:
         if not (folder / "train").is_dir():
             run([PY, "-m", "image_classification.data.generated", "--output", str(folder), *extra],
                 args.workspace / f"generate_{folder.name}.log")
-    rows = [train(args, "baseline", "base", f"the main job ({args.epochs} epochs)", data, args.epochs, "--gather-checkpoints", str(args.average_last))]
+    rows = [train(args, "baseline", "base", f"the main job ({args.epochs} epochs)", data, args.epochs,
+                  "--gather-checkpoints", str(args.average_last))]
     best = args.workspace / "base" / "model_best.pth.tar"
     last = args.workspace / "base" / "checkpoint.pth.tar"
 
@@ -126,7 +130,7 @@ def measure(args: argparse.Namespace) -> list[Row]:
                  Row("evaluation", f"{label} checkpoint, --tta flip", flip[2], None, 0, [flip_command])]
     sized, command = evaluate(args, best, sizes=tuple(args.eval_sizes))
     rows += [Row("evaluation", f"best checkpoint at {size} px (crop {crop:.3f})", top1, None, 0, [command])
-             for size, crop, top1 in sized if size != 64]
+             for size, crop, top1 in sized if size != IMAGE_SIZE]
 
     for name, flags in ((f"last {args.average_last} averaged", ()),
                         (f"last {args.average_last} averaged, BN recomputed",
@@ -169,7 +173,8 @@ def format_table(rows: list[Row]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, default=ROOT / "data" / "generated", help="default dataset (generated if missing)")
+    p.add_argument("--data", type=Path, default=ROOT / "data" / "generated",
+                   help="default dataset (generated if missing)")
     p.add_argument("--transfer-data", type=Path, default=ROOT / "data" / "transfer",
                    help="the second dataset, of other classes (generated with --class-set transfer if missing)")
     p.add_argument("--workspace", type=Path, default=ROOT / "runs" / "toolkit", help="folder of every run")
@@ -179,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--finetune-lr", type=float, default=0.02, help="LR of the fine-tuning runs (scratch: the job's)")
     p.add_argument("--average-last", type=int, default=5, help="checkpoints the base run keeps and averages")
     p.add_argument("--bn-batches", type=int, default=30, help="training batches of the BN recomputation")
-    p.add_argument("--eval-sizes", type=int, nargs="+", default=[64, 80, 96], help="evaluation sizes of the base model")
+    p.add_argument("--eval-sizes", type=int, nargs="+", default=[IMAGE_SIZE, 80, 96],
+                   help="evaluation sizes of the base model")
     p.add_argument("main_flags", nargs=argparse.REMAINDER,
                    help="after --: more main.py flags for every training run (e.g. -- -b 8 on a tiny dataset)")
     args = p.parse_args(argv)

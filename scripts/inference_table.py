@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from image_classification.cli import ArgumentParser, error_message, print_error  # noqa: E402  (run as a script)
-from image_classification.logger import ReportError, read_report  # noqa: E402
+from image_classification.logger import ReportError, by_step, read_report  # noqa: E402
 
 PROG = "inference_table.py"
 
@@ -30,17 +30,13 @@ def inference_row(path: Path, prefix: str = "val") -> dict[str, float]:
     """batch_size, total_ips and the latencies (seconds) of one report: its summary, else its last epoch."""
     records = read_report(path)
     batch_size = None
-    summaries: dict[tuple, dict[str, float]] = {}  # a step's metrics come as one record per verbosity level
     for record in records:
-        step, data = record.get("step"), record.get("data") or {}
-        if record.get("type") != "LOG":
-            continue
-        if step == "PARAMETER" and "batch_size" in data:
+        data = record.get("data") or {}
+        if record.get("type") == "LOG" and record.get("step") == "PARAMETER" and "batch_size" in data:
             batch_size = data["batch_size"]
-        elif isinstance(step, list) and len(step) <= 1:
-            summaries.setdefault(tuple(step), {}).update(data)
     # The run summary ([]) is written after the epoch records ([epoch]) and wins.
-    with_speed = [data for data in summaries.values() if isinstance(data.get(f"{prefix}.total_ips"), (int, float))]
+    summaries = [data for step, data in by_step(records).items() if len(step) <= 1]
+    with_speed = [data for data in summaries if isinstance(data.get(f"{prefix}.total_ips"), (int, float))]
     metrics = with_speed[-1] if with_speed else {}
     if batch_size is None:
         match = re.search(r"raport_(\d+)", path.name)

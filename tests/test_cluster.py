@@ -234,6 +234,7 @@ def toy_flags(workspace: Path, epochs: int, *extra: str) -> list[str]:
 
 
 def free_port() -> int:
+    """A port nobody listens on now (other test runs on this machine start process groups too)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from image_classification.models import get_entry
 from image_classification.optimizers import build_optimizer
 from reports import by_step, epoch_summaries, read_report
 from runs import train
+from test_cluster import free_port
 from test_multiproc import WORKER
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,13 +182,6 @@ def test_flags_are_in_the_help(capsys):
 
 # --- two processes ----------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    """A port nobody listens on now (other test runs on this machine start process groups too)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _gloo_run(tmp_path: Path, name: str, nproc: int, batch: int, teacher: Path, *extra: str) -> Path:
     """test_multiproc's worker (BN-free tiny model, rank-sharded in-memory data), distilled from `teacher`."""
     worker = tmp_path / "worker.py"
@@ -199,7 +192,7 @@ def _gloo_run(tmp_path: Path, name: str, nproc: int, batch: int, teacher: Path, 
              "--print-freq", "2", "--workspace", str(workspace), "--device", "cpu", "-j", "0",
              "--teacher-arch", "tiny-bn-free", "--teacher-weights", str(teacher), "--kd-alpha", "0.6",
              "--kd-temperature", "3", "--dist-backend", "gloo", *extra]
-    command = [sys.executable, "multiproc.py", "--nproc_per_node", str(nproc), "--master_port", str(_free_port()),
+    command = [sys.executable, "multiproc.py", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
                str(worker), *flags]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -3,7 +3,6 @@ one process and in two gloo processes (multiproc.py), each run a real main.py jo
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,14 +12,9 @@ import torch
 
 from image_classification.models import get_entry
 from reports import by_step, epoch_summaries, read_report
+from test_cluster import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +48,7 @@ def test_finetune_distil_swa_and_tta_flags_run_together(generated, weights, tmp_
         command = [sys.executable, "main.py", *flags]
     else:
         command = [sys.executable, "multiproc.py", "--nproc_per_node", str(nproc), "--master_port",
-                   str(_free_port()), "main.py", *flags, "--dist-backend", "gloo"]
+                   str(free_port()), "main.py", *flags, "--dist-backend", "gloo"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
