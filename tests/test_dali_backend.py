@@ -154,3 +154,70 @@ def test_validation_reuse_after_a_decode_failure(flawed_val):
     for batches, count in others:
         assert count == bad
         assert_same_batches(batches, first)
+
+
+# --- no DALI threads for a forked DataLoader worker to wait for ----------------------------------------------
+
+def live_pipelines() -> int:
+    from nvidia.dali import Pipeline
+    return sum(1 for ref in list(Pipeline._pipes) if ref() is not None)
+
+
+@pytest.mark.parametrize("kind", ["train", "val"])
+def test_pipelines_are_shut_down_when_a_loader_is_done_with_them(generated, kind):
+    """A whole epoch, an epoch stopped early (--prof, a signal) and close(): no pipeline left running, so no forked
+    worker can inherit one to finalize; a loader dropped without close() frees its pipeline at once."""
+    before = live_pipelines()
+    data_loader = loader(kind, generated)
+    epoch(data_loader)
+    assert live_pipelines() - before == (1 if kind == "val" else 0)  # validation keeps its pipeline for the next pass
+    data_loader.set_epoch(1)
+    batches = iter(data_loader)
+    next(batches)
+    del batches  # the consumer stopped after one batch
+    data_loader.close()
+    assert live_pipelines() == before
+    epoch(data_loader)
+    del data_loader  # dropped without close(): nothing keeps its pipeline alive in a reference cycle
+    assert live_pipelines() == before
+
+
+DEADLOCK = """
+import gc, os, sys
+from nvidia.dali import fn, pipeline_def, types
+from image_classification.context import ExecutionContext
+from image_classification.data import build_train_loader
+
+@pipeline_def(batch_size=2, num_threads=2, device_id=None)
+def graph():
+    return fn.random.uniform(shape=[4], dtype=types.FLOAT)
+
+class Holder:  # a pipeline in a reference cycle: only the garbage collector frees it
+    pass
+holder = Holder()
+holder.pipe, holder.me = graph(), holder
+holder.pipe.build()
+holder.pipe.run()
+del holder
+gc.disable()  # the garbage survives until the fork ...
+os.register_at_fork(after_in_child=gc.collect)  # ... and the child collects it, as a worker's allocations may
+loader = build_train_loader("pytorch", sys.argv[1], image_size=16, batch_size=4, ctx=ExecutionContext(),
+                            num_classes=3, workers=2, seed=0)
+loader.set_epoch(0)
+print("batches", sum(1 for _ in loader))
+loader.close()
+"""
+
+
+@pytest.mark.slow
+def test_dataloader_workers_survive_a_dropped_dali_pipeline(generated):
+    """The hang of issue 25: a process holding an unreferenced DALI pipeline forks DataLoader workers, whose garbage
+    collector finalizes it and waits for DALI threads that do not exist in the child. The workers start from a
+    forkserver instead, and the epoch completes."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", DEADLOCK, str(generated)], cwd=root, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "batches 6" in done.stdout

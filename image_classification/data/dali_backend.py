@@ -38,6 +38,7 @@ import io
 import logging
 import re
 import warnings
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 
@@ -236,6 +237,16 @@ def is_decode_failure(err: Exception) -> bool:
     return DECODER_FAILURE.search(str(err)) is not None
 
 
+def shutdown(pipe) -> None:
+    """Stop a pipeline's executor threads now, in the process that started them.
+
+    DALI stops them in `Pipeline.__del__`. Left to the garbage collector, that may run in a forked child (a
+    DataLoader worker) that inherited the pipeline but not its threads, where the executor's destructor waits
+    for them forever. `_shutdown` is that destructor's body; afterwards the object holds no threads.
+    """
+    pipe._shutdown()
+
+
 def _probe_graph(source: Callable, decoder: str):
     fn, types, _ = dali_modules()
     encoded = fn.external_source(source=source, batch=True, dtype=types.UINT8)
@@ -325,6 +336,10 @@ class DaliLoader(Loader):
         raise DataError(f"none of the {len(samples)} images under {self.index.root} could be read")
 
     def _source(self, batches: list[list[int]], first: int) -> Callable:
+        # The pipeline holds the source: a strong reference back to the loader would make loader and kept
+        # pipeline a cycle, left to the garbage collector when a user drops the loader without close().
+        loader = weakref.proxy(self)
+
         def source(info):
             # DALI numbers iterations from the pipeline's first batch, also after restoring a checkpoint.
             number = first + info.iteration
@@ -332,12 +347,12 @@ class DaliLoader(Loader):
                 raise StopIteration
             encoded, labels, unreadable = [], [], 0
             for index in batches[number]:
-                sample, bad = self._resolve(index)
+                sample, bad = loader._resolve(index)
                 unreadable += bad
                 if sample is not None:
                     encoded.append(sample[1])
                     labels.append(sample[2])
-            self._unreadable[number] = unreadable
+            loader._unreadable[number] = unreadable
             return encoded, np.asarray(labels, dtype=np.int64)
         return source
 
@@ -368,7 +383,7 @@ class DaliLoader(Loader):
         except RuntimeError:
             return False
         finally:
-            del pipe
+            shutdown(pipe)
 
     def _find_bad_files(self, batch: list[int]) -> int:
         """Probe the files a failed batch was built from; record those DALI cannot decode; return how many."""
@@ -397,8 +412,10 @@ class DaliLoader(Loader):
         return state
 
     def close(self) -> None:
-        """Release the kept validation pipeline (its threads and buffers)."""
-        self._kept = None
+        """Shut down the kept validation pipeline (its threads and buffers)."""
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            shutdown(kept[0])
 
     # --- iteration --------------------------------------------------------------------------------------
 
@@ -449,20 +466,23 @@ class DaliLoader(Loader):
         while number < len(batches):
             pipe, first = self._start(batches, epoch, number, resumed)
             resumed = None
-            while number < len(batches):
-                try:
-                    outputs = pipe.run()
-                except RuntimeError as err:
-                    if not is_decode_failure(err) or not self._find_bad_files(batches[number]):
-                        raise
-                    log.info("rebuilding the DALI pipeline after a decode failure in batch %d", number)
-                    break
-                number += 1
-                if not self.train and first == 0 and number == len(batches):
-                    self._kept = pipe, batches
-                # Taken now (10-200 us), not at state_dict(): on a GPU run the consumer is a batch behind.
-                yield number - 1, outputs, (pipe.checkpoint(), first) if self.train else None
-            del pipe
+            try:
+                while number < len(batches):
+                    try:
+                        outputs = pipe.run()
+                    except RuntimeError as err:
+                        if not is_decode_failure(err) or not self._find_bad_files(batches[number]):
+                            raise
+                        log.info("rebuilding the DALI pipeline after a decode failure in batch %d", number)
+                        break
+                    number += 1
+                    if not self.train and first == 0 and number == len(batches):
+                        self._kept = pipe, batches
+                    # Taken now (10-200 us), not at state_dict(): on a GPU run the consumer is a batch behind.
+                    yield number - 1, outputs, (pipe.checkpoint(), first) if self.train else None
+            finally:  # also when the consumer stops early (--prof, a signal) and the generator is closed
+                if self._kept is None or self._kept[0] is not pipe:
+                    shutdown(pipe)
 
     def _start(self, batches: list[list[int]], epoch: int, number: int, resumed: dict | None) -> tuple[object, int]:
         """(pipeline, the batch it starts at) for iterating from batch `number` on.
@@ -481,7 +501,8 @@ class DaliLoader(Loader):
         kept, self._kept = self._kept, None
         if kept is not None and number == 0 and kept[1] == batches and self._rewind(kept[0]):
             return kept[0], 0
-        del kept  # a kept pipeline that does not fit is freed before its successor is built
+        if kept is not None:  # a kept pipeline that does not fit is shut down before its successor is built
+            shutdown(kept[0])
         return self._pipeline(batches, number, epoch_seed(self.seed, epoch, self.ctx.rank, number)), number
 
     @staticmethod
