@@ -8,10 +8,16 @@
 
 Each process gets WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT from torch.distributed.run
 (torchrun) and joins the process group: NCCL on GPUs, gloo on CPU. `torchrun` itself works the same way.
+
+SIGTERM or SIGINT (to this process or to its process group) reaches every worker as SIGTERM: each finishes its
+step, saves, and exits 75; so does multiproc.py, as main.py does. (torchrun's own handling would send the signal,
+give the workers 30 s, kill them, and exit 1 with a traceback.) A second SIGINT reaches them as SIGINT: abort.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -44,16 +50,60 @@ def torchrun_argv(args: argparse.Namespace) -> list[str]:
             args.training_script, *args.training_script_args]
 
 
+def children() -> list[int]:
+    """The PIDs of this process's children (torchrun's workers), from /proc."""
+    pids = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/children") as f:
+                pids += [int(pid) for pid in f.read().split()]
+        except OSError:  # a thread that has just ended
+            pass
+    return pids
+
+
+class ForwardStop:
+    """SIGTERM/SIGINT handlers that pass the stop on to the workers, as SIGTERM (finish the step, save, exit 75);
+    a second SIGINT passes on as SIGINT, which aborts them. A signal before any worker runs ends the launch."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum: int, frame) -> None:
+        again = bool(self.received)
+        self.received.append(signum)
+        workers = children()
+        if not workers:
+            raise SystemExit(EXIT_INTERRUPTED)  # torchrun's clean-up runs on the way out
+        forwarded = signal.SIGINT if again and signum == signal.SIGINT else signal.SIGTERM
+        for pid in workers:
+            try:
+                os.kill(pid, forwarded)
+            except ProcessLookupError:
+                pass
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse the reference's launcher flags and hand over to torchrun (which exits with the workers' status)."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = torchrun_argv(args)
+    if os.path.isdir("/proc/self/task"):
+        # torchrun handles the other signals as it does; SIGTERM and SIGINT are ours to pass on.
+        argv = ["--signals-to-handle=SIGHUP,SIGQUIT", *argv]
+        ForwardStop().install()
     try:
-        torchrun.main(torchrun_argv(args))
+        torchrun.main(argv)
     except ChildFailedError as err:
         codes = {f.exitcode for f in err.failures.values()}
-        if codes == {EXIT_INTERRUPTED}:  # every failed process stopped on a signal after saving: pass that on
+        # A rank exits 75 only past the barrier that follows rank 0's checkpoint: the run is saved, and ranks
+        # that torchrun then stopped with a signal (as it stops the others once one has exited) lost nothing.
+        if EXIT_INTERRUPTED in codes and codes <= {EXIT_INTERRUPTED, -signal.SIGTERM, -signal.SIGINT, -signal.SIGKILL}:
             print(f"multiproc.py: {args.training_script} stopped by a signal; continue with --resume",
                   file=sys.stderr)
             raise SystemExit(EXIT_INTERRUPTED) from None

@@ -59,7 +59,8 @@ data.build_val_loader = lambda backend, d, *, batch_size, ctx, seed=None, **kw: 
 
 sys.argv[0] = "main.py"
 import main
-main.main()
+from image_classification.cli import exit_status
+raise SystemExit(exit_status(main.main()))
 '''
 
 
@@ -116,3 +117,43 @@ def test_a_failing_worker_is_named_and_the_launcher_exits_non_zero(tmp_path):
                              str(worker)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert f"multiproc.py: {worker} failed on rank 0 (exit 3)" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["pid", "group"])
+def test_sigterm_saves_every_worker_and_the_launcher_exits_75(tmp_path, target):
+    """SIGTERM to multiproc.py (its PID, or its process group as a scheduler sends it): the workers finish their
+    step and save; the launcher passes on their 75 in one line, without torchrun's traceback."""
+    import os
+    import signal
+    import time
+    from test_cluster import free_port
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER.format(root=str(ROOT), tests=str(ROOT / "tests")))
+    workspace = tmp_path / "ws"
+    command = [sys.executable, "multiproc.py", "--nproc_per_node", "2", "--master_port", str(free_port()),
+               str(worker), "--arch", "tiny-bn-free", "--data-backend", "synthetic", "-b", "4", "--epochs", "1000",
+               "--print-freq", "1", "--workspace", str(workspace), "--device", "cpu", "-j", "0", "--dist-backend",
+               "gloo"]
+    out = tmp_path / "stdout"
+    with open(out, "w") as stdout:
+        launcher = subprocess.Popen(command, cwd=ROOT, stdout=stdout, stderr=subprocess.PIPE, text=True,
+                                    start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            deadline = time.monotonic() + 120
+            while "Epoch: 1 " not in out.read_text() and time.monotonic() < deadline and launcher.poll() is None:
+                time.sleep(0.2)
+            assert launcher.poll() is None, launcher.stderr.read()[-3000:]
+            if target == "pid":
+                os.kill(launcher.pid, signal.SIGTERM)
+            else:
+                os.killpg(launcher.pid, signal.SIGTERM)
+            _, stderr = launcher.communicate(timeout=120)
+        finally:
+            if launcher.poll() is None:
+                os.killpg(launcher.pid, signal.SIGKILL)
+    assert launcher.returncode == 75, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == f"multiproc.py: {worker} stopped by a signal; continue with --resume"
+    saved = torch.load(workspace / "checkpoint.pth.tar", weights_only=True)
+    assert saved["epoch"] >= 1 and len(saved["rng"]) == 2
