@@ -2,8 +2,8 @@
 
 Keys: epoch (next epoch to run), best_prec1, state_dict, optimizer, state_dict_ema (with --use-ema) as the
 reference; and scaler, rng, iteration (next batch of `epoch`, non-zero for a checkpoint taken mid-epoch by
-SIGTERM), data_seed, epochs_without_improvement, arch, args. Everything is a tensor or a plain container,
-so files load with `weights_only=True`.
+SIGTERM), data_seed, epochs_without_improvement, arch, classes (the class names in index order), args.
+Everything is a tensor or a plain container, so files load with `weights_only=True`.
 
 Files in the workspace, as the reference names them: <prefix><checkpoint-filename> (latest; quant_main.py's
 prefix is quantized_), model_best.pth.tar (best val top-1) and, with --gather-checkpoints N, the last N of
@@ -52,10 +52,10 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], None], needed: int) ->
         if not _write_unnamed(path, write):
             _write_named(path, write)
     except Exception as err:  # noqa: BLE001 - torch.save reports a full disk as RuntimeError
-        full = _disk_full_message(err, path, needed)
-        if full is None:
+        message = _write_failure_message(err, path, needed)
+        if message is None:
             raise
-        raise CheckpointError(full) from None
+        raise CheckpointError(message) from None
     # Make the rename itself durable.
     try:
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -117,19 +117,33 @@ def _umask() -> int:
     return mask
 
 
-def _disk_full_message(err: BaseException, path: Path, needed: int) -> str | None:
-    """One line for a write that failed for lack of space (ENOSPC/EDQUOT, or torch.save's own error while the
-    folder has less free space than the file needs); None for any other failure."""
+def _write_failure_message(err: BaseException, path: Path, needed: int) -> str | None:
+    """One line for a write that failed because the file system is read-only or full (ENOSPC/EDQUOT, or
+    torch.save's own error while the folder has less free space than the file needs); None for any other
+    failure. The error's own reason comes first: a small read-only file system is not a full one."""
+    if isinstance(err, OSError) and err.errno == errno.EROFS or _read_only(path.parent):
+        return f"cannot write {path}: its file system is read-only; the previous file is kept"
     try:
         free = shutil.disk_usage(path.parent).free
     except OSError:
         free = None
-    no_space = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
-    if not no_space and (free is None or free >= needed):
+    if isinstance(err, OSError):
+        no_space = err.errno in (errno.ENOSPC, errno.EDQUOT)
+    else:  # torch.save's RuntimeError carries no error number
+        no_space = free is not None and free < needed
+    if not no_space:
         return None
     space = f"{_size(free)} free" if free is not None else "free space unknown"
     return (f"cannot write {path}: no space left on its file system ({space}, about {_size(needed)} needed); "
             "the previous file is kept")
+
+
+def _read_only(folder: Path) -> bool:
+    """Whether `folder` is on a file system mounted read-only."""
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def _size(n: int) -> str:
@@ -277,6 +291,27 @@ def write_class_names(workspace: str | Path, classes: list[str]) -> None:
 
 
 # --- reading --------------------------------------------------------------------------------------------------
+
+def class_difference(classes: list[str], recorded: list[str]) -> str | None:
+    """How `classes` differ from the `recorded` ones of a checkpoint (index order matters), in words; None if equal."""
+    classes, recorded = list(classes), list(recorded)
+    if classes == recorded:
+        return None
+    if len(classes) != len(recorded):
+        return f"{len(classes)} classes, the checkpoint {len(recorded)}"
+    index = next(i for i, (a, b) in enumerate(zip(classes, recorded)) if a != b)
+    return f"class {index} is {classes[index]!r}, in the checkpoint {recorded[index]!r}"
+
+
+def check_classes(saved: dict, path: str | Path, classes: list[str]) -> None:
+    """Refuse to resume on data whose classes are not the checkpoint's, in its order (class i must stay class i);
+    checkpoints written before class names were recorded are not checked."""
+    recorded = saved.get("classes")
+    difference = None if recorded is None else class_difference(classes, recorded)
+    if difference is not None:
+        raise CheckpointError(f"--resume {path}: the data's classes are not those the checkpoint was trained on "
+                              f"({difference}); resume on the data it was trained on")
+
 
 def load_checkpoint(path: str | Path) -> dict:
     """Read a training checkpoint for --resume (weights_only), or raise CheckpointError saying what is wrong."""

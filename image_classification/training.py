@@ -389,8 +389,9 @@ def resume_from(saved: dict, path: str, engine: Engine, state: RunState, train_l
                  + f", best top-1 {state.best_prec1:.2f}")
 
 
-def checkpoint_state(engine: Engine, state: RunState, args) -> dict:
-    """The checkpoint dict (reference keys first), without the per-rank entries save_checkpoint gathers."""
+def checkpoint_state(engine: Engine, state: RunState, args, classes: list[str]) -> dict:
+    """The checkpoint dict (reference keys first), without the per-rank entries save_checkpoint gathers;
+    `classes`: the class names in index order (classify.py prints them, --resume compares them)."""
     out = {
         "epoch": state.epoch,
         "best_prec1": state.best_prec1,
@@ -413,6 +414,7 @@ def checkpoint_state(engine: Engine, state: RunState, args) -> dict:
         "history": state.history,
         "world_size": engine.ctx.world_size,
         "arch": args.arch,
+        "classes": list(classes),
         "args": ckpt.plain_args(args),
     })
     return out
@@ -712,8 +714,7 @@ def main(args: argparse.Namespace, *, prepare_model: PrepareModel | None = None,
             if ctx.is_main_process and job.args.save_checkpoints and not args.evaluate:
                 job.writer = ckpt.CheckpointWriter(args.workspace, filename=checkpoint_prefix + args.checkpoint_filename,
                                                    keep_last=args.gather_checkpoints)
-                loader = job.train_loader if job.train_loader is not None else job.val_loader
-                ckpt.write_class_names(args.workspace, list(loader.classes))
+                ckpt.write_class_names(args.workspace, job.classes)
             result = evaluate(job) if args.evaluate else train(job, stop)
             # Every rank past its last collective (and rank 0 past its checkpoint) before any tears the group down.
             ctx.barrier()
@@ -738,6 +739,12 @@ class Job:
     val_loader: object | None        # None with --training-only
     logger: Logger
     writer: ckpt.CheckpointWriter | None = None   # rank 0 of a run that saves checkpoints
+
+    @property
+    def classes(self) -> list[str]:
+        """The data's class names in index order."""
+        loader = self.train_loader if self.train_loader is not None else self.val_loader
+        return list(loader.classes)
 
     def __enter__(self) -> "Job":
         return self
@@ -782,6 +789,8 @@ def setup_run(args, ctx: ExecutionContext, prepare_model: PrepareModel | None, c
         state.data_seed = int(saved.get("data_seed", state.data_seed))
     stage = schedule.settings(min(int(saved["epoch"]) if saved is not None else 0, schedule.epochs - 1))
     train_loader, val_loader = build_loaders(args, ctx, stage, eval_size, state.data_seed)
+    if saved is not None:
+        ckpt.check_classes(saved, args.resume, (train_loader if train_loader is not None else val_loader).classes)
     model = model.to(ctx.device, memory_format=ctx.memory_format)
     if prepare_model is not None:
         prepare_model(args, model, train_loader, ctx, logger)
@@ -830,7 +839,7 @@ def save_checkpoint(job: Job, *, is_best: bool) -> None:
         per_rank.update(loader=job.train_loader.state_dict(), epoch_meter=state.epoch_meter)
     per_rank = gather_rank_states(ctx, **per_rank)
     if job.writer is not None:
-        job.writer.save({**checkpoint_state(job.engine, state, job.args), **per_rank}, is_best=is_best)
+        job.writer.save({**checkpoint_state(job.engine, state, job.args, job.classes), **per_rank}, is_best=is_best)
 
 
 def finish_swa(job: Job) -> dict[str, float]:
@@ -849,7 +858,7 @@ def finish_swa(job: Job) -> dict[str, float]:
     save_checkpoint(job, is_best=False)
     if job.writer is not None:
         path = job.writer.workspace / SWA_FILE
-        ckpt.atomic_save(swa_checkpoint(checkpoint_state(engine, state, args), engine.swa), path)
+        ckpt.atomic_save(swa_checkpoint(checkpoint_state(engine, state, args, job.classes), engine.swa), path)
         job.logger.print(f"=> SWA: {engine.swa.n_averaged} epochs averaged, BN statistics updated; saved {path}")
     return record
 

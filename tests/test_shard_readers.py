@@ -190,6 +190,27 @@ def test_main_resumed_from_shards_mid_epoch_equals_the_uninterrupted_run(shards,
     assert all(torch.equal(expected[name], resumed[name]) for name in expected)
 
 
+def test_resume_on_shards_listing_the_classes_in_another_order_is_refused(shards, tmp_path, monkeypatch):
+    """Class i must stay class i: the checkpoint records the class names, --resume compares them, and the
+    workspace's classes.txt (which classify.py reads) is left as the run wrote it."""
+    monkeypatch.setitem(models._REGISTRY, tiny_model.NAME, tiny_model.TinyEntry())
+    workspace = tmp_path / "ws"
+    train(shard_run(shards, workspace, "--epochs", "1"))
+    checkpoint = workspace / "checkpoint.pth.tar"
+    classes = torch.load(checkpoint, weights_only=True)["classes"]
+    assert classes == (shards / "classes.txt").read_text().split()
+    reordered = tmp_path / "reordered"
+    shutil.copytree(shards, reordered)
+    (reordered / "classes.txt").write_text("".join(f"{name}\n" for name in reversed(classes)))
+    written = (workspace / "classes.txt").read_text()
+    with pytest.raises(ValueError) as refused:
+        train(shard_run(reordered, workspace, "--resume", str(checkpoint)))
+    assert str(refused.value) == (f"--resume {checkpoint}: the data's classes are not those the checkpoint was trained "
+                                  f"on (class 0 is {classes[-1]!r}, in the checkpoint {classes[0]!r}); resume on the "
+                                  "data it was trained on")
+    assert (workspace / "classes.txt").read_text() == written
+
+
 # --- damaged shards -------------------------------------------------------------------------------------------
 
 def member_offsets(path: Path) -> dict[str, tuple[int, int]]:

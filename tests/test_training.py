@@ -663,6 +663,7 @@ def test_fp16_skipped_steps_are_normal_until_too_many_in_a_row():
 
 # --- the workspace -------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_full_disk_is_one_line_naming_the_file_and_keeps_the_previous_checkpoint(tmp_path):
     if shutil.which("unshare") is None:
         pytest.skip("needs unshare (util-linux) to mount a small tmpfs")
@@ -690,6 +691,29 @@ def test_full_disk_is_one_line_naming_the_file_and_keeps_the_previous_checkpoint
     listing = result.stdout.split()
     assert "checkpoint.pth.tar" in listing and not [n for n in listing if n.endswith(".tmp")]
     assert "epoch 1" in result.stdout  # the first epoch's checkpoint, intact
+
+
+@pytest.mark.slow
+def test_a_small_read_only_file_system_is_reported_as_read_only(tmp_path):
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux) to mount a small tmpfs")
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot create a mount namespace here: {probe.stderr.decode().strip()}")
+    train(run_args(tmp_path / "ws", "--run-epochs", "1", "--training-only"))
+    small = tmp_path / "small"
+    small.mkdir()
+    command = shlex.join([sys.executable, "checkpoint2model.py", "--checkpoint-path",
+                          str(tmp_path / "ws" / "checkpoint.pth.tar"), "--weight-path", str(small / "weights.pth")])
+    # 64 KiB, less than the weights need: the free-space comparison alone would call it full.
+    script = f"mount -t tmpfs -o size=64k tmpfs {shlex.quote(str(small))} && mount -o remount,ro " \
+             f"{shlex.quote(str(small))} && {command}"
+    result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"checkpoint2model.py: error: cannot write {small / 'weights.pth'}: its file system is read-only; the previous "
+        "file is kept"]
 
 
 def test_no_temporary_file_survives_a_killed_write_and_files_follow_the_umask(tmp_path):
