@@ -105,7 +105,7 @@ def build_teacher(arch: str, weights: str, num_classes: int) -> nn.Module:
         raise UserError(f"unknown --teacher-arch {arch!r}; available: {', '.join(sorted(models))}, or "
                         f"{TIMM_PREFIX}<model> for a timm model")
     teacher = models[arch](num_classes=num_classes)
-    load_weights(teacher, weights)
+    load_weights(teacher, weights, arch=arch, arch_flag="--teacher-arch")
     return teacher
 
 

@@ -19,6 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
+from .checkpoint import class_difference
 from .cli import EXIT_ERROR, USER_ERRORS, ArgumentParser, Number, UserError, error_message, print_error
 from .context import ExecutionContext, create_context
 from .data.loader import Normalizer
@@ -26,7 +27,7 @@ from .data.pytorch_backend import load_rgb, val_transform
 from .engines import ENGINES, Engine, TorchEngine, onnx_io_sizes, open_engine
 from .models import available_models, get_entry, parse_model_flags
 from .models.quantized import require_ranges
-from .models.weights import WeightsError
+from .models.weights import WeightsError, recorded_classes
 from .tta import TTA_MODES
 
 PROG = "classify.py"
@@ -53,20 +54,31 @@ def read_class_names(path: str | Path) -> list[str]:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as err:
         raise UserError(f"--class-names {path}: cannot read ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"--class-names {path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+                        f"{err.start}); give one class name per line") from None
     names = [line.strip() for line in lines]
     while names and not names[-1]:
         names.pop()
     return names
 
 
-def class_names(num_classes: int, names_file: str | Path | None = None) -> list[str]:
-    """Names for each output: from `names_file`, else ImageNet's for 1000 classes, else the class indices."""
+def class_names(num_classes: int, names_file: str | Path | None = None, recorded: list[str] | None = None
+                ) -> list[str]:
+    """Names for each output: from `names_file`, else those the weights' checkpoint `recorded`, else ImageNet's
+    for 1000 classes, else the class indices. A `names_file` that disagrees with `recorded` is warned about."""
     if names_file is not None:
         names = read_class_names(names_file)
         if len(names) != num_classes:
             raise UserError(f"--class-names {names_file} lists {len(names)} classes, the model has {num_classes} "
                              "(--num_classes)")
+        difference = None if recorded is None else class_difference(names, recorded)
+        if difference is not None:
+            print(f"{PROG}: warning: --class-names {names_file} is not the class list the checkpoint was trained on "
+                  f"({difference}); printing the file's names", file=sys.stderr)
         return names
+    if recorded is not None and len(recorded) == num_classes:
+        return list(recorded)
     if num_classes == IMAGENET_CLASSES:
         return imagenet_class_names()
     return [str(i) for i in range(num_classes)]
@@ -237,7 +249,9 @@ def build_classifier(args: argparse.Namespace) -> Classifier:
     if args.engine != "torch":
         return build_engine_classifier(args)
     entry = get_entry(args.arch)
-    names = class_names(args.model_args.num_classes, args.class_names)
+    weights = args.model_args.pretrained_from_file
+    names = class_names(args.model_args.num_classes, args.class_names,
+                        recorded_classes(weights) if weights else None)
     ctx = create_context(device="cpu" if args.cpu else None, amp=args.precision == "AMP",
                          amp_flags=("--precision AMP (the default)", "pass --precision FP32"))
     model = entry(**vars(args.model_args))

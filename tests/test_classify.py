@@ -118,6 +118,47 @@ def test_imagenet_names_by_default_and_indices_for_other_class_counts(files, cap
     assert all(LINE.match(line)["name"] in {str(i) for i in range(10)} for line in out.splitlines()[1:])
 
 
+def test_the_checkpoints_class_names_are_printed_and_a_names_file_that_disagrees_is_warned_about(files, tmp_path,
+                                                                                                 capsys):
+    names = [f"kind_{i}" for i in range(10)]
+    checkpoint = tmp_path / "checkpoint.pth.tar"
+    torch.save({"state_dict": torch.load(files / "b0_10.pth", weights_only=True), "arch": "efficientnet-b0",
+                "classes": names}, checkpoint)
+    argv = ["--arch", "efficientnet-b0", "--pretrained-from-file", str(checkpoint), "--num_classes", "10",
+            "--image", str(files / "gray.jpg"), "--image-size", str(SIZE), "--cpu", "--precision", "FP32"]
+    code, out, err = _run(capsys, argv)
+    assert code == 0 and err == ""
+    assert all(LINE.match(line)["name"] in names for line in out.splitlines()[1:])
+    code, out, err = _run(capsys, [*argv, "--class-names", str(files / "classes.txt")])
+    assert code == 0
+    assert err.strip() == (f"classify.py: warning: --class-names {files / 'classes.txt'} is not the class list the "
+                           "checkpoint was trained on (class 0 is 'class_00', in the checkpoint 'kind_0'); printing "
+                           "the file's names")
+    assert all(LINE.match(line)["name"].startswith("class_") for line in out.splitlines()[1:])
+
+
+def test_weights_of_another_arch_recorded_in_the_checkpoint_are_named_in_one_line(files, tmp_path, capsys):
+    checkpoint = tmp_path / "widese.pth.tar"
+    torch.save({"state_dict": torch.load(files / "widese_10.pth", weights_only=True),
+                "arch": "efficientnet-widese-b0"}, checkpoint)
+    code, out, err = _run(capsys, ["--arch", "efficientnet-b0", "--pretrained-from-file", str(checkpoint),
+                                   "--num_classes", "10", "--image", str(files / "gray.jpg")])
+    assert code == 1 and out == ""
+    assert err.strip() == (f"classify.py: error: {checkpoint}: holds efficientnet-widese-b0 weights (as the checkpoint "
+                           "records), the model is efficientnet-b0; use --arch efficientnet-widese-b0")
+
+
+def test_a_names_file_that_is_not_utf8_is_one_line(files, tmp_path, capsys):
+    names = tmp_path / "latin1.txt"
+    names.write_bytes("".join(f"cl\xe4ss {i}\n" for i in range(10)).encode("latin-1"))
+    code, out, err = _run(capsys, ["--arch", "efficientnet-b0", "--pretrained-from-file", str(files / "b0_10.pth"),
+                                   "--num_classes", "10", "--class-names", str(names), "--image",
+                                   str(files / "gray.jpg")])
+    assert code == 1 and out == ""
+    assert err.strip() == (f"classify.py: error: --class-names {names}: not UTF-8 text (byte 0xe4 at offset 2); give "
+                           "one class name per line")
+
+
 def test_bad_images_are_reported_and_the_others_still_classified(files, capsys):
     good = str(files / "gray.jpg")
     code, out, err = _run(capsys, ["--arch", "efficientnet-b0", "--image", str(files / "missing.png"),

@@ -172,6 +172,21 @@ def test_unknown_teacher_arch_lists_the_registry(tmp_path):
         distillation.build_teacher("resnet50", str(tmp_path / "x.pth"), 4)
 
 
+def test_another_archs_checkpoint_as_student_or_teacher_weights_names_both_archs(tmp_path):
+    """main.py --pretrained-from-file and --teacher-weights: one line naming the arch the checkpoint records."""
+    train(run_args(tmp_path / "b1", None, "--arch", "efficientnet-b1", "--epochs", "1", "--prof", "1",
+                   "--training-only"))
+    checkpoint = tmp_path / "b1" / "checkpoint.pth.tar"
+    with pytest.raises(UserError) as refused:
+        train(run_args(tmp_path / "student", None, "--pretrained-from-file", str(checkpoint)))
+    assert str(refused.value) == (f"{checkpoint}: holds efficientnet-b1 weights (as the checkpoint records), the model "
+                                  "is efficientnet-b0; use --arch efficientnet-b1")
+    with pytest.raises(UserError) as refused:
+        train(run_args(tmp_path / "distilled", checkpoint))
+    assert str(refused.value) == (f"--teacher-weights {checkpoint}: holds efficientnet-b1 weights (as the checkpoint records), the model "
+                                  "is efficientnet-b0; use --teacher-arch efficientnet-b1")
+
+
 def test_flags_are_in_the_help(capsys):
     with pytest.raises(SystemExit):
         parse_args(["-h"])

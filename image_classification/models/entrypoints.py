@@ -47,7 +47,7 @@ class EntryPoint:
                 raise UserError(f"{self.name} has no published NGC weights; use --pretrained-from-file")
             load_pretrained(model, self.pretrained_url, reset_classifier=reset_classifier)
         elif pretrained_from_file:
-            load_weights(model, pretrained_from_file, reset_classifier=reset_classifier)
+            load_weights(model, pretrained_from_file, reset_classifier=reset_classifier, arch=self.name)
         return model
 
     def parser(self) -> argparse.ArgumentParser:

@@ -148,10 +148,32 @@ def fit_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], sou
     return fitted
 
 
-def load_weights(model: nn.Module, path: str | Path, ema: bool = False, reset_classifier: bool = False) -> None:
-    """Load a state-dict file or training checkpoint into `model`, strictly after fitting."""
-    state_dict = extract_state_dict(load_file(path), ema=ema, source=str(path))
-    model.load_state_dict(fit_state_dict(model, state_dict, source=str(path), reset_classifier=reset_classifier))
+def load_weights(model: nn.Module, path: str | Path, ema: bool = False, reset_classifier: bool = False,
+                 arch: str | None = None, arch_flag: str = "--arch") -> None:
+    """Load a state-dict file or training checkpoint into `model`, strictly after fitting.
+
+    `arch` is the model's name: weights that do not fit and come from a checkpoint recording another arch are
+    refused in one line naming both (and `arch_flag`, the flag that chose the model) instead of a key listing.
+    """
+    saved = load_file(path)
+    state_dict = extract_state_dict(saved, ema=ema, source=str(path))
+    try:
+        fitted = fit_state_dict(model, state_dict, source=str(path), reset_classifier=reset_classifier)
+    except WeightsError:
+        recorded = saved.get("arch")
+        if arch is None or not isinstance(recorded, str) or recorded == arch:
+            raise
+        raise WeightsError(f"{path}: holds {recorded} weights (as the checkpoint records), the model is {arch}; "
+                           f"use {arch_flag} {recorded}") from None
+    model.load_state_dict(fitted)
+
+
+def recorded_classes(path: str | Path) -> list[str] | None:
+    """The class names a training checkpoint records (index order), or None (plain weights, older files)."""
+    classes = load_file(path).get("classes")
+    if isinstance(classes, (list, tuple)) and all(isinstance(name, str) for name in classes):
+        return list(classes)
+    return None
 
 
 def load_pretrained(model: nn.Module, url: str, reset_classifier: bool = False) -> None:
