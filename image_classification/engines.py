@@ -101,6 +101,8 @@ def _check_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise EngineError(f"--onnx {path}: no such file (write one with model2onnx.py)")
+    if path.stat().st_size == 0:
+        raise EngineError(f"--onnx {path}: empty file (0 bytes; an export that did not finish?)")
     return path
 
 
@@ -244,6 +246,8 @@ def onnx_io_sizes(onnx_path: str | Path) -> tuple[int, int]:
         graph = onnx.load(str(path), load_external_data=False).graph
     except Exception as err:  # onnx raises DecodeError and others for files that are not ONNX
         raise EngineError(f"--onnx {path}: not an ONNX model ({str(err).splitlines()[0]})") from None
+    if not graph.input or not graph.output:  # protobuf reads many a non-ONNX file as an empty model
+        raise EngineError(f"--onnx {path}: not an ONNX model (no graph inputs or outputs)")
     dims = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
     classes = [d.dim_value for d in graph.output[0].type.tensor_type.shape.dim]
     if len(dims) != 4 or dims[1] != 3 or not dims[2] or dims[2] != dims[3] or len(classes) != 2 or not classes[1]:

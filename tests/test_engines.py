@@ -161,6 +161,16 @@ def test_onnx_io_sizes(float_file, tmp_path):
         onnx_io_sizes(tmp_path / "bad.onnx")
     with pytest.raises(EngineError, match=r"missing.onnx: no such file"):
         open_engine("onnxruntime", tmp_path / "missing.onnx")
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    with pytest.raises(EngineError, match=r"^--onnx \S+empty.onnx: empty file \(0 bytes; an export that did not "
+                                          r"finish\?\)$"):
+        onnx_io_sizes(tmp_path / "empty.onnx")
+    for engine in ONNX_ENGINES:
+        with pytest.raises(EngineError, match=r"empty.onnx: empty file"):
+            open_engine(engine, tmp_path / "empty.onnx")
+    (tmp_path / "noinputs.onnx").write_bytes(b"\x08\x07")  # a valid protobuf: an ONNX model without a graph
+    with pytest.raises(EngineError, match=r"noinputs.onnx: not an ONNX model \(no graph inputs or outputs\)$"):
+        onnx_io_sizes(tmp_path / "noinputs.onnx")
 
 
 # --- classify.py --engine ---------------------------------------------------------------------------------------
