@@ -463,7 +463,7 @@ def test_dali_gpu_without_a_gpu_says_to_use_dali_cpu(generated):
 
 # --- folder layout ----------------------------------------------------------------------------------------
 
-def test_folder_scan_follows_imagefolder(tmp_path):
+def test_folder_scan_follows_imagefolder(tmp_path, caplog):
     from torchvision.datasets import ImageFolder
     root, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
     train = root / "train"
@@ -476,12 +476,32 @@ def test_folder_scan_follows_imagefolder(tmp_path):
     (train / "cat" / "linked").symlink_to(elsewhere / "more", target_is_directory=True)  # a linked subfolder
     write_image(root / "val" / "cat" / "v.png", (8, 8))
     reference = ImageFolder(str(train))
-    index = scan_split(root, "train", 10)
+    with caplog.at_level(logging.WARNING, logger="image_classification.data.folder"):
+        index = scan_split(root, "train", 10)
     assert index.classes == reference.classes == ["cat", "dog"]
     assert index.samples == reference.samples and len(index.samples) == 8
+    # The linked subfolder is followed, as ImageFolder does, and named: its images become cats.
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{train / 'cat' / 'linked'} is a link to {elsewhere / 'more'}, outside its class folder {train / 'cat'}: "
+        "its images are labelled as cat"]
     # A symlink back to a folder above it would make os.walk descend until the path is too long.
     (train / "cat" / "sub" / "loop").symlink_to(train / "cat", target_is_directory=True)
+    caplog.clear()
     assert scan_split(root, "train", 10).samples == reference.samples
+    assert len(caplog.records) == 1  # the loop is not followed, so not warned about; the linked subfolder again
+
+
+def test_a_link_from_a_class_folder_up_to_the_split_is_followed_with_a_warning_naming_it(tmp_path, caplog):
+    train = tmp_path / "train"
+    for name in ["cat/a.png", "dog/b.png"]:
+        write_image(train / name, (8, 8))
+    (train / "cat" / "everything").symlink_to(train, target_is_directory=True)
+    with caplog.at_level(logging.WARNING, logger="image_classification.data.folder"):
+        index = scan_split(tmp_path, "train", 10)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{train / 'cat' / 'everything'} is a link to {train}, outside its class folder {train / 'cat'}: its images "
+        "are labelled as cat"]
+    assert (str(train / "cat" / "everything" / "dog" / "b.png"), 0) in index.samples  # a dog labelled cat, as said
 
 
 def test_class_folders_without_images_are_an_error_naming_them(tmp_path):

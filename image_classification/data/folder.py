@@ -72,8 +72,11 @@ def class_images(class_dir: str) -> list[str]:
 
     ImageFolder walks with os.walk(followlinks=True), sorts the (folder, subfolders, files) triples and
     each folder's file names; this does the same, except that a symlink back to a folder above it (a loop,
-    which os.walk follows until the path is too long) is not followed.
+    which os.walk follows until the path is too long) is not followed. A symlink to a folder outside
+    `class_dir` is followed too, with a warning naming it: its images take this class's label (a link back up
+    to train/ would label every class's images as this one).
     """
+    real_class_dir = os.path.realpath(class_dir)
     found: list[tuple[str, list[str]]] = []
     # (folder, the identities of it and of every folder above it up to class_dir)
     pending = [(class_dir, frozenset([_identity(class_dir)]))]
@@ -89,11 +92,21 @@ def class_images(class_dir: str) -> list[str]:
                 identity = _identity(entry.path)
                 if identity not in ancestors:
                     pending.append((entry.path, ancestors | {identity}))
+                    if entry.is_symlink():
+                        _warn_outside(entry.path, real_class_dir, class_dir)
             elif entry.name.lower().endswith(IMG_EXTENSIONS):
                 names.append(entry.name)
         found.append((folder, sorted(names)))
     found.sort(key=lambda item: item[0])
     return [os.path.join(folder, name) for folder, names in found for name in names]
+
+
+def _warn_outside(link: str, real_class_dir: str, class_dir: str) -> None:
+    """Warn when the folder symlink `link` leads outside its class folder."""
+    target = os.path.realpath(link)
+    if os.path.commonpath([target, real_class_dir]) != real_class_dir:
+        log.warning("%s is a link to %s, outside its class folder %s: its images are labelled as %s",
+                    link, target, class_dir, os.path.basename(class_dir))
 
 
 def _is_dir(entry: os.DirEntry) -> bool:
