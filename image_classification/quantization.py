@@ -74,7 +74,7 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int = 10, calibr
             except StopIteration:
                 break
             start = time.perf_counter()
-            with batch_statistics(m):
+            with batch_statistics(m), checked_inputs(m, stats["batches"]):
                 m(images)
             if synchronize is not None:
                 synchronize()
@@ -140,6 +140,39 @@ def batch_statistics(model: nn.Module):
             m.momentum = momentum
             if tracked is not None:
                 m.num_batches_tracked.copy_(tracked)
+
+
+@contextlib.contextmanager
+def checked_inputs(model: nn.Module, batch: int):
+    """Look at each quantizer's input before its calibrator does: stop at the first that holds NaN or infinity,
+    in one line naming it, and restart a histogram that has only seen zeros.
+
+    Model Optimizer's histogram calibrator fails on both with an OverflowError deep inside it: infinity has no
+    bin, and a histogram begun on a batch of zeros has bins of zero width that cannot grow to a later batch's
+    values (an SE gate whose sigmoid underflows to exactly 0 on one batch and not the next does that). An
+    all-zero batch adds nothing to a range, so the histogram restarts from the next batch with values.
+    """
+    def check(name: str):
+        def hook(module: nn.Module, inputs: tuple) -> None:
+            x = inputs[0] if inputs else None
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+                return
+            if not bool(torch.isfinite(x).all()):
+                raise UserError(f"calibration batch {batch}: the input of {name} holds NaN or infinite values: the "
+                                "model's activations overflow, so its float weights cannot be quantized (did the float "
+                                "run diverge? check it with main.py --evaluate)")
+            calibrator = getattr(module, "_calibrator", None)
+            edges = getattr(calibrator, "_calib_bin_edges", None)
+            if edges is not None and float(edges[-1]) == 0.0 and bool(x.any()):
+                calibrator.reset()
+        return hook
+
+    handles = [quantizer.register_forward_pre_hook(check(name)) for name, quantizer in quantizers(model).items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def check_finite_ranges(model: nn.Module) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from image_classification.cli import UserError
 from image_classification.models import WeightsError, get_entry
 from image_classification.models.quantized import QUANT_PRETRAINED_URLS, from_pytorch_quantization, \
     missing_ranges, quantizers, require_ranges, to_pytorch_quantization
@@ -92,6 +93,32 @@ def test_default_calibration_sets_finite_positive_ranges(calibrated):
     assert calibrated.stem.conv.input_quantizer.amax.shape == ()
     # The attention operand of the SE multiply is a sigmoid output.
     assert calibrated.layers[0].block0.se.mul_a_quantizer.amax <= 1.0
+
+
+def test_an_activation_that_overflows_stops_calibration_in_one_line_naming_its_quantizer():
+    model = build()
+    with torch.no_grad():
+        model.stem.bn.bias.fill_(3e38)  # finite weights whose activations are not: SiLU(3e38) * ... overflows
+    with pytest.raises(UserError) as refused:
+        calibrate(model, batches(), num_batches=2)
+    message = str(refused.value)
+    assert len(message.splitlines()) == 1
+    assert message.startswith("calibration batch 0: the input of layers.0.block0.")
+    assert "holds NaN or infinite values: the model's activations overflow" in message
+
+
+def test_a_histogram_begun_on_a_batch_of_zeros_grows_to_the_next_batches():
+    """An all-zero first batch gives zero-width histograms, which Model Optimizer cannot widen (OverflowError)."""
+    zeros = [(torch.zeros(4, 3, SIZE, SIZE), torch.zeros(4, dtype=torch.int64))]
+    model = build()
+    calibrate(model, zeros + batches(), num_batches=3)
+    reference = build()
+    calibrate(reference, batches(), num_batches=2)
+    for name, quantizer in quantizers(model).items():
+        assert torch.isfinite(quantizer.amax).all() and (quantizer.amax > 0).all(), name
+    # This input is SiLU(BN(conv(0))) = 0 on the zero batch: its restarted histogram holds the other batches only.
+    name = "layers.0.block0.depsep.conv.input_quantizer"
+    torch.testing.assert_close(quantizers(model)[name].amax, quantizers(reference)[name].amax)
 
 
 def _devices(model: torch.nn.Module) -> set[str]:

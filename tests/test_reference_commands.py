@@ -274,7 +274,8 @@ def toy_data(tmp_path_factory, toy_env) -> Path:
 
 @pytest.fixture(scope="session")
 def float_runs(tmp_path_factory, toy_data, toy_env):
-    """`float_runs(arch)`: that arch trained for 1 of 2 epochs (a mid-training checkpoint) and its weights."""
+    """`float_runs(arch)`: that arch trained for 1 of 2 epochs (a mid-training checkpoint) and its weights; seeded,
+    so that the QAT lines calibrate the same weights every time."""
     runs = {}
 
     def run(arch: str) -> dict[str, Path]:
@@ -282,7 +283,7 @@ def float_runs(tmp_path_factory, toy_data, toy_env):
             ws = tmp_path_factory.mktemp(f"float_run_{arch}")
             argv = [sys.executable, "main.py", str(toy_data), "--arch", arch, "--num_classes", str(CLASSES),
                     "--image-size", str(IMAGE_SIZE), "-b", str(BATCH), "--epochs", "2", "--run-epochs", "1",
-                    "--data-backend", "pytorch", "-j", "1", "--workspace", str(ws)]
+                    "--data-backend", "pytorch", "-j", "1", "--seed", "0", "--workspace", str(ws)]
             _ok(_run(argv, toy_env), argv)
             weights = ws / f"{arch}_weights.pth"
             argv = [sys.executable, "checkpoint2model.py", "--checkpoint-path", str(ws / "checkpoint.pth.tar"),
