@@ -177,8 +177,10 @@ def test_pytorch_and_dali_agree_on_validation(generated):
     assert float(difference.max()) < VAL_AGREEMENT_MAX
 
 
-@pytest.mark.parametrize("backend", FILE_BACKENDS)
-@pytest.mark.parametrize("augmentation", ["autoaugment", "randaugment", "trivialaugment"])
+@pytest.mark.parametrize(("backend", "augmentation"),
+                         [(backend, augmentation) for backend in FILE_BACKENDS
+                          for augmentation in ("autoaugment", "randaugment", "trivialaugment")]
+                         + [("pytorch", "autoaugment-paper")])
 def test_augmentation_policies_run(generated, backend, augmentation):
     batches = epoch(loader("train", backend, generated, batch=8, augmentation=augmentation, randaug_magnitude=15))
     assert len(batches) == 3
@@ -447,7 +449,7 @@ def test_unusable_folders_fail_at_build_time_naming_the_path(tmp_path, backend):
 def test_unknown_choices_name_the_flag(generated):
     with pytest.raises(ValueError, match="--data-backend.*pytorch, dali-cpu, dali-gpu, synthetic"):
         loader("train", "tfrecord", generated)
-    with pytest.raises(ValueError, match="--augmentation.*autoaugment, randaugment, trivialaugment"):
+    with pytest.raises(ValueError, match="--augmentation.*autoaugment, autoaugment-paper, randaugment, trivialaugment"):
         loader("train", "pytorch", generated, augmentation="mixmatch")
     with pytest.raises(ValueError, match="--interpolation"):
         loader("val", "pytorch", generated, interpolation="lanczos")

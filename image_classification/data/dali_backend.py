@@ -17,9 +17,11 @@ on the CPU; on a GPU run it hands out uint8 batches, copied from pinned memory o
 normalised on the GPU (as the reference did, and as the pytorch backend does), and on a CPU run it
 normalises in DALI's threads (see normalizes_in_pipeline).
 
-Interpolation: --interpolation is the filter of the resize (DALI antialiases when downscaling, as Pillow
-does). The --augmentation policies' geometric operations (shear, translate, rotate) use bilinear filtering
-whatever --interpolation says: DALI's warp_affine has no other smooth filter.
+Interpolation: --interpolation is the filter of the resize. --augmentation
+autoaugment is the reference's policy_v0 with Pillow's own filters (dali_autoaugment.py); randaugment and
+trivialaugment are nvidia.dali.auto_aug's, whose shear, translate and rotate filter linearly whatever
+--interpolation says (DALI's warp_affine has no other smooth filter). autoaugment-paper (torchvision's
+policy) has no DALI implementation and is refused.
 
 Unreadable files: a file that is empty, does not start with the signature of a format DALI decodes, or
 whose header claims more pixels than Pillow would decode (a decompression bomb: over 2 x
@@ -56,6 +58,10 @@ log = logging.getLogger(__name__)
 # JPEG 2000 codestream and file); anything else cannot decode and is replaced up front.
 SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*", b"P1", b"P2", b"P3", b"P4",
               b"P5", b"P6", b"RIFF", b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0cjP  ")
+
+
+# The --augmentation policies DALI runs (autoaugment-paper is torchvision's, on the pytorch backend only).
+DALI_AUGMENTATIONS = ("autoaugment", "randaugment", "trivialaugment")
 
 
 def dali_modules():
@@ -145,20 +151,21 @@ def decompression_bomb(data: bytes) -> str | None:
 
 
 def _augment(images, augmentation: str | None, magnitude: int, image_size: int):
-    """The --augmentation policy from nvidia.dali.auto_aug on HWC uint8 images."""
-    from nvidia.dali.auto_aug import auto_augment, rand_augment, trivial_augment
+    """The --augmentation policy on HWC uint8 images: policy_v0 (dali_autoaugment.py) or nvidia.dali.auto_aug's."""
+    if augmentation == "autoaugment":
+        from .dali_autoaugment import policy_v0
+        return policy_v0(images, image_size)
+    from nvidia.dali.auto_aug import rand_augment, trivial_augment
     _, types, _ = dali_modules()
     # The policies' shear, translate and rotate run fn.warp_affine, which only has nearest and linear
     # filters (it fails at the first batch on cubic or triangular): --interpolation applies to the resize,
     # and the policy's geometric operations are always linear.
     options = dict(shape=(image_size, image_size), fill_value=128, interp_type=types.INTERP_LINEAR)
-    if augmentation == "autoaugment":
-        return auto_augment.auto_augment_image_net(images, **options)
     if augmentation == "randaugment":
         return rand_augment.rand_augment(images, n=2, m=magnitude, num_magnitude_bins=MAGNITUDE_BINS, **options)
     if augmentation == "trivialaugment":
         return trivial_augment.trivial_augment_wide(images, num_magnitude_bins=MAGNITUDE_BINS, **options)
-    raise UserError(f"--augmentation must be one of autoaugment, randaugment, trivialaugment, got {augmentation!r}")
+    raise UserError(f"--augmentation must be one of {', '.join(DALI_AUGMENTATIONS)}, got {augmentation!r}")
 
 
 def _crop_mirror_normalize(images, *, normalize: bool, layout: str, **crop_and_mirror):
@@ -263,6 +270,11 @@ class DaliLoader(Loader):
         if gpu and not ctx.is_cuda:
             raise UserError("--data-backend dali-gpu needs a CUDA GPU (this run is on "
                                f"{ctx.device.type}); use --data-backend dali-cpu or pytorch")
+        if augmentation is not None and augmentation not in DALI_AUGMENTATIONS:
+            raise UserError(f"--augmentation {augmentation} (torchvision's AutoAugment ImageNet policy) runs on "
+                            "--data-backend pytorch only: DALI has no implementation of it (its auto_augment_image_net "
+                            "is TensorFlow's policy_v0, which --augmentation autoaugment runs); DALI backends take "
+                            f"{', '.join(DALI_AUGMENTATIONS)}")
         num_samples = shard_size(len(index.samples), rank=ctx.rank, world_size=ctx.world_size, equal_shards=train)
         super().__init__(classes=index.classes, batch_size=batch_size, num_samples=num_samples, drop_last=train,
                          ctx=ctx)
