@@ -77,9 +77,6 @@ SIGNED = frozenset({"shearX", "shearY", "translateY", "rotate"})
 # The grey that geometric operations move in from outside the image.
 FILL = (128, 128, 128)
 
-OPERATIONS = ("shearX", "shearY", "translateY", "rotate", "color", "posterize", "solarize", "solarizeadd",
-              "autocontrast", "equalize", "invert")
-
 
 def magnitude(operation: str, magnitude_bin: int) -> float | int | None:
     """The magnitude of `operation` at `magnitude_bin` (unsigned), or None for an operation without one."""
@@ -157,6 +154,9 @@ PIL_OPERATIONS: dict[str, Callable[[Image.Image, float | int | None], Image.Imag
     "posterize": posterize, "solarize": solarize, "solarizeadd": solarize_add, "autocontrast": autocontrast,
     "equalize": equalize, "invert": invert,
 }
+# The operations policy_v0 uses; the reference's factory also defines translateX, contrast, sharpness and
+# brightness, which none of its sub-policies uses.
+OPERATIONS = tuple(PIL_OPERATIONS)
 
 
 def apply(image: Image.Image, operation: str, magnitude_bin: int, sign: int = 1) -> Image.Image:
