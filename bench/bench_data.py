@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from image_classification.context import ExecutionContext, select_device  # noqa: E402
-from image_classification.data import DATA_FORMATS, build_train_loader, dataset_classes  # noqa: E402
+from image_classification.data import AUGMENTATIONS, DATA_FORMATS, build_train_loader, dataset_classes  # noqa: E402
 from image_classification.data.generated import generate_dataset  # noqa: E402
 from image_classification.data.loader import MEAN, STD  # noqa: E402
 from image_classification.data.pytorch_backend import augmentation_policy, interpolation_mode  # noqa: E402
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="alternating rounds over which a backend's folder and shard timings are split "
                         "(default: %(default)s)")
     p.add_argument("--interpolation", default="bilinear", choices=("bilinear", "bicubic", "triangular"))
-    p.add_argument("--augmentation", default=None, choices=("autoaugment", "randaugment", "trivialaugment"))
+    p.add_argument("--augmentation", default=None, choices=[name for name in AUGMENTATIONS if name is not None])
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds; checks that the bench runs")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this path")

@@ -71,8 +71,10 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
                    help="test-time augmentation of every validation: flip averages the softmax of each image and of "
                         "its horizontal mirror (not in the reference) (default: %(default)s)")
     g.add_argument("--augmentation", type=str, default=None, choices=AUGMENTATIONS,
-                   help="extra training augmentation: autoaugment (ImageNet policy), randaugment (2 operations of "
-                        "--randaug-magnitude), trivialaugment (not in the reference) (default: none)")
+                   help="extra training augmentation: autoaugment (the reference's: TensorFlow EfficientNet's "
+                        "policy_v0, on every backend), autoaugment-paper (torchvision's AutoAugment ImageNet policy, "
+                        "pytorch backend only), randaugment (2 operations of --randaug-magnitude), trivialaugment "
+                        "(the last three not in the reference) (default: none)")
     g.add_argument("--randaug-magnitude", type=Number(int, low=0, high=RANDAUG_MAX_MAGNITUDE), default=9,
                    metavar="M",
                    help=f"RandAugment magnitude with --augmentation randaugment, 0-{RANDAUG_MAX_MAGNITUDE} on "

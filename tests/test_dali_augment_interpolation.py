@@ -1,5 +1,6 @@
-"""DALI with every --augmentation policy and every --interpolation: one training batch each (the policies'
-geometric operations only have linear filters), and a pipeline failure that no file caused surfaces at once."""
+"""DALI with every --augmentation policy it runs and every --interpolation: one training batch each (the policies'
+geometric operations have their own filters), torchvision's policy refused naming the flag, and a pipeline failure
+that no file caused surfaces at once."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +11,7 @@ import torch
 pytest.importorskip("nvidia.dali")
 
 from image_classification.context import ExecutionContext  # noqa: E402
-from image_classification.data import AUGMENTATIONS, INTERPOLATIONS, build_train_loader  # noqa: E402
+from image_classification.data import INTERPOLATIONS, build_train_loader  # noqa: E402
 from image_classification.data import dali_backend  # noqa: E402
 from image_classification.data.generated import generate_dataset  # noqa: E402
 
@@ -35,7 +36,7 @@ def train_loader(data: Path, backend: str, **options):
 
 
 @pytest.mark.parametrize("interpolation", INTERPOLATIONS)
-@pytest.mark.parametrize("augmentation", AUGMENTATIONS, ids=str)
+@pytest.mark.parametrize("augmentation", (None, *dali_backend.DALI_AUGMENTATIONS), ids=str)
 @pytest.mark.parametrize("backend", DALI_BACKENDS)
 def test_every_policy_trains_with_every_interpolation(tiny, backend, augmentation, interpolation):
     loader = train_loader(tiny, backend, augmentation=augmentation, interpolation=interpolation)
@@ -44,6 +45,11 @@ def test_every_policy_trains_with_every_interpolation(tiny, backend, augmentatio
     assert images.shape == (BATCH, 3, SIZE, SIZE) and images.dtype == torch.float32
     assert bool(torch.isfinite(images).all()) and float(images.std()) > 0
     assert labels.shape == (BATCH,) and set(labels.tolist()) <= set(range(CLASSES))
+
+
+def test_torchvisions_policy_is_refused_naming_the_flag(tiny):
+    with pytest.raises(ValueError, match="--augmentation autoaugment-paper .*--data-backend pytorch only"):
+        train_loader(tiny, "dali-cpu", augmentation="autoaugment-paper")
 
 
 def test_a_failure_no_file_caused_surfaces_without_probing_files(tiny, monkeypatch):

@@ -31,8 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 FILE_BACKENDS = ("pytorch", "dali-cpu")
 CPU = ExecutionContext()
 NHWC = ExecutionContext(memory_format=torch.channels_last)
-# pytorch and dali-cpu decode JPEGs with libjpeg-turbo and resize with equivalent antialiased filters:
-# measured mean |difference| ~0.003 and max ~0.02 in normalised units (~1 gray level at most).
+# pytorch and dali-cpu decode JPEGs with libjpeg-turbo; the val tests' 48 px images are upscaled (to 64 for
+# S=32), where torchvision's antialiased resize and the reference's DALI resize (no antialiasing) filter alike:
+# measured mean |difference| ~0.004 and max ~0.02 in normalised units (~1 gray level at most). Downscaled
+# images differ more, as the reference's two backends do (tests/test_parity_augment.py pins DALI's pixels).
 VAL_AGREEMENT_MEAN, VAL_AGREEMENT_MAX = 0.01, 0.05
 
 
@@ -177,8 +179,10 @@ def test_pytorch_and_dali_agree_on_validation(generated):
     assert float(difference.max()) < VAL_AGREEMENT_MAX
 
 
-@pytest.mark.parametrize("backend", FILE_BACKENDS)
-@pytest.mark.parametrize("augmentation", ["autoaugment", "randaugment", "trivialaugment"])
+@pytest.mark.parametrize(("backend", "augmentation"),
+                         [(backend, augmentation) for backend in FILE_BACKENDS
+                          for augmentation in ("autoaugment", "randaugment", "trivialaugment")]
+                         + [("pytorch", "autoaugment-paper")])
 def test_augmentation_policies_run(generated, backend, augmentation):
     batches = epoch(loader("train", backend, generated, batch=8, augmentation=augmentation, randaug_magnitude=15))
     assert len(batches) == 3
@@ -447,7 +451,7 @@ def test_unusable_folders_fail_at_build_time_naming_the_path(tmp_path, backend):
 def test_unknown_choices_name_the_flag(generated):
     with pytest.raises(ValueError, match="--data-backend.*pytorch, dali-cpu, dali-gpu, synthetic"):
         loader("train", "tfrecord", generated)
-    with pytest.raises(ValueError, match="--augmentation.*autoaugment, randaugment, trivialaugment"):
+    with pytest.raises(ValueError, match="--augmentation.*autoaugment, autoaugment-paper, randaugment, trivialaugment"):
         loader("train", "pytorch", generated, augmentation="mixmatch")
     with pytest.raises(ValueError, match="--interpolation"):
         loader("val", "pytorch", generated, interpolation="lanczos")

@@ -33,7 +33,9 @@ if TYPE_CHECKING:  # imported when used: it pulls in the shard writer and torchv
     from .webdataset import ShardIndex
 
 BACKENDS = ("pytorch", "dali-cpu", "dali-gpu", "synthetic")
-AUGMENTATIONS = (None, "autoaugment", "randaugment", "trivialaugment")
+# autoaugment: the reference's (TensorFlow EfficientNet's policy_v0, autoaugment.py); autoaugment-paper:
+# torchvision's AutoAugment ImageNet policy (pytorch backend only).
+AUGMENTATIONS = (None, "autoaugment", "autoaugment-paper", "randaugment", "trivialaugment")
 INTERPOLATIONS = ("bilinear", "bicubic", "triangular")
 DATA_FORMATS = ("auto", "folder", "shards")
 

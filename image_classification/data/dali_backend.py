@@ -12,14 +12,23 @@ training epoch resumed mid-way is exact too: training pipelines run with DALI ch
 a few KiB) and the resumed loader rebuilds the pipeline from it, so the batches after a resume equal the
 uninterrupted run's bit for bit.
 
+Geometry: the reference's DALI pipelines' (HybridTrainPipe, HybridValPipe), operator for operator:
+training decodes whole images, then fn.random_resized_crop (area 0.08-1, ratio 3/4-4/3, 100 attempts,
+no antialiasing), and flips; validation resizes the short side to S+32 (or round(S / --eval-crop-pct)) with
+DALI's rounding and no antialiasing, then crops the centre. So dali-* validation is not the pytorch
+backend's (torchvision's antialiased Resize and half-to-even centre crop), exactly as the reference's two
+backends differ.
+
 Batches: dali-gpu normalises on the GPU inside DALI. dali-cpu decodes, crops, flips, resizes and augments
 on the CPU; on a GPU run it hands out uint8 batches, copied from pinned memory on a side stream and
 normalised on the GPU (as the reference did, and as the pytorch backend does), and on a CPU run it
 normalises in DALI's threads (see normalizes_in_pipeline).
 
-Interpolation: --interpolation is the filter of the resize (DALI antialiases when downscaling, as Pillow
-does). The --augmentation policies' geometric operations (shear, translate, rotate) use bilinear filtering
-whatever --interpolation says: DALI's warp_affine has no other smooth filter.
+Interpolation: --interpolation is the filter of the crop's and the validation's resize. --augmentation
+autoaugment is the reference's policy_v0 with Pillow's own filters (dali_autoaugment.py); randaugment and
+trivialaugment are nvidia.dali.auto_aug's, whose shear, translate and rotate filter linearly whatever
+--interpolation says (DALI's warp_affine has no other smooth filter). autoaugment-paper (torchvision's
+policy) has no DALI implementation and is refused.
 
 Unreadable files: a file that is empty, does not start with the signature of a format DALI decodes, or
 whose header claims more pixels than Pillow would decode (a decompression bomb: over 2 x
@@ -59,6 +68,10 @@ SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00
               b"P5", b"P6", b"RIFF", b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0cjP  ")
 
 
+# The --augmentation policies DALI runs (autoaugment-paper is torchvision's, on the pytorch backend only).
+DALI_AUGMENTATIONS = ("autoaugment", "randaugment", "trivialaugment")
+
+
 def dali_modules():
     """(fn, types, pipeline_def) from DALI, or a DataError saying how to install it."""
     try:
@@ -69,7 +82,7 @@ def dali_modules():
 
 
 def interp_type(name: str):
-    """DALI interpolation for an --interpolation value (DALI antialiases when downscaling, as Pillow does)."""
+    """DALI interpolation for an --interpolation value (the reference's mapping; its resizes do not antialias)."""
     _, types, _ = dali_modules()
     modes = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC, "triangular": types.INTERP_TRIANGULAR}
     if name not in modes:
@@ -146,20 +159,37 @@ def decompression_bomb(data: bytes) -> str | None:
 
 
 def _augment(images, augmentation: str | None, magnitude: int, image_size: int):
-    """The --augmentation policy from nvidia.dali.auto_aug on HWC uint8 images."""
-    from nvidia.dali.auto_aug import auto_augment, rand_augment, trivial_augment
+    """The --augmentation policy on HWC uint8 images: policy_v0 (dali_autoaugment.py) or nvidia.dali.auto_aug's."""
+    if augmentation == "autoaugment":
+        from .dali_autoaugment import policy_v0
+        return policy_v0(images, image_size)
+    from nvidia.dali.auto_aug import rand_augment, trivial_augment
     _, types, _ = dali_modules()
     # The policies' shear, translate and rotate run fn.warp_affine, which only has nearest and linear
     # filters (it fails at the first batch on cubic or triangular): --interpolation applies to the resize,
     # and the policy's geometric operations are always linear.
     options = dict(shape=(image_size, image_size), fill_value=128, interp_type=types.INTERP_LINEAR)
-    if augmentation == "autoaugment":
-        return auto_augment.auto_augment_image_net(images, **options)
     if augmentation == "randaugment":
         return rand_augment.rand_augment(images, n=2, m=magnitude, num_magnitude_bins=MAGNITUDE_BINS, **options)
     if augmentation == "trivialaugment":
         return trivial_augment.trivial_augment_wide(images, num_magnitude_bins=MAGNITUDE_BINS, **options)
-    raise UserError(f"--augmentation must be one of autoaugment, randaugment, trivialaugment, got {augmentation!r}")
+    raise UserError(f"--augmentation must be one of {', '.join(DALI_AUGMENTATIONS)}, got {augmentation!r}")
+
+
+def random_resized_crop(images, image_size: int, interp):
+    """The reference's HybridTrainPipe crop of whole decoded images: area 0.08-1, ratio 3/4-4/3, 100 attempts
+    (then the centre crop DALI falls back to), resized to S x S without antialiasing."""
+    fn, _, _ = dali_modules()
+    return fn.random_resized_crop(images, size=[image_size, image_size], interp_type=interp,
+                                  random_area=[0.08, 1.0], random_aspect_ratio=[0.75, 4.0 / 3.0], num_attempts=100,
+                                  antialias=False)
+
+
+def resize_shorter(images, resize_size: int, interp):
+    """The reference's HybridValPipe resize: the short side to `resize_size`, the long side by DALI's rounding
+    of the same scale (which it keeps exactly, sub-pixel), without antialiasing."""
+    fn, _, _ = dali_modules()
+    return fn.resize(images, resize_shorter=resize_size, interp_type=interp, antialias=False)
 
 
 def _crop_mirror_normalize(images, *, normalize: bool, layout: str, **crop_and_mirror):
@@ -174,18 +204,16 @@ def _crop_mirror_normalize(images, *, normalize: bool, layout: str, **crop_and_m
 
 def _train_graph(source: Callable, *, decoder: str, image_size: int, interp, augmentation: str | None,
                  magnitude: int, layout: str, normalize: bool):
-    """Decode with a random crop (area 0.08-1, ratio 3/4-4/3), resize to S, flip, augment, normalise."""
+    """The reference's HybridTrainPipe: decode, random-resized crop, flip, normalise; a policy after the flip."""
     fn, types, _ = dali_modules()
     encoded, labels = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
                                          dtype=[types.UINT8, types.INT64])
-    images = fn.decoders.image_random_crop(encoded, device=decoder, output_type=types.RGB,
-                                           random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3],
-                                           num_attempts=10)
-    images = fn.resize(images, resize_x=image_size, resize_y=image_size, interp_type=interp, antialias=True)
+    images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+    images = random_resized_crop(images, image_size, interp)
     if augmentation is None:
-        mirror = fn.random.coin_flip()
+        mirror = fn.random.coin_flip()  # in crop_mirror_normalize, as the reference
     else:
-        # Flip before the policy, as torchvision's transform order does.
+        # The reference runs its policy only on the pytorch backend, after the crop and the flip: here too.
         images = fn.flip(images, horizontal=fn.random.coin_flip())
         images = _augment(images, augmentation, magnitude, image_size)
         mirror = 0
@@ -194,42 +222,19 @@ def _train_graph(source: Callable, *, decoder: str, image_size: int, interp, aug
 
 def _val_graph(source: Callable, *, decoder: str, image_size: int, resize_size: int, interp, augmentation: None,
                magnitude: int, layout: str, normalize: bool):
-    """Decode, resize the short side to `resize_size` with torchvision's size rule, centre-crop S, normalise."""
+    """The reference's HybridValPipe: decode, resize the short side to `resize_size`, centre-crop S, normalise."""
     fn, types, _ = dali_modules()
-    from nvidia.dali import math as dmath
     encoded, labels = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
                                          dtype=[types.UINT8, types.INT64])
-    shape = fn.peek_image_shape(encoded, dtype=types.FLOAT)
-    height, width = shape[0], shape[1]
-    short = float(resize_size)
-    # torchvision Resize(int): short side -> R, long side -> int(R * long / short) (truncated).
-    width_is_short = fn.cast(width <= height, dtype=types.FLOAT)
-    resize_x = width_is_short * short + (1.0 - width_is_short) * dmath.floor(short * width / height)
-    resize_y = (1.0 - width_is_short) * short + width_is_short * dmath.floor(short * height / width)
     images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
-    images = fn.resize(images, resize_x=resize_x, resize_y=resize_y, interp_type=interp, antialias=True)
-    images = _crop_mirror_normalize(images, normalize=normalize, layout=layout, crop=(image_size, image_size),
-                                    crop_pos_x=_centre_crop_pos(resize_x, image_size),
-                                    crop_pos_y=_centre_crop_pos(resize_y, image_size))
+    images = resize_shorter(images, resize_size, interp)
+    # DALI's centre crop: offset round((length - S) / 2) with halves rounded up, as the reference's.
+    images = _crop_mirror_normalize(images, normalize=normalize, layout=layout, crop=(image_size, image_size))
     return images, labels
 
 
-def _centre_crop_pos(length, crop: int):
-    """crop_pos giving torchvision CenterCrop's offset round((length - crop) / 2), which rounds halves to even.
-
-    DALI rounds half offsets up, a one-pixel shift from torchvision on odd margins; passing the exact
-    offset as a fraction of the margin makes both pick the same pixels.
-    """
-    from nvidia.dali import math as dmath
-    margin = length - float(crop)
-    odd = margin - 2.0 * dmath.floor(margin / 2.0)
-    # margin 2k -> k; margin 2k+1 -> k or k+1, whichever is even (half to even) = 2 * floor((margin+1) / 4)
-    offset = odd * 2.0 * dmath.floor((margin + 1.0) / 4.0) + (1.0 - odd) * margin / 2.0
-    return offset / dmath.max(margin, 1.0)
-
-
 # DALI's error text names the operator that failed; only a decoder's failure can be blamed on a file.
-DECODER_FAILURE = re.compile(r"Error in \w+ operator `nvidia\.dali\.fn\.(decoders\.\w+|peek_image_shape)`")
+DECODER_FAILURE = re.compile(r"Error in \w+ operator `nvidia\.dali\.fn\.decoders\.\w+`")
 
 
 def is_decode_failure(err: Exception) -> bool:
@@ -274,6 +279,11 @@ class DaliLoader(Loader):
         if gpu and not ctx.is_cuda:
             raise UserError("--data-backend dali-gpu needs a CUDA GPU (this run is on "
                                f"{ctx.device.type}); use --data-backend dali-cpu or pytorch")
+        if augmentation is not None and augmentation not in DALI_AUGMENTATIONS:
+            raise UserError(f"--augmentation {augmentation} (torchvision's AutoAugment ImageNet policy) runs on "
+                            "--data-backend pytorch only: DALI has no implementation of it (its auto_augment_image_net "
+                            "is TensorFlow's policy_v0, which --augmentation autoaugment runs); DALI backends take "
+                            f"{', '.join(DALI_AUGMENTATIONS)}")
         num_samples = shard_size(len(index.samples), rank=ctx.rank, world_size=ctx.world_size, equal_shards=train)
         super().__init__(classes=index.classes, batch_size=batch_size, num_samples=num_samples, drop_last=train,
                          ctx=ctx)

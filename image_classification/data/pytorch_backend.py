@@ -28,6 +28,7 @@ from torchvision.transforms import InterpolationMode
 
 from ..cli import UserError
 from ..context import ExecutionContext
+from .autoaugment import PolicyV0
 from .folder import DROPPED, DataError, ImageFolderIndex, UnreadableSample, epoch_seed, shard_size
 from .loader import MAGNITUDE_BINS, Batch, Loader, device_batches, val_resize_size
 
@@ -40,7 +41,8 @@ INTERPOLATIONS = {
     "triangular": InterpolationMode.BILINEAR,
 }
 
-# Gray fill for pixels that geometric augmentations move in from outside (as DALI's auto_aug fills).
+# Gray fill for pixels that torchvision's policies move in from outside (as DALI's auto_aug and the reference's
+# AutoAugment fill).
 FILL = [128, 128, 128]
 
 # (path that failed, why, what became of its sample)
@@ -64,13 +66,16 @@ def augmentation_policy(augmentation: str | None, magnitude: int, interpolation:
     if augmentation is None:
         return []
     if augmentation == "autoaugment":
+        return [PolicyV0()]  # the reference's policy, with its own filters whatever --interpolation says
+    if augmentation == "autoaugment-paper":
         return [T.AutoAugment(T.AutoAugmentPolicy.IMAGENET, interpolation=interpolation, fill=FILL)]
     if augmentation == "randaugment":
         return [T.RandAugment(num_ops=2, magnitude=magnitude, num_magnitude_bins=MAGNITUDE_BINS, interpolation=interpolation,
                               fill=FILL)]
     if augmentation == "trivialaugment":
         return [T.TrivialAugmentWide(num_magnitude_bins=MAGNITUDE_BINS, interpolation=interpolation, fill=FILL)]
-    raise UserError(f"--augmentation must be one of autoaugment, randaugment, trivialaugment, got {augmentation!r}")
+    raise UserError(f"--augmentation must be one of autoaugment, autoaugment-paper, randaugment, trivialaugment, "
+                    f"got {augmentation!r}")
 
 
 def train_transform(image_size: int, interpolation: str = "bilinear", augmentation: str | None = None,
@@ -170,16 +175,20 @@ class FolderDataset(Dataset):
 
     def _augment(self, image: Image.Image, epoch: int, index: int) -> torch.Tensor:
         # The random draws of the transforms depend on (seed, epoch, index) only. torchvision's transforms draw
-        # from the CPU default generator, seeded here and restored after so that the process's own draws
-        # (dropout, mixup when workers=0) are untouched. torch.manual_seed would do the same and seed every
-        # accelerator backend besides: 0.4 ms a call, 40 % of the time of a 64 px sample.
+        # from the CPU default generator, the reference's AutoAugment (autoaugment.PolicyV0) from Python's
+        # `random`: both are seeded here and restored after, so that the process's own draws (dropout, mixup
+        # when workers=0) are untouched. torch.manual_seed would do the same and seed every accelerator
+        # backend besides: 0.4 ms a call, 40 % of the time of a 64 px sample.
         generator = torch.default_generator
-        state = generator.get_state()
-        generator.manual_seed(epoch_seed(self.seed, epoch, index))
+        state, python_state = generator.get_state(), random.getstate()
+        seed = epoch_seed(self.seed, epoch, index)
+        generator.manual_seed(seed)
+        random.seed(seed)
         try:
             return self.transform(image)
         finally:
             generator.set_state(state)
+            random.setstate(python_state)
 
 
 class EpochShardSampler(Sampler):
