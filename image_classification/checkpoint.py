@@ -304,10 +304,15 @@ def class_difference(classes: list[str], recorded: list[str]) -> str | None:
 
 
 def check_classes(saved: dict, path: str | Path, classes: list[str]) -> None:
-    """Refuse to resume on data whose classes are not the checkpoint's, in its order (class i must stay class i);
-    checkpoints written before class names were recorded are not checked."""
+    """Refuse to resume on data whose classes are not the checkpoint's, in its order (class i must stay class i).
+
+    Another number of classes is left to the model's check, which names the --num_classes to resume with;
+    checkpoints written before class names were recorded are not checked.
+    """
     recorded = saved.get("classes")
-    difference = None if recorded is None else class_difference(classes, recorded)
+    if recorded is None or len(recorded) != len(classes):
+        return
+    difference = class_difference(classes, recorded)
     if difference is not None:
         raise CheckpointError(f"--resume {path}: the data's classes are not those the checkpoint was trained on "
                               f"({difference}); resume on the data it was trained on")
