@@ -563,10 +563,11 @@ def _loss_names(engine: Engine) -> list[str]:
 
 
 def _step_losses(engine: Engine, loss: torch.Tensor) -> torch.Tensor:
-    """The step's values of `_loss_names`, as one tensor."""
+    """The step's values of `_loss_names`, as one tensor: `loss` as train_step returns it (divided by the
+    accumulation), and the distillation term divided likewise."""
     if engine.distiller is None:
         return loss.detach().view(1)
-    return torch.stack([loss.detach(), engine.distiller.last_kd_loss])
+    return torch.stack([loss.detach(), engine.distiller.last_kd_loss / engine.accumulation])
 
 
 def _count(value: int, ctx: ExecutionContext) -> int:
@@ -594,7 +595,8 @@ def _throughput(prefix: str, images: int, iterations: int, elapsed: float, data_
 
 
 def train_step(engine: Engine, images: torch.Tensor, target: torch.Tensor, optimizer_step: bool) -> torch.Tensor:
-    """Forward and backward of one batch; the optimizer steps when `optimizer_step` (end of an accumulation)."""
+    """Forward and backward of one batch; the optimizer steps when `optimizer_step` (end of an accumulation).
+    Returns the loss divided by the accumulation, the reference's train.loss."""
     if engine.mixup is not None:
         images, target = engine.mixup(images, target)
     # DDP skips the gradient all-reduce on iterations that only accumulate.
@@ -609,7 +611,8 @@ def train_step(engine: Engine, images: torch.Tensor, target: torch.Tensor, optim
                 logits = engine.train_model(images)
                 loss = engine.distiller.loss(engine.criterion(logits, target), logits, images)
                 del logits
-        engine.scaler.scale(loss / engine.accumulation).backward()
+        loss = loss / engine.accumulation
+        engine.scaler.scale(loss).backward()
     if optimizer_step:
         engine.scaler.step(engine.optimizer)
         engine.scaler.update()
@@ -619,11 +622,17 @@ def train_step(engine: Engine, images: torch.Tensor, target: torch.Tensor, optim
 
 @torch.no_grad()
 def validate(model: nn.Module, loader, ctx: ExecutionContext, logger: Logger, args, *, prefix: str = "val",
-             step: tuple[int, ...] = (0, 0)) -> dict[str, float]:
+             step: tuple[int, ...] = (0, 0), criterion: nn.Module | None = None) -> dict[str, float]:
     """Loss, top-1 and top-k (all-reduced), throughput and per-batch compute latency (mean and percentiles), of
-    `model` as --tta evaluates it."""
+    `model` as --tta evaluates it.
+
+    The loss is `criterion`'s in eval mode, as the reference validates with its training criterion (label smoothing
+    kept; mixup's soft-target loss is cross-entropy on the labels there), or cross-entropy without one.
+    """
     model = with_tta(model, args.tta)
     model.eval()
+    if criterion is not None:
+        criterion.eval()
     loader.set_epoch(step[0])
     length = len(loader) if args.prof <= 0 else min(len(loader), args.prof)
     meter = SumMeter(["loss", "top1", "top5"], ctx.device)
@@ -639,7 +648,8 @@ def validate(model: nn.Module, loader, ctx: ExecutionContext, logger: Logger, ar
         compute_start = time.perf_counter()
         with ctx.autocast():
             output = model(images)
-        loss = F.cross_entropy(output.float(), target, reduction="sum")
+        loss = F.cross_entropy(output.float(), target, reduction="sum") if criterion is None \
+            else criterion(output.float(), target) * images.shape[0]
         correct = topk_correct(output, target, (1, args.topk))
         sums = torch.cat([loss.view(1).double(), correct.double()])
         meter.add(sums, images.shape[0])
@@ -840,10 +850,11 @@ def evaluate(job: Job) -> dict:
     """--evaluate: validate the model (and its EMA) once; the summary of that one record."""
     args, engine, state = job.args, job.engine, job.state
     step = (state.epoch, 0)
-    record = validate(engine.train_model, job.val_loader, engine.ctx, job.logger, args, step=step)
+    record = validate(engine.train_model, job.val_loader, engine.ctx, job.logger, args, step=step,
+                      criterion=engine.criterion)
     if engine.ema is not None:
         record.update(validate(engine.ema.module, job.val_loader, engine.ctx, job.logger, args, prefix="val_ema",
-                               step=step))
+                               step=step, criterion=engine.criterion))
     job.logger.log((state.epoch,), record)
     summary = _summary([record])
     job.logger.log((), summary)
@@ -880,7 +891,7 @@ def finish_swa(job: Job) -> dict[str, float]:
     record = {}
     if job.val_loader is not None:
         record = validate(engine.swa.module, job.val_loader, engine.ctx, job.logger, args, prefix="swa",
-                          step=(state.epoch, 0))
+                          step=(state.epoch, 0), criterion=engine.criterion)
     save_checkpoint(job, is_best=False)
     if job.writer is not None:
         path = job.writer.workspace / SWA_FILE
@@ -923,10 +934,11 @@ def train(job: Job, stop: StopRequest) -> dict:
         if job.val_loader is not None:
             # The reference's validation steps carry the epoch's training iteration count (--prof shortens it).
             step = (epoch, len(train_loader) if args.prof <= 0 else min(len(train_loader), args.prof))
-            record.update(validate(engine.train_model, job.val_loader, engine.ctx, logger, args, step=step))
+            record.update(validate(engine.train_model, job.val_loader, engine.ctx, logger, args, step=step,
+                                   criterion=engine.criterion))
             if engine.ema is not None:
                 record.update(validate(engine.ema.module, job.val_loader, engine.ctx, logger, args, prefix="val_ema",
-                                       step=step))
+                                       step=step, criterion=engine.criterion))
             is_best = record["val.top1"] > state.best_prec1 or not state.validated
             if is_best:
                 state.best_prec1 = record["val.top1"]
