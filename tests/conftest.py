@@ -6,6 +6,11 @@ from pathlib import Path
 import pytest
 
 
+def pytest_configure(config):
+    """The marker of tests that start processes (deselect them with -m "not slow")."""
+    config.addinivalue_line("markers", "slow: starts processes; seconds to minutes")
+
+
 @pytest.fixture(scope="session")
 def generated(tmp_path_factory) -> Path:
     """A tiny generated dataset: 3 classes, 8 training and 5 validation JPEGs each, 48 px. Read-only."""
