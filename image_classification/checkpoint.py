@@ -2,7 +2,9 @@
 
 Keys: epoch (next epoch to run), best_prec1, state_dict, optimizer, state_dict_ema (with --use-ema) as the
 reference; and scaler, rng, iteration (next batch of `epoch`, non-zero for a checkpoint taken mid-epoch by
-SIGTERM), data_seed, epochs_without_improvement, arch, classes (the class names in index order), args.
+SIGTERM), accumulated_iterations and accumulation (with gradients, per process, when the checkpoint falls
+between the batches of an accumulated optimizer step), data_seed, epochs_without_improvement, arch, classes (the
+class names in index order), args.
 Everything is a tensor or a plain container, so files load with `weights_only=True`.
 
 Files in the workspace, as the reference names them: <prefix><checkpoint-filename> (latest; quant_main.py's
@@ -213,6 +215,22 @@ def restore_rng_state(state: dict, ctx=None) -> None:
     random.setstate((version, tuple(internal), gauss_next))
     if ctx is not None and "device" in state:
         ctx.set_device_rng_state(state["device"])
+
+
+# --- accumulated gradients -----------------------------------------------------------------------------------
+
+def capture_gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The gradients `model`'s parameters hold between two optimizer steps, by parameter name, on the CPU (so that
+    every process's can be gathered into rank 0's checkpoint)."""
+    return {name: p.grad.detach().cpu() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def restore_gradients(model: torch.nn.Module, gradients: Mapping[str, torch.Tensor]) -> None:
+    """Inverse of `capture_gradients`: each gradient in its parameter's device and memory layout, as autograd
+    would have left it, so that the next backward adds to it exactly as in the run that saved it."""
+    for name, p in model.named_parameters():
+        if name in gradients:
+            p.grad = torch.empty_like(p).copy_(gradients[name])
 
 
 # --- args -----------------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ The loss of a training step, Hinton et al.'s form with student logits s and teac
 
 task_loss is the run's own loss (label smoothing, mixup/CutMix soft targets); the KL term is averaged over the
 batch and computed in fp32; T^2 keeps its gradients on the scale of the task loss's as T grows. The report
-logs the total as train.loss and the distillation term T^2 * KL (before the A weighting) as train.kd_loss.
+logs the total as train.loss and the distillation term T^2 * KL (before the A weighting) as train.kd_loss, both
+divided by the gradient accumulation as the reference's train.loss is.
 
 The teacher is any arch of the registry, or a timm model named `timm:<name>` (with timm installed), built for
 the run's class count and loaded from --teacher-weights (a state dict, safetensors file or training

@@ -1,6 +1,7 @@
 """Training losses of the reference: cross-entropy, label smoothing, and the soft-target NLL used with mixup/CutMix.
 
-In eval mode every loss is plain cross-entropy on integer labels, as the reference validates.
+The reference validates with its training criterion in eval mode: label smoothing stays in val.loss, while the
+mixup loss is plain cross-entropy on the integer labels there.
 """
 from __future__ import annotations
 
@@ -10,15 +11,13 @@ from torch import nn
 
 
 class LabelSmoothing(nn.Module):
-    """(1-s)·NLL(target) + s·mean(-log p) over classes, for integer targets."""
+    """(1-s)·NLL(target) + s·mean(-log p) over classes, for integer targets, in training and evaluation."""
 
     def __init__(self, smoothing: float = 0.0):
         super().__init__()
         self.smoothing = smoothing
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return F.cross_entropy(logits, target)
         logprobs = F.log_softmax(logits.float(), dim=-1)
         nll = -logprobs.gather(-1, target.unsqueeze(1)).squeeze(1)
         smooth = -logprobs.mean(dim=-1)

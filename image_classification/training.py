@@ -113,6 +113,10 @@ class RunState:
     best_prec1: float = 0.0
     validated: bool = False          # whether best_prec1 comes from a validation (the first one is always best)
     optimizer_steps: int = 0
+    # Iterations whose gradients wait for the next optimizer step. Counted over the run, as the reference's
+    # Trainer counts: where an epoch's length is not a multiple of the accumulation, a step's batches straddle
+    # the epoch boundary, and a checkpoint written in between holds their gradients.
+    accumulated: int = 0
     epochs_without_improvement: int = 0
     data_seed: int = 0
     history: list = field(default_factory=list)   # epoch records, for the run summary (kept across --resume)
@@ -372,6 +376,8 @@ def resume_from(saved: dict, path: str, engine: Engine, state: RunState, train_l
     state.best_prec1 = float(saved["best_prec1"])
     state.validated = bool(saved.get("validated", state.epoch > 0))
     state.optimizer_steps = int(saved.get("optimizer_steps", 0))
+    if engine.optimizer is not None:
+        state.accumulated = resume_accumulation(saved, engine, logger)
     state.epochs_without_improvement = int(saved.get("epochs_without_improvement", 0))
     state.data_seed = int(saved.get("data_seed", state.data_seed))
     state.history = list(saved.get("history", []))
@@ -386,7 +392,26 @@ def resume_from(saved: dict, path: str, engine: Engine, state: RunState, train_l
             train_loader.load_state_dict(loader_state)
     logger.print(f"=> resumed from {path}: epoch {state.epoch}"
                  + (f", iteration {state.iteration}" if state.iteration else "")
+                 + (f", {state.accumulated} iterations into an accumulated step" if state.accumulated else "")
                  + f", best top-1 {state.best_prec1:.2f}")
+
+
+def resume_accumulation(saved: dict, engine: Engine, logger: Logger) -> int:
+    """Restore the gradients a checkpoint written between two optimizer steps holds; returns how many
+    iterations they sum. A run that accumulates differently (another --optimizer-batch-size, batch size or number
+    of processes) cannot continue that sum: it starts a fresh accumulation and says so."""
+    accumulated = int(saved.get("accumulated_iterations", 0))
+    if not accumulated:
+        return 0
+    gradients = _this_rank(saved, "gradients", engine.ctx)
+    saved_accumulation = int(saved.get("accumulation", 1))
+    if gradients is None or saved_accumulation != engine.accumulation:
+        logger.print(f"=> the checkpoint stopped {accumulated} of {saved_accumulation} iterations into an "
+                     f"accumulated step, on {saved.get('world_size', 1)} processes; this run accumulates "
+                     f"{engine.accumulation} on {engine.ctx.world_size}, so those gradients are dropped")
+        return 0
+    ckpt.restore_gradients(engine.model, gradients)
+    return accumulated
 
 
 def checkpoint_state(engine: Engine, state: RunState, args, classes: list[str]) -> dict:
@@ -409,6 +434,8 @@ def checkpoint_state(engine: Engine, state: RunState, args, classes: list[str]) 
         "iteration": state.iteration,
         "validated": state.validated,
         "optimizer_steps": state.optimizer_steps,
+        "accumulated_iterations": state.accumulated,
+        "accumulation": engine.accumulation,
         "epochs_without_improvement": state.epochs_without_improvement,
         "data_seed": state.data_seed,
         "history": state.history,
@@ -421,12 +448,16 @@ def checkpoint_state(engine: Engine, state: RunState, args, classes: list[str]) 
 
 
 def gather_rank_states(ctx: ExecutionContext, **values) -> dict:
-    """`values` of this rank, or of every rank (each a list in rank order) in distributed runs: a collective."""
+    """`values` of this rank, or in distributed runs of every rank on rank 0 (each a list in rank order; {} on the
+    other ranks, which write no file): a collective. Gathered to rank 0 alone, as the accumulated gradients they
+    may hold are each a copy of the model's size."""
     if not ctx.distributed:
         return values
     import torch.distributed as dist
-    everyone: list = [None] * ctx.world_size
-    dist.all_gather_object(everyone, values)
+    everyone: list | None = [None] * ctx.world_size if ctx.rank == 0 else None
+    dist.gather_object(values, everyone, dst=0)
+    if everyone is None:
+        return {}
     return {key: [rank_values[key] for rank_values in everyone] for key in values}
 
 
@@ -450,7 +481,6 @@ def train_one_epoch(engine: Engine, loader, epoch: int, state: RunState, logger:
     length = len(loader)
     if args.prof > 0:
         length = min(length, args.prof)
-    optimizer.zero_grad(set_to_none=True)  # an accumulation never spans two epochs
     losses = _loss_names(engine)
     epoch_meter = SumMeter(losses, ctx.device)
     if start_iteration and state.epoch_meter is not None:  # resumed mid-epoch: the epoch's loss sums so far
@@ -469,8 +499,9 @@ def train_one_epoch(engine: Engine, loader, epoch: int, state: RunState, logger:
     for iteration, (images, target) in enumerate(batches, start=start_iteration):
         data_time = time.perf_counter() - data_start
         batch = _batch_size(images)
-        optimizer_step = (iteration + 1) % engine.accumulation == 0
+        optimizer_step = state.accumulated + 1 == engine.accumulation
         loss = train_step(engine, images, target, optimizer_step)
+        state.accumulated = 0 if optimizer_step else state.accumulated + 1
         if optimizer_step:
             state.optimizer_steps += 1
             engine.guard.after_step(epoch, iteration + 1)
@@ -504,10 +535,9 @@ def train_one_epoch(engine: Engine, loader, epoch: int, state: RunState, logger:
             interval_images, interval_iterations, interval_data_time = 0, 0, 0.0
             interval_start = time.perf_counter()
 
-        if optimizer_step and iteration + 1 < length and _should_check_stop(ctx, state.optimizer_steps, engine):
-            if stop.agreed(ctx):
-                stopped = True
-                break
+        if iteration + 1 < length and _should_check_stop(ctx, iteration) and stop.agreed(ctx):
+            stopped = True
+            break
         data_start = time.perf_counter()
     progress.close()
     state.iteration = iteration + 1 if stopped else 0
@@ -535,10 +565,11 @@ def _loss_names(engine: Engine) -> list[str]:
 
 
 def _step_losses(engine: Engine, loss: torch.Tensor) -> torch.Tensor:
-    """The step's values of `_loss_names`, as one tensor."""
+    """The step's values of `_loss_names`, as one tensor: `loss` as train_step returns it (divided by the
+    accumulation), and the distillation term divided likewise."""
     if engine.distiller is None:
         return loss.detach().view(1)
-    return torch.stack([loss.detach(), engine.distiller.last_kd_loss])
+    return torch.stack([loss.detach(), engine.distiller.last_kd_loss / engine.accumulation])
 
 
 def _count(value: int, ctx: ExecutionContext) -> int:
@@ -548,10 +579,11 @@ def _count(value: int, ctx: ExecutionContext) -> int:
     return int(all_reduce_sum(torch.tensor([float(value)], dtype=torch.float64, device=ctx.device)).item())
 
 
-def _should_check_stop(ctx: ExecutionContext, optimizer_steps: int, engine: Engine) -> bool:
-    if not ctx.distributed:
-        return True
-    return optimizer_steps % max(1, SIGNAL_CHECK_EVERY // engine.accumulation) == 0
+def _should_check_stop(ctx: ExecutionContext, iteration: int) -> bool:
+    """Whether to ask for a stop after `iteration`: every iteration, or every SIGNAL_CHECK_EVERY iterations where
+    asking is a collective. A stop may fall between the batches of an accumulated step (their gradients are
+    saved)."""
+    return not ctx.distributed or (iteration + 1) % SIGNAL_CHECK_EVERY == 0
 
 
 def _throughput(prefix: str, images: int, iterations: int, elapsed: float, data_time: float) -> dict[str, float]:
@@ -565,7 +597,8 @@ def _throughput(prefix: str, images: int, iterations: int, elapsed: float, data_
 
 
 def train_step(engine: Engine, images: torch.Tensor, target: torch.Tensor, optimizer_step: bool) -> torch.Tensor:
-    """Forward and backward of one batch; the optimizer steps when `optimizer_step` (end of an accumulation)."""
+    """Forward and backward of one batch; the optimizer steps when `optimizer_step` (end of an accumulation).
+    Returns the loss divided by the accumulation, the reference's train.loss."""
     if engine.mixup is not None:
         images, target = engine.mixup(images, target)
     # DDP skips the gradient all-reduce on iterations that only accumulate.
@@ -580,7 +613,8 @@ def train_step(engine: Engine, images: torch.Tensor, target: torch.Tensor, optim
                 logits = engine.train_model(images)
                 loss = engine.distiller.loss(engine.criterion(logits, target), logits, images)
                 del logits
-        engine.scaler.scale(loss / engine.accumulation).backward()
+        loss = loss / engine.accumulation
+        engine.scaler.scale(loss).backward()
     if optimizer_step:
         engine.scaler.step(engine.optimizer)
         engine.scaler.update()
@@ -590,11 +624,17 @@ def train_step(engine: Engine, images: torch.Tensor, target: torch.Tensor, optim
 
 @torch.no_grad()
 def validate(model: nn.Module, loader, ctx: ExecutionContext, logger: Logger, args, *, prefix: str = "val",
-             step: tuple[int, ...] = (0, 0)) -> dict[str, float]:
+             step: tuple[int, ...] = (0, 0), criterion: nn.Module | None = None) -> dict[str, float]:
     """Loss, top-1 and top-k (all-reduced), throughput and per-batch compute latency (mean and percentiles), of
-    `model` as --tta evaluates it."""
+    `model` as --tta evaluates it.
+
+    The loss is `criterion`'s in eval mode, as the reference validates with its training criterion (label smoothing
+    kept; mixup's soft-target loss is cross-entropy on the labels there), or cross-entropy without one.
+    """
     model = with_tta(model, args.tta)
     model.eval()
+    if criterion is not None:
+        criterion.eval()
     loader.set_epoch(step[0])
     length = len(loader) if args.prof <= 0 else min(len(loader), args.prof)
     meter = SumMeter(["loss", "top1", "top5"], ctx.device)
@@ -610,7 +650,8 @@ def validate(model: nn.Module, loader, ctx: ExecutionContext, logger: Logger, ar
         compute_start = time.perf_counter()
         with ctx.autocast():
             output = model(images)
-        loss = F.cross_entropy(output.float(), target, reduction="sum")
+        loss = F.cross_entropy(output.float(), target, reduction="sum") if criterion is None \
+            else criterion(output.float(), target) * images.shape[0]
         correct = topk_correct(output, target, (1, args.topk))
         sums = torch.cat([loss.view(1).double(), correct.double()])
         meter.add(sums, images.shape[0])
@@ -818,10 +859,11 @@ def evaluate(job: Job) -> dict:
     """--evaluate: validate the model (and its EMA) once; the summary of that one record."""
     args, engine, state = job.args, job.engine, job.state
     step = (state.epoch, 0)
-    record = validate(engine.train_model, job.val_loader, engine.ctx, job.logger, args, step=step)
+    record = validate(engine.train_model, job.val_loader, engine.ctx, job.logger, args, step=step,
+                      criterion=engine.criterion)
     if engine.ema is not None:
         record.update(validate(engine.ema.module, job.val_loader, engine.ctx, job.logger, args, prefix="val_ema",
-                               step=step))
+                               step=step, criterion=engine.criterion))
     job.logger.log((state.epoch,), record)
     summary = _summary([record])
     job.logger.log((), summary)
@@ -837,6 +879,10 @@ def save_checkpoint(job: Job, *, is_best: bool) -> None:
     per_rank = {"rng": ckpt.capture_rng_state(ctx)}
     if state.iteration:
         per_rank.update(loader=job.train_loader.state_dict(), epoch_meter=state.epoch_meter)
+    if state.accumulated:
+        # Between two optimizer steps each process holds the gradients of its own batches (DDP averages them
+        # only at the step), so they are saved per process, as the RNG states are.
+        per_rank["gradients"] = ckpt.capture_gradients(job.engine.model)
     per_rank = gather_rank_states(ctx, **per_rank)
     if job.writer is not None:
         job.writer.save({**checkpoint_state(job.engine, state, job.args, job.classes), **per_rank}, is_best=is_best)
@@ -854,7 +900,7 @@ def finish_swa(job: Job) -> dict[str, float]:
     record = {}
     if job.val_loader is not None:
         record = validate(engine.swa.module, job.val_loader, engine.ctx, job.logger, args, prefix="swa",
-                          step=(state.epoch, 0))
+                          step=(state.epoch, 0), criterion=engine.criterion)
     save_checkpoint(job, is_best=False)
     if job.writer is not None:
         path = job.writer.workspace / SWA_FILE
@@ -897,10 +943,11 @@ def train(job: Job, stop: StopRequest) -> dict:
         if job.val_loader is not None:
             # The reference's validation steps carry the epoch's training iteration count (--prof shortens it).
             step = (epoch, len(train_loader) if args.prof <= 0 else min(len(train_loader), args.prof))
-            record.update(validate(engine.train_model, job.val_loader, engine.ctx, logger, args, step=step))
+            record.update(validate(engine.train_model, job.val_loader, engine.ctx, logger, args, step=step,
+                                   criterion=engine.criterion))
             if engine.ema is not None:
                 record.update(validate(engine.ema.module, job.val_loader, engine.ctx, logger, args, prefix="val_ema",
-                                       step=step))
+                                       step=step, criterion=engine.criterion))
             is_best = record["val.top1"] > state.best_prec1 or not state.validated
             if is_best:
                 state.best_prec1 = record["val.top1"]

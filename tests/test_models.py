@@ -100,8 +100,8 @@ def test_eval_is_deterministic():
         assert torch.equal(model(x), model(x))
 
 
-def test_stochastic_depth_drops_whole_samples_in_training():
-    model = get_entry("efficientnet-b0")(survival_prob=0.5, dropout=0.0)
+def test_stochastic_depth_drops_whole_samples_in_sample_mode():
+    model = get_entry("efficientnet-b0")(survival_prob=0.5, dropout=0.0, stochastic_depth_mode="sample")
     block = model.layers[1].block1  # a residual block
     assert block.residual and block.survival_prob < 1.0
     block.train()
@@ -118,6 +118,26 @@ def test_stochastic_depth_drops_whole_samples_in_training():
     block.eval()
     with torch.no_grad():
         torch.testing.assert_close(block(x), x + block.proj(block.se(block.depsep(block.expand(x)))))
+
+
+def test_stochastic_depth_keeps_or_drops_the_whole_batch_by_default():
+    """The reference's mode: one draw per forward for the whole batch, the kept branch scaled by 1/survival."""
+    model = get_entry("efficientnet-b0")(survival_prob=0.5, dropout=0.0)
+    block = model.layers[1].block1
+    block.train()
+    x = torch.randn(16, block.proj.conv.out_channels, 8, 8)
+    with torch.no_grad():
+        branch = block.proj(block.se(block.depsep(block.expand(x))))
+        outcomes = set()
+        torch.manual_seed(0)
+        for _ in range(20):
+            out = block(x)
+            if torch.equal(out, x):
+                outcomes.add("dropped")
+            else:
+                torch.testing.assert_close(out, x + branch / block.survival_prob)
+                outcomes.add("kept")
+    assert outcomes == {"dropped", "kept"}
 
 
 def test_survival_prob_one_is_identity_in_training():

@@ -297,8 +297,8 @@ def test_label_smoothing_and_mixup_soft_target_loss_on_known_tensors():
     logp = F.log_softmax(logits, dim=1)
     s = 0.1
     smooth = LabelSmoothing(s).train()
-    expected = ((1 - s) * -logp[[0, 1], [0, 2]] + s * -logp.mean(1)).mean()
-    torch.testing.assert_close(smooth(logits, target), expected)
+    smoothed = ((1 - s) * -logp[[0, 1], [0, 2]] + s * -logp.mean(1)).mean()
+    torch.testing.assert_close(smooth(logits, target), smoothed)
 
     lam, perm = 0.7, torch.tensor([1, 0])
     images = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
@@ -308,9 +308,11 @@ def test_label_smoothing_and_mixup_soft_target_loss_on_known_tensors():
     loss = SoftTargetCrossEntropy(s).train()
     expected = ((1 - s) * -(logp * soft).sum(1) + s * -logp.mean(1)).mean()
     torch.testing.assert_close(loss(logits, soft), expected)
-    # In eval every loss is plain cross-entropy on labels.
-    for criterion in (loss, smooth, build_loss(0.0, 0.0)):
+    # In eval, as the reference validates: the mixup loss and plain cross-entropy are cross-entropy on labels,
+    # label smoothing stays.
+    for criterion in (loss, build_loss(0.0, 0.0)):
         torch.testing.assert_close(criterion.eval()(logits, target), F.cross_entropy(logits, target))
+    torch.testing.assert_close(smooth.eval()(logits, target), smoothed)
     assert isinstance(build_loss(0.1, 0.2), SoftTargetCrossEntropy)
 
 

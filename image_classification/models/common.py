@@ -205,16 +205,44 @@ def fp32_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: list[int], paddin
     return out.to(x.dtype)
 
 
-def stochastic_depth(x: torch.Tensor, survival_prob: float, training: bool) -> torch.Tensor:
-    """Drop whole samples of a residual branch with probability 1 - survival_prob, rescaling the rest.
+STOCHASTIC_DEPTH_MODES = ("batch", "sample")
 
-    Identity in eval mode and at survival_prob 1, so inference equals the reference exactly.
-    """
-    if not training or survival_prob >= 1.0:
-        return x
+
+def drop_samples(x: torch.Tensor, survival_prob: float) -> torch.Tensor:
+    """Drop whole samples of `x` with probability 1 - survival_prob, rescaling the rest (timm's, torchvision's)."""
     keep = torch.empty([x.shape[0]] + [1] * (x.dim() - 1), dtype=x.dtype, device=x.device)
     keep.bernoulli_(survival_prob).div_(survival_prob)
     return x * keep
+
+
+class StochasticDepthResidual(nn.Module):
+    """The residual add of a block, whose branch stochastic depth drops while training (identity in eval).
+
+    `mode` "batch", the reference's: one draw per forward keeps the branch (scaled by 1/survival_prob) or
+    drops it for the whole batch of this process. The draw is the reference's own, dropout of a scalar
+    one, so a seed gives its masks and its logits. "sample": one draw per sample, as timm and torchvision.
+    The reference keeps that one in a non-persistent buffer; TorchScript would put such a buffer in a scripted
+    model's state dict, so it is made at each draw here (the same tensor, the same random numbers).
+    """
+
+    # Constants to TorchScript, which then compiles only the mode this block has.
+    __constants__ = ["survival_prob", "per_sample"]
+
+    def __init__(self, survival_prob: float, mode: str = "batch"):
+        super().__init__()
+        if mode not in STOCHASTIC_DEPTH_MODES:
+            raise UserError(f"--stochastic-depth-mode must be one of {', '.join(STOCHASTIC_DEPTH_MODES)}, "
+                            f"got {mode!r}")
+        self.survival_prob = survival_prob
+        self.per_sample = mode == "sample"
+
+    def forward(self, residual: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.survival_prob >= 1.0:
+            return residual + branch
+        if self.per_sample:
+            return residual + drop_samples(branch, self.survival_prob)
+        mask = F.dropout(torch.ones((), device=branch.device), p=1.0 - self.survival_prob, training=True)
+        return torch.addcmul(residual, mask, branch)
 
 
 def make_divisible(channels: float, divisor: int = 8) -> int:

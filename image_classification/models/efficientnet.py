@@ -15,8 +15,8 @@ from torch import nn
 
 from ..cli import Number, UserError
 
-from .common import (LayerBuilder, LayerConfig, SqueezeExcitation, depthwise_conv_bn_act, fp32_conv2d,
-                     make_divisible, stochastic_depth)
+from .common import (STOCHASTIC_DEPTH_MODES, LayerBuilder, LayerConfig, SqueezeExcitation, StochasticDepthResidual,
+                     depthwise_conv_bn_act, fp32_conv2d, make_divisible)
 
 
 @dataclass(frozen=True)
@@ -142,17 +142,17 @@ V2_MEMBERS = {
     "l": (EFFICIENTNET_V2_L, 0.4, 0.8),
 }
 
-# Member: (width, depth, resolution, dropout, survival_prob). Dropout and resolution follow the paper;
-# the reference publishes survival_prob 1.0 for b0 and 0.8 for b4, and we extend that to b0-b3 / b4-b7.
+# Member: (width, depth, resolution, dropout, survival_prob): the reference's architecture table, where only b4
+# (and widese-b4, quant-b4) trains with stochastic depth; `--survival_prob 0.8` gives b5-b7 b4's.
 SCALING = {
     "b0": (1.0, 1.0, 224, 0.2, 1.0),
     "b1": (1.0, 1.1, 240, 0.2, 1.0),
     "b2": (1.1, 1.2, 260, 0.3, 1.0),
     "b3": (1.2, 1.4, 300, 0.3, 1.0),
     "b4": (1.4, 1.8, 380, 0.4, 0.8),
-    "b5": (1.6, 2.2, 456, 0.4, 0.8),
-    "b6": (1.8, 2.6, 528, 0.5, 0.8),
-    "b7": (2.0, 3.1, 600, 0.5, 0.8),
+    "b5": (1.6, 2.2, 456, 0.4, 1.0),
+    "b6": (1.8, 2.6, 528, 0.5, 1.0),
+    "b7": (2.0, 3.1, 600, 0.5, 1.0),
 }
 
 
@@ -179,6 +179,7 @@ class EfficientNetParams:
     bn_momentum: float = 0.01
     bn_epsilon: float = 1e-3
     trt: bool = False
+    stochastic_depth_mode: str = "batch"
 
     def parser(self, name: str) -> argparse.ArgumentParser:
         """Argparse parser of the model flags, with the reference's underscored names."""
@@ -194,6 +195,10 @@ class EfficientNetParams:
         p.add_argument("--survival_prob", type=Number(float, low=0, high=1, low_open=True),
                        default=self.survival_prob, metavar="P",
                        help="stochastic depth survival probability of the last block (default: %(default)s)")
+        p.add_argument("--stochastic-depth-mode", dest="stochastic_depth_mode", choices=STOCHASTIC_DEPTH_MODES,
+                       default=self.stochastic_depth_mode,
+                       help="stochastic depth keeps or drops a block for the whole batch, as the reference, or for "
+                            "each sample, as timm and torchvision (default: %(default)s)")
         p.add_argument("--dropout", type=Number(float, low=0, high=1, high_open=True), default=self.dropout,
                        metavar="P",
                        help="dropout before the classifier (default: %(default)s)")
@@ -206,7 +211,8 @@ class MBConvBlock(nn.Module):
     """Inverted residual: 1×1 expand → k×k depthwise → squeeze-excitation → 1×1 projection (+ residual)."""
 
     def __init__(self, builder: LayerBuilder, kernel: int, in_channels: int, out_channels: int, expansion: int,
-                 stride: int, squeeze_channels: int, survival_prob: float = 1.0, trt: bool = False):
+                 stride: int, squeeze_channels: int, survival_prob: float = 1.0, trt: bool = False,
+                 stochastic_depth_mode: str = "batch"):
         super().__init__()
         hidden = in_channels * expansion
         self.expand = None if expansion == 1 else builder.conv(1, in_channels, hidden)
@@ -215,6 +221,7 @@ class MBConvBlock(nn.Module):
         self.proj = builder.conv(1, hidden, out_channels, act=False)
         self.residual = stride == 1 and in_channels == out_channels
         self.survival_prob = survival_prob
+        self.residual_add = StochasticDepthResidual(survival_prob, stochastic_depth_mode) if self.residual else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x if self.expand is None else self.expand(x)
@@ -223,9 +230,9 @@ class MBConvBlock(nn.Module):
         else:
             out = depthwise_conv_bn_act(self.depsep, out)
         out = self.proj(self.se(out))
-        if not self.residual:
+        if self.residual_add is None:
             return out
-        return x + stochastic_depth(out, self.survival_prob, self.training)
+        return self.residual_add(x, out)
 
     def scripted_depthwise(self, x: torch.Tensor) -> torch.Tensor:
         """`depthwise_conv_bn_act` in a form TorchScript compiles (--jit script), with the same results (the fp32
@@ -246,7 +253,8 @@ class FusedMBConvBlock(nn.Module):
     """EfficientNetV2's Fused-MBConv: k×k expand conv (→ 1×1 projection when expanding), no depthwise conv."""
 
     def __init__(self, builder: LayerBuilder, kernel: int, in_channels: int, out_channels: int, expansion: int,
-                 stride: int, squeeze_channels: int | None, survival_prob: float = 1.0, trt: bool = False):
+                 stride: int, squeeze_channels: int | None, survival_prob: float = 1.0, trt: bool = False,
+                 stochastic_depth_mode: str = "batch"):
         super().__init__()
         hidden = in_channels * expansion
         if expansion == 1:
@@ -259,22 +267,24 @@ class FusedMBConvBlock(nn.Module):
         self.se = None if squeeze_channels is None else SqueezeExcitation(hidden, squeeze_channels, trt=trt)
         self.residual = stride == 1 and in_channels == out_channels
         self.survival_prob = survival_prob
+        self.residual_add = StochasticDepthResidual(survival_prob, stochastic_depth_mode) if self.residual else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x if self.expand is None else self.expand(x)
         if self.se is not None:
             out = self.se(out)
         out = self.proj(out)
-        if not self.residual:
+        if self.residual_add is None:
             return out
-        return x + stochastic_depth(out, self.survival_prob, self.training)
+        return self.residual_add(x, out)
 
 
 class EfficientNet(nn.Module):
     """EfficientNet built from an `EfficientNetArch` table."""
 
     def __init__(self, arch: EfficientNetArch, dropout: float, survival_prob: float = 1.0, num_classes: int = 1000,
-                 conv_init: str = "fan_in", bn_momentum: float = 0.01, bn_epsilon: float = 1e-3, trt: bool = False):
+                 conv_init: str = "fan_in", bn_momentum: float = 0.01, bn_epsilon: float = 1e-3, trt: bool = False,
+                 stochastic_depth_mode: str = "batch"):
         super().__init__()
         if num_classes < 1:
             raise UserError(f"--num_classes must be positive, got {num_classes}")
@@ -283,7 +293,7 @@ class EfficientNet(nn.Module):
         self.arch = arch
         builder = LayerBuilder(LayerConfig(conv_init=conv_init, bn_momentum=bn_momentum, bn_epsilon=bn_epsilon))
         self.stem = builder.conv(3, 3, arch.stem_channels, stride=2)
-        self.layers = self._make_layers(builder, arch, survival_prob, trt)
+        self.layers = self._make_layers(builder, arch, survival_prob, trt, stochastic_depth_mode)
         last_channels = arch.stages[-1].channels
         self.features = builder.conv(1, last_channels, arch.feature_channels)
         self.classifier = nn.Sequential(OrderedDict([
@@ -294,7 +304,8 @@ class EfficientNet(nn.Module):
         ]))
 
     @staticmethod
-    def _make_layers(builder: LayerBuilder, arch: EfficientNetArch, survival_prob: float, trt: bool) -> nn.Sequential:
+    def _make_layers(builder: LayerBuilder, arch: EfficientNetArch, survival_prob: float, trt: bool,
+                     stochastic_depth_mode: str) -> nn.Sequential:
         stages = []
         in_channels, index = arch.stem_channels, 0
         for spec in arch.stages:
@@ -309,10 +320,11 @@ class EfficientNet(nn.Module):
                 if spec.fused:
                     blocks[f"block{j}"] = FusedMBConvBlock(
                         builder, spec.kernel, in_channels, spec.channels, spec.expansion, stride,
-                        squeeze if spec.squeeze_excitation else None, block_survival, trt)
+                        squeeze if spec.squeeze_excitation else None, block_survival, trt, stochastic_depth_mode)
                 else:
                     blocks[f"block{j}"] = MBConvBlock(builder, spec.kernel, in_channels, spec.channels,
-                                                      spec.expansion, stride, squeeze, block_survival, trt)
+                                                      spec.expansion, stride, squeeze, block_survival, trt,
+                                                      stochastic_depth_mode)
                 in_channels, index = spec.channels, index + 1
             stages.append(nn.Sequential(blocks))
         return nn.Sequential(*stages)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..cli import UserError
-from .common import SqueezeExcitation, stochastic_depth
+from .common import SqueezeExcitation
 from .efficientnet import EFFICIENTNET_B0, NGC, SCALING, EfficientNet, EfficientNetArch, EfficientNetParams, \
     MBConvBlock, ModelSpec
 from .weights import WeightsError
@@ -88,9 +88,9 @@ class QuantMBConvBlock(MBConvBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x if self.expand is None else self.expand(x)
         out = self.proj(self.se(self.depsep(out)))
-        if not self.residual:
+        if self.residual_add is None:
             return out
-        return self.residual_quantizer(x) + stochastic_depth(out, self.survival_prob, self.training)
+        return self.residual_add(self.residual_quantizer(x), out)
 
 
 @functools.cache
@@ -164,11 +164,13 @@ class QuantEfficientNet(EfficientNet):
     """EfficientNet with the reference's INT8 quantizer placement (always the TensorRT form of SE)."""
 
     def __init__(self, arch: EfficientNetArch, dropout: float, survival_prob: float = 1.0, num_classes: int = 1000,
-                 conv_init: str = "fan_in", bn_momentum: float = 0.01, bn_epsilon: float = 1e-3, trt: bool = True):
+                 conv_init: str = "fan_in", bn_momentum: float = 0.01, bn_epsilon: float = 1e-3, trt: bool = True,
+                 stochastic_depth_mode: str = "batch"):
         if not trt:
             raise UserError("quantized EfficientNets always use the TensorRT form of squeeze-excitation; "
                              "--trt False is not available for efficientnet-quant-*")
-        super().__init__(arch, dropout, survival_prob, num_classes, conv_init, bn_momentum, bn_epsilon, trt=True)
+        super().__init__(arch, dropout, survival_prob, num_classes, conv_init, bn_momentum, bn_epsilon, trt=True,
+                         stochastic_depth_mode=stochastic_depth_mode)
         mtq = modelopt_quantization()
         # Model Optimizer prints a count of inserted quantizers; scripts such as classify.py own stdout.
         with contextlib.redirect_stdout(io.StringIO()):
