@@ -3,7 +3,7 @@
 
     python checkpoint2model.py --checkpoint-path ./checkpoint.pth.tar --weight-path ./model.pth [--ema]
 """
-from image_classification.export_weights import main
+from image_classification.deploy.export_weights import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -6,7 +6,7 @@
     python classify.py --arch efficientnet-b0 --pretrained-from-file ws/model_best.pth.tar --num_classes 10 \\
         --class-names ws/classes.txt --image flower.jpg
 """
-from image_classification.inference import main
+from image_classification.deploy.classify import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -38,7 +38,7 @@ def _register() -> list[str]:
 
 def nvidia_convnets_processing_utils():
     """prepare_input_from_uri(uri, cuda=False) and pick_n_best(predictions, n=5), as NVIDIA's hub example uses them."""
-    from image_classification.hub_utils import ConvNetsProcessingUtils
+    from image_classification.deploy.hub_utils import ConvNetsProcessingUtils
     return ConvNetsProcessingUtils()
 
 

@@ -15,9 +15,9 @@ from image_classification.cli import exit_status, run_cli
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse the flags and run the job; bad input becomes one error line and exit status 1."""
-    from image_classification.arguments import parse_args
-    from image_classification.training import main as run
-    return run_cli("main.py", lambda: run(parse_args(argv)))
+    from image_classification.arguments import parse_config
+    from image_classification.train import run
+    return run_cli("main.py", lambda: run(parse_config(argv)))
 
 
 if __name__ == "__main__":

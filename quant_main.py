@@ -17,7 +17,9 @@ import argparse
 import sys
 
 from image_classification.cli import ArgumentParser, check_numbers, exit_status, run_cli
-from image_classification.quantization import add_arguments
+from image_classification.toolkit.quantization import add_arguments
+
+CHECKPOINT_PREFIX = "quantized_"  # the reference's name of quant_main.py's latest checkpoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,12 +38,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def parse_config(argv: list[str] | None = None):
+    """The job's Config: main.py's and the quantization flags, with quantized_-prefixed checkpoints."""
+    from image_classification.config import Config
+    return Config.from_args(parse_args(argv), checkpoint_prefix=CHECKPOINT_PREFIX)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    """Parse, then train/evaluate with calibration as training.main's prepare_model step."""
-    from image_classification.quantization import calibration_hook
-    from image_classification.training import main as run
-    return run_cli("quant_main.py", lambda: run(parse_args(argv), prepare_model=calibration_hook,
-                                                checkpoint_prefix="quantized_"))
+    """Parse, then train/evaluate with calibration as the train package's prepare_model step."""
+    from image_classification.toolkit.quantization import calibration_hook
+    from image_classification.train import run
+    return run_cli("quant_main.py", lambda: run(parse_config(argv), prepare_model=calibration_hook))
 
 
 if __name__ == "__main__":

@@ -11,12 +11,12 @@ data, 1 epoch, print frequency 1, training only, no checkpoints; the EfficientNe
 cross-entropy (no label smoothing, no mixup) so that both sides compute
 the same thing. Its throughput is taken from the report's elapsed times between the end of the warm-up
 iterations and the last one, so it counts everything the loop does per iteration (data, step, metrics,
-logging). The bare step is `training.train_step` on the same settings (bench_train.py's `ours` entry).
+logging). The bare step is `train.epoch.train_step` on the same settings (bench_train.py's `ours` entry).
 Both start from a fresh model and leave out the same --skip warm-up iterations; they alternate --repeats
 times; overhead = 1 - e2e img/s / bare img/s, from the medians, and the paired overhead is the median of
 that per repeat (each run beside the bare one that followed it). On a machine whose speed drifts by more
 than the overhead, the exact number is `outside step`: within the same main.py iterations, the share of the
-loop's time not spent in training.train_step (timed by wrapping it; on a GPU the wrapper drains the device
+loop's time not spent in train.epoch.train_step (timed by wrapping it; on a GPU the wrapper drains the device
 after each step).
 """
 from __future__ import annotations
@@ -68,11 +68,11 @@ def loop_window(report: Path, skip: int) -> tuple[int, float]:
 
 
 class StepTimer:
-    """Wraps training.train_step while main.py runs: the seconds of each call, the device drained after it."""
+    """Wraps train.epoch.train_step while main.py runs: the seconds of each call, the device drained after it."""
 
     def __init__(self, ctx):
-        from image_classification import training
-        self.ctx, self.training, self.seconds = ctx, training, []
+        from image_classification.train import epoch
+        self.ctx, self.training, self.seconds = ctx, epoch, []
 
     def __enter__(self) -> "StepTimer":
         step = self.original = self.training.train_step
@@ -92,7 +92,8 @@ class StepTimer:
 
 def run(args: argparse.Namespace) -> dict:
     from image_classification.launcher import build_args
-    from image_classification.training import main as train_main
+    from image_classification.config import Config
+    from image_classification.train import run as train_main
     ctx = common.context_from_args(args)
     entry = common.parse_entries("ours", args.memory_format, args.compile)[0]
     rows = []
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> dict:
                 with tempfile.TemporaryDirectory(prefix="bench_e2e_") as workspace:
                     # main.py prints a line per iteration here (print frequency 1): keep the table readable.
                     with contextlib.redirect_stdout(io.StringIO()), StepTimer(ctx) as steps:
-                        train_main(build_args(launch_argv(args, arch, batch, size, Path(workspace))))
+                        train_main(Config.from_args(build_args(launch_argv(args, arch, batch, size, Path(workspace)))))
                     iterations, seconds = loop_window(Path(workspace) / "raport.json", args.skip)
                     e2e.append(iterations * batch / seconds)
                     # Of the same iterations: the share of the loop's time spent outside the training step.

@@ -52,7 +52,7 @@ def make_forward(entry: common.Entry, arch: str, ctx, images: torch.Tensor, work
 
 def export_entry(entry: common.Entry, arch: str, image_size: int, workdir: Path, calibration: torch.Tensor) -> Path:
     """The entry's model as ONNX in `workdir` (once per entry and size): float, or our Q/DQ INT8 file."""
-    from image_classification.export import export_onnx
+    from image_classification.deploy.export import export_onnx
     path = workdir / f"{entry.name}_{arch}_{image_size}{'_int8' if entry.int8 else ''}.onnx"
     if path.exists():
         return path
@@ -66,9 +66,9 @@ def export_entry(entry: common.Entry, arch: str, image_size: int, workdir: Path,
 
 def int8_model(arch: str, images: torch.Tensor) -> torch.nn.Module:
     """efficientnet-quant-<arch> with BN statistics of `images`, calibrated on them, BN folded for export."""
-    from image_classification.batchnorm_folding import fold_batchnorm
+    from image_classification.deploy.batchnorm_folding import fold_batchnorm
     from image_classification.models import get_entry
-    from image_classification.quantization import calibrate
+    from image_classification.toolkit.quantization import calibrate
     torch.manual_seed(0)
     model = get_entry(f"efficientnet-quant-{arch}")()
     for module in model.modules():
@@ -82,7 +82,7 @@ def int8_model(arch: str, images: torch.Tensor) -> torch.nn.Module:
 
 def engine_forward(entry: common.Entry, arch: str, images: torch.Tensor, workdir: Path, threads: int | None):
     """A function running one batch of the entry's ONNX export in its engine, and the engine's settings."""
-    from image_classification.engines import open_engine
+    from image_classification.deploy.engines import open_engine
     size = images.shape[-1]
     # Calibration's own batch of 4: BatchNorm's batch statistics need more than one value per channel.
     calibration = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(1))

@@ -6,7 +6,7 @@
     .venv/bin/python bench/bench_train.py --models ours,ours+nhwc+compile,timm,torchvision
     .venv/bin/python bench/bench_train.py --quick --json /tmp/t.json       # seconds; checks the script works
 
-Ours runs `image_classification.training.train_step` (autocast, loss, scaled backward, RMSprop step,
+Ours runs `image_classification.train.epoch.train_step` (autocast, loss, scaled backward, RMSprop step,
 zero_grad(set_to_none)) on an `Engine` built as main.py builds it. The peers run the same semantics in a
 plain loop: same optimizer (RMSprop over the reference's parameter groups, the EfficientNet recipe's
 hyper-parameters), same loss (cross-entropy), same inputs. Each entry owns its model and optimizer; steps
@@ -24,8 +24,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from image_classification.optimizers import build_optimizer  # noqa: E402
-from image_classification.training import Engine, train_step  # noqa: E402
+from image_classification.train.optimizers import build_optimizer  # noqa: E402
+from image_classification.train.epoch import train_step  # noqa: E402
+from image_classification.train.losses import TrainingLoss  # noqa: E402
+from image_classification.train.state import Trainer  # noqa: E402
 
 # The EfficientNet recipe of configs.yml (spec §2): RMSprop alpha 0.9, eps 0.01, momentum 0.9; b0's lr/wd.
 RMSPROP = dict(optimizer="rmsprop", lr=0.08, momentum=0.9, weight_decay=1e-5, rmsprop_alpha=0.9, rmsprop_eps=0.01)
@@ -47,8 +49,8 @@ def make_step(entry: common.Entry, arch: str, ctx, images: torch.Tensor, target:
     criterion = nn.CrossEntropyLoss()
     net = common.maybe_compile(model, entry)
     if entry.is_ours:
-        engine = Engine(ctx=ctx, model=model, train_model=net, criterion=criterion, optimizer=optimizer,
-                        scaler=ctx.grad_scaler(128.0))
+        engine = Trainer(ctx=ctx, model=model, train_model=net, loss=TrainingLoss(criterion), optimizer=optimizer,
+                         scaler=ctx.grad_scaler(128.0))
 
         def step():
             return train_step(engine, images, target, optimizer_step=True)

@@ -147,7 +147,7 @@ def default_image_size(arch: str) -> int:
 
 def maybe_compile(model: nn.Module, entry: Entry) -> nn.Module:
     """torch.compile (inductor) for +compile entries, with freezing for +freeze, the model itself otherwise."""
-    from image_classification.training import compile_model
+    from image_classification.train.setup import compile_model
     return compile_model(model, "compile" if entry.compile else "no", frozen=entry.freeze)
 
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 def engine_entry(args: argparse.Namespace):
     import numpy as np
 
-    from image_classification.engines import open_engine
+    from image_classification.deploy.engines import open_engine
     engine = open_engine(args.entry.split("+")[1], args.onnx, args.threads)
     images = np.random.default_rng(0).standard_normal((args.batch_size, 3, args.image_size, args.image_size),
                                                       dtype=np.float32)

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from image_classification.data.generated import generate_dataset  # noqa: E402
 from image_classification.models import get_entry  # noqa: E402
 from image_classification.models.quantized import CALIBRATORS  # noqa: E402
-from image_classification.quantization import calibrate  # noqa: E402
+from image_classification.toolkit.quantization import calibrate  # noqa: E402
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -58,7 +58,7 @@ def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle
 
 
 def engine_top1(engine, data: tuple[torch.Tensor, torch.Tensor], batch_size: int) -> float:
-    """Top-1 of an image_classification.engines engine on normalised images."""
+    """Top-1 of an image_classification.deploy.engines engine on normalised images."""
     correct = sum(int((engine.run(x.numpy()).argmax(1) == y.numpy()).sum())
                   for x, y in batches(*data, batch_size, shuffle=False))
     return 100.0 * correct / len(data[1])
@@ -75,9 +75,9 @@ def without_quantizers(qat: torch.nn.Module, arch: str, params: dict) -> torch.n
 def engines_table(models: dict[str, torch.nn.Module], qat: torch.nn.Module, engines: list[str], data,
                   image_size: int, batch_size: int) -> dict[str, dict[str, float]]:
     """Top-1 in each engine of each float model's ONNX export (by name) and of the QAT model's Q/DQ export."""
-    from image_classification.batchnorm_folding import fold_batchnorm
-    from image_classification.engines import open_engine
-    from image_classification.export import export_onnx
+    from image_classification.deploy.batchnorm_folding import fold_batchnorm
+    from image_classification.deploy.engines import open_engine
+    from image_classification.deploy.export import export_onnx
     table = {}
     with tempfile.TemporaryDirectory() as tmp:
         files = {name: export_onnx(model.eval(), Path(tmp) / f"{name}.onnx", image_size=image_size)

@@ -9,13 +9,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import distillation, finetune, gpu_affinity
+from . import gpu_affinity
 from .cli import ArgumentParser, Number, UserError, check_numbers
+from .config import Config
 from .context import CPU_ALLOCATORS, DIST_BACKENDS
-from .data import AUGMENTATIONS, DATA_FORMATS
+from .data import AUGMENTATIONS, BACKENDS, DATA_FORMATS, INTERPOLATIONS
 from .models import available_models, fused, get_entry
-from .progressive import RANDAUG_MAX_MAGNITUDE
-from .tta import TTA_MODES
+from .toolkit import distillation, finetune
+from .toolkit.progressive import RANDAUG_MAX_MAGNITUDE
+from .toolkit.tta import TTA_MODES
+from .train.optimizers import OPTIMIZERS
+from .train.schedules import LR_SCHEDULES
 
 # The reference defaults to resnet50, a ConvNets model this EfficientNet suite does not have; its first
 # EfficientNet takes that place so that a reference command line without --arch still runs.
@@ -45,13 +49,13 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
                         "python -m image_classification.data.shards (not needed with --data-backend synthetic)")
 
     g = p.add_argument_group("data")
-    g.add_argument("--data-backend", default="dali-cpu", choices=("pytorch", "synthetic", "dali-cpu", "dali-gpu"),
+    g.add_argument("--data-backend", default="dali-cpu", choices=BACKENDS,
                    help="input pipeline (default: %(default)s)")
     g.add_argument("--data-format", default="auto", choices=DATA_FORMATS,
                    help="how DIR holds the images: folder (train/<class>/*, val/<class>/*), shards (WebDataset "
                         "<split>-NNNNNN.tar with index.json), auto: folder when DIR has train/ or val/, else "
                         "shards (not in the reference) (default: %(default)s)")
-    g.add_argument("--interpolation", default="bilinear", choices=("bilinear", "bicubic", "triangular"),
+    g.add_argument("--interpolation", default="bilinear", choices=INTERPOLATIONS,
                    help="resize interpolation of the data pipeline (default: %(default)s)")
     g.add_argument("-j", "--workers", type=Number(int, low=0), default=5, metavar="N",
                    help="data loading workers per process (default: %(default)s)")
@@ -110,7 +114,7 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", "--learning-rate", type=Number(float, low=0), default=0.1, metavar="LR",
                    help="base learning rate (default: %(default)s)")
-    g.add_argument("--lr-schedule", default="step", choices=("step", "linear", "cosine", "exponential"),
+    g.add_argument("--lr-schedule", default="step", choices=LR_SCHEDULES.names(),
                    help="per-epoch LR schedule after warmup: step (x0.1 at 30, 60, 80), linear (to 0), cosine "
                         "(to --end-lr), exponential (x --lr-decay every epoch) (default: %(default)s)")
     g.add_argument("--end-lr", type=Number(float, low=0), default=0.0, metavar="LR",
@@ -127,7 +131,7 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
                    help="CutMix alpha (of the last stage with --n-stages), 0 disables; with --mixup too, each batch "
                         "uses one of the two, chosen with probability 0.5 (not in the reference) "
                         "(default: %(default)s)")
-    g.add_argument("--optimizer", default="sgd", choices=("sgd", "rmsprop"), help="optimizer (default: %(default)s)")
+    g.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS.names(), help="optimizer (default: %(default)s)")
     g.add_argument("--momentum", type=Number(float, low=0, high=1, high_open=True), default=0.9, metavar="M",
                    help="momentum (default: %(default)s)")
     g.add_argument("--weight-decay", "--wd", type=Number(float, low=0), default=1e-4, metavar="W",
@@ -304,3 +308,8 @@ def parse_args(argv: list[str] | None = None, defaults: dict | None = None, prog
     if args.data is None and args.data_backend != "synthetic":
         combined.error(f"the data folder (DIR) is required with --data-backend {args.data_backend}")
     return args
+
+
+def parse_config(argv: list[str] | None = None, defaults: dict | None = None, prog: str = "main.py") -> Config:
+    """The Config of main.py's command line (see parse_args)."""
+    return Config.from_args(parse_args(argv, defaults, prog))

@@ -13,7 +13,6 @@ checkpoint_<epoch:04>.pth.tar.
 """
 from __future__ import annotations
 
-import argparse
 import errno
 import os
 import random
@@ -231,23 +230,6 @@ def restore_gradients(model: torch.nn.Module, gradients: Mapping[str, torch.Tens
     for name, p in model.named_parameters():
         if name in gradients:
             p.grad = torch.empty_like(p).copy_(gradients[name])
-
-
-# --- args -----------------------------------------------------------------------------------------------------
-
-def plain_args(args: argparse.Namespace) -> dict:
-    """The run's flags as a dict of plain values (nested Namespaces become dicts)."""
-    out = {}
-    for key, value in vars(args).items():
-        if isinstance(value, argparse.Namespace):
-            out[key] = plain_args(value)
-        elif value is None or isinstance(value, (bool, int, float, str)):
-            out[key] = value
-        elif isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str)) for v in value):
-            out[key] = list(value)
-        else:
-            out[key] = str(value)
-    return out
 
 
 # --- writing --------------------------------------------------------------------------------------------------

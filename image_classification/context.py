@@ -98,6 +98,21 @@ class ExecutionContext:
         if self.is_cuda and state is not None:
             torch.cuda.set_rng_state(state.cpu(), self.device)
 
+    def __enter__(self) -> "ExecutionContext":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        """Leave the process group create_context joined: after a job that ended well every rank first waits at a
+        barrier, so that none tears the group down while another is in its last collective (or rank 0 writes its
+        last checkpoint)."""
+        if not self.distributed or not dist.is_initialized():
+            return
+        try:
+            if exc_type is None:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
     def pci_bus_ids(self) -> list[str]:
         """PCI addresses (sysfs form, e.g. 0000:07:00.0) of the visible GPUs, for CPU affinity; [] without CUDA."""
         if not torch.cuda.is_available():
@@ -225,7 +240,8 @@ def create_context(
     amp_flags: tuple[str, str] = ("--amp", "leave --amp off"),
     dist_backend: str = "auto",
 ) -> ExecutionContext:
-    """Build the context from CLI-level choices, joining the process group when launched distributed.
+    """Build the context from CLI-level choices, joining the process group when launched distributed; `with ctx:`
+    leaves it at the end.
 
     `amp_flags` says, in the calling script's words, how mixed precision was asked for and how to turn it off,
     for the warning on CPUs that emulate bf16. `dist_backend` is --dist-backend (see `dist_backend_for`).

@@ -173,8 +173,9 @@ def fit_to_cpu(args: argparse.Namespace, defaults: Mapping, argv: Sequence[str])
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """launch.py: build main.py's arguments from configs.yml and the command line, then run the job in-process."""
-    from .training import main as run
+    from .config import Config
+    from .train import run
     args, defaults, rest = run_cli(PROG, _build, argv)
     for note in fit_to_cpu(args, defaults, rest):
         print(f"{PROG}: note: {note}", file=sys.stderr)
-    return run_cli(PROG, run, args)
+    return run_cli(PROG, lambda: run(Config.from_args(args)))

@@ -9,6 +9,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .logger import DEFAULT, VERBOSE
+
+# The report's metrics in the reference's registration order, with its verbosity levels; image_size (per epoch: the
+# training resolution, which progressive training changes), bad_files (per epoch: the unreadable images met,
+# replaced in training, left out of validation), compute_latency_at90 and first_batch_latency are this suite's.
+TRAIN_METRICS = {"loss": DEFAULT, "compute_ips": DEFAULT, "total_ips": DEFAULT, "data_time": VERBOSE,
+                 "compute_time": VERBOSE, "lr": DEFAULT, "grad_scale": DEFAULT, "image_size": VERBOSE,
+                 "bad_files": VERBOSE}
+VAL_METRICS = {"top1": DEFAULT, "top5": DEFAULT, "loss": DEFAULT, "compute_ips": DEFAULT, "total_ips": DEFAULT,
+               "data_time": VERBOSE, "compute_latency": DEFAULT, "compute_latency_at100": VERBOSE,
+               "compute_latency_at99": VERBOSE, "compute_latency_at95": VERBOSE, "compute_latency_at90": VERBOSE,
+               "first_batch_latency": VERBOSE, "bad_files": VERBOSE}
+
 
 def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
     """Number of samples whose target is among the top-k logits, for each k (a float tensor of len(ks))."""

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from image_classification.eval_sizes import main  # noqa: E402  (run as a script)
+from image_classification.train.eval_sizes import main  # noqa: E402  (run as a script)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -24,9 +24,9 @@ import tempfile
 from pathlib import Path
 
 # Imported by the server before it forks (what every command line of the suite imports anyway).
-PRELOAD = ("torch", "torchvision", "image_classification.training", "image_classification.data.pytorch_backend",
-           "image_classification.launcher", "image_classification.inference", "image_classification.export",
-           "image_classification.quantization", "modelopt.torch.quantization", "onnxruntime", "numpy", "PIL.Image")
+PRELOAD = ("torch", "torchvision", "image_classification.train", "image_classification.data.pytorch_backend",
+           "image_classification.launcher", "image_classification.deploy.classify", "image_classification.deploy.export",
+           "image_classification.toolkit.quantization", "modelopt.torch.quantization", "onnxruntime", "numpy", "PIL.Image")
 
 
 class PreforkServer:

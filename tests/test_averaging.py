@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from image_classification.arguments import parse_args
-from image_classification.averaging import main as average
-from image_classification.inference import main as classify
+from image_classification.arguments import parse_config
+from image_classification.toolkit.averaging import main as average
+from image_classification.deploy.classify import main as classify
 from image_classification.models import get_entry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,9 +67,9 @@ def test_mismatched_checkpoints_are_refused_naming_the_file(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def run(generated, tmp_path_factory) -> Path:
     """A 3-epoch b0 run at 32 px on the generated data that keeps its last 2 per-epoch checkpoints."""
-    from image_classification.training import main
+    from image_classification.train import run
     workspace = tmp_path_factory.mktemp("run")
-    main(parse_args([str(generated), "--arch", "efficientnet-b0", "--data-backend", "pytorch", "--image-size",
+    run(parse_config([str(generated), "--arch", "efficientnet-b0", "--data-backend", "pytorch", "--image-size",
                      str(SIZE), "-b", "8", "--num_classes", "3", "--workers", "0", "--epochs", "3", "--seed", "1",
                      "--lr", "0.01", "--gather-checkpoints", "2", "--workspace", str(workspace)]))
     return workspace
@@ -93,8 +93,8 @@ def test_workspace_last_n_with_recomputed_bn_loads_everywhere(run, generated, tm
 
     # --pretrained-from-file, --evaluate --resume and classify.py read it.
     get_entry("efficientnet-b0")(num_classes=3, pretrained_from_file=str(recomputed))
-    from image_classification.training import main
-    summary = main(parse_args([str(generated), "--arch", "efficientnet-b0", "--data-backend", "pytorch",
+    from image_classification.train import run
+    summary = run(parse_config([str(generated), "--arch", "efficientnet-b0", "--data-backend", "pytorch",
                                "--image-size", str(SIZE), "-b", "8", "--num_classes", "3", "--workers", "0",
                                "--evaluate", "--resume", str(recomputed), "--workspace", str(tmp_path / "eval")]))
     assert 0.0 <= summary["val.top1"] <= 100.0

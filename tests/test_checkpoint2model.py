@@ -47,8 +47,8 @@ def test_ema_flag_without_ema_weights_is_a_clear_error(tmp_path):
 
 
 def test_safetensors_round_trip_gives_identical_logits_through_every_loader(tmp_path):
-    from image_classification.export import main as model2onnx
-    from image_classification.inference import main as classify
+    from image_classification.deploy.export import main as model2onnx
+    from image_classification.deploy.classify import main as classify
     from image_classification.models.weights import WeightsError
     from PIL import Image
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ from PIL import Image
 
 from image_classification.context import create_context
 from image_classification.data import build_val_loader
-from image_classification.inference import ImageError, class_names, imagenet_class_names, load_image, main
+from image_classification.deploy.classify import ImageError, class_names, imagenet_class_names, load_image, main
 from image_classification.models import efficientnet_b0, efficientnet_widese_b0, get_entry
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,7 +7,6 @@ They train a tiny BN-free model on the synthetic backend, a few iterations per e
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -204,16 +203,16 @@ if attempts:  # one line per started worker: its restart count and rank
     with open(attempts, "a") as f:
         f.write(os.environ.get("TORCHELASTIC_RESTART_COUNT", "-") + " " + os.environ.get("RANK", "-") + "\\n")
 
-import image_classification.training as training
-train_one_epoch = training.train_one_epoch
-def dying_once(engine, loader, epoch, *args, **kwargs):
+import image_classification.train.loop as loop
+train_one_epoch = loop.train_one_epoch
+def dying_once(job, epoch, *args, **kwargs):
     # Rank 0 dies at the start of epoch 1, after it wrote epoch 0's checkpoint; the marker makes it happen once.
     marker = os.environ.get("DIE_ONCE_MARKER")
-    if marker and epoch == 1 and engine.ctx.rank == 0 and not os.path.exists(marker):
+    if marker and epoch == 1 and job.ctx.rank == 0 and not os.path.exists(marker):
         open(marker, "w").close()
         os._exit(1)
-    return train_one_epoch(engine, loader, epoch, *args, **kwargs)
-training.train_one_epoch = dying_once
+    return train_one_epoch(job, epoch, *args, **kwargs)
+loop.train_one_epoch = dying_once
 
 sys.argv[0] = "main.py"
 import main
@@ -303,9 +302,9 @@ def tiny_model(monkeypatch):
 
 
 def run_main(*argv: str) -> dict:
-    from image_classification.arguments import parse_args
-    from image_classification.training import main
-    return main(parse_args(list(argv)))
+    from image_classification.arguments import parse_config
+    from image_classification.train import run
+    return run(parse_config(list(argv)))
 
 
 def test_resume_auto_starts_fresh_then_continues_the_epochs(tiny_model, tmp_path, capsys):
@@ -322,18 +321,22 @@ def test_resume_auto_starts_fresh_then_continues_the_epochs(tiny_model, tmp_path
 
 
 def test_resume_auto_looks_for_the_scripts_own_checkpoint_name(tmp_path):
+    from image_classification.arguments import parse_args
+    from image_classification.config import Config
     from image_classification.context import create_context
-    from image_classification.training import resume_path
+    from image_classification.train.resume import resume_path
     ctx = create_context(device="cpu")
-    args = argparse.Namespace(resume="auto", workspace=str(tmp_path), checkpoint_filename="last.pth.tar")
+    args = parse_args(["--data-backend", "synthetic", "--resume", "auto", "--workspace", str(tmp_path),
+                       "--checkpoint-filename", "last.pth.tar"])
+    config, quantized = Config.from_args(args), Config.from_args(args, checkpoint_prefix="quantized_")
     ckpt.atomic_save({"epoch": 1}, tmp_path / "last.pth.tar")
-    assert resume_path(args, ctx) == str(tmp_path / "last.pth.tar")
-    assert resume_path(args, ctx, "quantized_") is None   # quant_main.py's is quantized_<name>
+    assert resume_path(config, ctx) == str(tmp_path / "last.pth.tar")
+    assert resume_path(quantized, ctx) is None   # quant_main.py's is quantized_<name>
     ckpt.atomic_save({"epoch": 1}, tmp_path / "quantized_last.pth.tar")
-    assert resume_path(args, ctx, "quantized_") == str(tmp_path / "quantized_last.pth.tar")
-    explicit = argparse.Namespace(**{**vars(args), "resume": "other.pth.tar"})
+    assert resume_path(quantized, ctx) == str(tmp_path / "quantized_last.pth.tar")
+    explicit = config.replace(resume="other.pth.tar")
     assert resume_path(explicit, ctx) == "other.pth.tar"
-    assert resume_path(argparse.Namespace(**{**vars(args), "resume": None}), ctx) is None
+    assert resume_path(config.replace(resume=None), ctx) is None
 
 
 # --- the sbatch recipe ----------------------------------------------------------------------------------------

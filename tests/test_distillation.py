@@ -14,13 +14,13 @@ import torch
 from torch import nn
 
 import tiny_model
-from image_classification import distillation
-from image_classification.arguments import parse_args
+from image_classification.toolkit import distillation
+from image_classification.arguments import parse_args, parse_config
 from image_classification.checkpoint import CheckpointError
 from image_classification.cli import UserError
 from image_classification.context import create_context
 from image_classification.models import get_entry
-from image_classification.optimizers import build_optimizer
+from image_classification.train.optimizers import build_optimizer
 from reports import by_step, epoch_summaries, read_report
 from runs import train
 from test_cluster import free_port
@@ -65,31 +65,32 @@ def test_kd_loss_is_hintons_on_a_hand_computed_batch():
     # (1-A)·task + A·T²·KL, with a teacher that outputs `teacher` whatever the images.
     fixed = nn.Module()
     fixed.forward = lambda images: teacher
-    distiller = distillation.Distiller(fixed, alpha=0.25, temperature=t, identity={})
     task = torch.tensor(1.5)
-    assert distiller.loss(task, student, torch.zeros(2, 3, 8, 8)).item() == pytest.approx(0.75 * 1.5 + 0.25 * expected,
-                                                                                           rel=1e-6)
-    assert distiller.last_kd_loss.item() == pytest.approx(expected, rel=1e-6)
+    distiller = distillation.DistillationLoss(lambda logits, target: task, fixed, alpha=0.25, temperature=t)
+    assert distiller(student, None, torch.zeros(2, 3, 8, 8)).item() == pytest.approx(0.75 * 1.5 + 0.25 * expected,
+                                                                                     rel=1e-6)
+    assert distiller.last_terms()[0].item() == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize("amp", [False, True])
 def test_the_teacher_is_untouched_by_training_steps(amp):
-    from image_classification.training import Engine, train_step
+    from image_classification.train.epoch import train_step
+    from image_classification.train.state import Trainer
     ctx = create_context(device="cpu", amp=amp)
     student = tiny_model.TinyEntry()(num_classes=3)
     teacher = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                             nn.Linear(4, 3))
-    distiller = distillation.Distiller(teacher, alpha=0.5, temperature=2.0, identity={})
+    distiller = distillation.DistillationLoss(nn.CrossEntropyLoss(), teacher, alpha=0.5, temperature=2.0)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     optimizer = build_optimizer(student, optimizer="sgd", lr=0.5, momentum=0.9, weight_decay=1e-4)
-    engine = Engine(ctx=ctx, model=student, train_model=student, criterion=nn.CrossEntropyLoss(), optimizer=optimizer,
-                    scaler=ctx.grad_scaler(), distiller=distiller)
+    engine = Trainer(ctx=ctx, model=student, train_model=student, loss=distiller, optimizer=optimizer,
+                     scaler=ctx.grad_scaler())
     student_before = [p.clone() for p in student.parameters()]
     g = torch.Generator().manual_seed(0)
     for step in range(3):
         images, target = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 3, (4,), generator=g)
         loss = train_step(engine, images, target, optimizer_step=True)
-        assert torch.isfinite(loss) and distiller.last_kd_loss.dtype == torch.float32
+        assert torch.isfinite(loss).all() and distiller.last_terms()[0].dtype == torch.float32
     assert not teacher.training
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     for name, value in teacher.state_dict().items():  # weights and BN statistics
@@ -161,9 +162,9 @@ def test_a_timm_teacher_distils_a_run(tmp_path):
      r"^--teacher-arch distils during training; not with --evaluate$"),
 ])
 def test_flags_that_cannot_distil_are_refused(extra, message, tmp_path):
-    args = parse_args(run_args(tmp_path, None, *extra))
+    config = parse_config(run_args(tmp_path, None, *extra))
     with pytest.raises(UserError, match=message):
-        distillation.check_flags(args)
+        distillation.check_flags(config)
 
 
 def test_unknown_teacher_arch_lists_the_registry(tmp_path):

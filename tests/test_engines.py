@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from image_classification.batchnorm_folding import fold_batchnorm
+from image_classification.deploy.batchnorm_folding import fold_batchnorm
 from image_classification.context import create_context
-from image_classification.engines import ONNX_ENGINES, EngineError, TorchEngine, onnx_io_sizes, open_engine
-from image_classification.export import DEFAULT_TOLERANCE, QUANTIZED_TOLERANCE
-from image_classification.export import main as model2onnx
-from image_classification.inference import main as classify
+from image_classification.deploy.engines import ONNX_ENGINES, EngineError, TorchEngine, onnx_io_sizes, open_engine
+from image_classification.deploy.export import DEFAULT_TOLERANCE, QUANTIZED_TOLERANCE
+from image_classification.deploy.export import main as model2onnx
+from image_classification.deploy.classify import main as classify
 from image_classification.models import get_entry
 
 pytest.importorskip("onnxruntime")
@@ -67,7 +67,7 @@ def int8_file(tmp_path_factory, generated):
     """
     import torch.nn.functional as F
 
-    from image_classification.quantization import calibrate
+    from image_classification.toolkit.quantization import calibrate
     sys.path.insert(0, str(ROOT / "bench"))
     from qat_accuracy import image_folder
     root = tmp_path_factory.mktemp("int8")
@@ -138,7 +138,7 @@ def test_fold_batchnorm_keeps_the_function_and_the_int8_weights():
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is untouched
 
     from image_classification.models.quantized import quantizers
-    from image_classification.quantization import calibrate
+    from image_classification.toolkit.quantization import calibrate
     quant = _trained_like("efficientnet-quant-b0")
     calibrate(quant, [_batch(8, seed=0)], num_batches=1, calibrator="max")
     folded = fold_batchnorm(quant)

@@ -1,4 +1,4 @@
-"""model2onnx.py / image_classification.export: opset, dynamic batch, onnxruntime agreement, names, errors."""
+"""model2onnx.py / image_classification.deploy.export: opset, dynamic batch, onnxruntime agreement, names, errors."""
 from __future__ import annotations
 
 import subprocess
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from image_classification.export import DEFAULT_TOLERANCE, ExportError, default_output, export_onnx, main, \
+from image_classification.deploy.export import DEFAULT_TOLERANCE, ExportError, default_output, export_onnx, main, \
     verify_onnx
 from image_classification.models import get_entry
 
@@ -64,7 +64,7 @@ def test_mismatch_is_an_error(tmp_path):
 
 def test_export_and_verification_run_in_true_fp32(tmp_path, monkeypatch):
     """cuDNN's TF32 convolutions are on by default; onnxruntime's are float32, so the check must compare float32."""
-    import image_classification.export as export
+    import image_classification.deploy.export as export
     seen = []
     for name in ("export_onnx", "verify_onnx"):
         original = getattr(export, name)
@@ -128,7 +128,7 @@ def test_model2onnx_script_errors_without_traceback(tmp_path):
 
 
 def test_quantized_export_has_qdq_nodes(tmp_path, capsys):
-    from image_classification.quantization import calibrate
+    from image_classification.toolkit.quantization import calibrate
     model = get_entry("efficientnet-quant-b0")(num_classes=10)
     calibrate(model, [torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))], num_batches=1,
               calibrator="max")

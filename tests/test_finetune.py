@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from image_classification import finetune
-from image_classification.arguments import parse_args
+from image_classification.arguments import parse_args, parse_config
 from image_classification.checkpoint import CheckpointError
 from image_classification.cli import UserError
-from image_classification.lr_schedule import lr_at, schedule_from_args, set_lr
 from image_classification.models import get_entry
-from image_classification.optimizers import optimizer_from_args
+from image_classification.toolkit import finetune
+from image_classification.train.optimizers import job_optimizer
+from image_classification.train.schedules import LRSchedule, lr_at, set_lr
 from runs import train
 
 SIZE = 32
@@ -51,9 +51,9 @@ def test_layer_decay_scales_each_depth_and_the_head_on_top():
 
 def test_groups_keep_bn_without_weight_decay_and_the_schedule_applies_each_factor():
     model = b0()
-    args = parse_args(run_args(Path("."), "--layer-decay", "0.8", "--head-lr-scale", "4", "--wd", "1e-4",
-                               "--epochs", "5"))
-    optimizer = optimizer_from_args(model, args)
+    config = parse_config(run_args(Path("."), "--layer-decay", "0.8", "--head-lr-scale", "4", "--wd", "1e-4",
+                                   "--epochs", "5"))
+    optimizer = job_optimizer(model, config)
     scales = finetune.lr_scales(model, layer_decay=0.8, head_lr_scale=4.0)
     names = {id(p): n for n, p in model.named_parameters()}
     grouped = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
@@ -67,14 +67,14 @@ def test_groups_keep_bn_without_weight_decay_and_the_schedule_applies_each_facto
     assert len(optimizer.param_groups) == 2 * (B0_BLOCKS + 2) + 1
     assert "bn" in names[id(optimizer.param_groups[0]["params"][0])]
 
-    lr_of = schedule_from_args(args)
+    lr_of = LRSchedule.from_config(config).lr_of
     for epoch in (0, 1, 3):  # warmup, then cosine
         set_lr(optimizer, lr_of(epoch))
         expected = lr_at(epoch, schedule="cosine", base_lr=0.01, epochs=5, warmup=1)
         for group in optimizer.param_groups:
             assert group["lr"] == pytest.approx(expected * group["lr_scale"], rel=1e-12)
     # The factors travel in the optimizer's state dict, so a resumed optimizer schedules the same LRs.
-    fresh = optimizer_from_args(b0(), args)
+    fresh = job_optimizer(b0(), config)
     for group in fresh.param_groups:
         group["lr_scale"] = 1.0
     fresh.load_state_dict(optimizer.state_dict())
@@ -148,10 +148,10 @@ def test_freeze_points_name_the_models_own_parts():
 
 def test_frozen_modules_return_to_eval_in_a_wrapped_training_model():
     model = b0()
-    parts = finetune.freeze(model, "layers.0")
+    frozen = finetune.freeze(model, "layers.0")
     wrapped = torch.compile(model)  # names its modules _orig_mod.*, as DDP names them module.*
     wrapped.train()
-    parts.keep_eval(wrapped)
+    finetune.keep_eval(wrapped, frozen)
     assert not model.stem.training and not model.stem.bn.training and not model.layers[0].block0.depsep.bn.training
     assert model.layers[1].training and model.features.bn.training and model.classifier.training
 
@@ -170,19 +170,19 @@ def test_models_without_efficientnets_parts_are_refused():
 def test_zero_head_for_a_new_classifier_only(tmp_path):
     weights = tmp_path / "b0.pth"
     torch.save(get_entry("efficientnet-b0")(num_classes=10).state_dict(), weights)
-    args = parse_args(run_args(tmp_path, "--pretrained-from-file", str(weights), "--reset-classifier",
-                               "--head-init", "zero"))
-    model = get_entry("efficientnet-b0")(**vars(args.model_args))
-    finetune.prepare(model, args)
+    config = parse_config(run_args(tmp_path, "--pretrained-from-file", str(weights), "--reset-classifier",
+                                   "--head-init", "zero"))
+    model = get_entry("efficientnet-b0")(**config.model.params)
+    finetune.prepare(model, config)
     assert not model.classifier.fc.weight.any() and not model.classifier.fc.bias.any()
     assert model.stem.conv.weight.any()
-    args = parse_args(run_args(tmp_path, "--head-init", "zero"))  # a fresh model: allowed
-    finetune.prepare(model, args)
+    config = parse_config(run_args(tmp_path, "--head-init", "zero"))  # a fresh model: allowed
+    finetune.prepare(model, config)
     with pytest.raises(UserError, match=r"^--head-init zero would discard the classifier of the pretrained weights; "
                                         r"add --reset-classifier to start a new one$"):
-        args = parse_args(run_args(tmp_path, "--num_classes", "10", "--pretrained-from-file", str(weights),
-                                   "--head-init", "zero"))
-        finetune.prepare(get_entry("efficientnet-b0")(**vars(args.model_args)), args)
+        config = parse_config(run_args(tmp_path, "--num_classes", "10", "--pretrained-from-file", str(weights),
+                                       "--head-init", "zero"))
+        finetune.prepare(get_entry("efficientnet-b0")(**config.model.params), config)
 
 
 def test_flags_are_in_the_help_and_refused_with_evaluate(capsys, tmp_path):
@@ -191,9 +191,9 @@ def test_flags_are_in_the_help_and_refused_with_evaluate(capsys, tmp_path):
     text = capsys.readouterr().out
     for flag in ("--layer-decay", "--freeze-until", "--head-lr-scale", "--head-init"):
         assert flag in text, flag
-    args = parse_args(run_args(tmp_path, "--evaluate", "--layer-decay", "0.5", "--head-init", "zero"))
+    config = parse_config(run_args(tmp_path, "--evaluate", "--layer-decay", "0.5", "--head-init", "zero"))
     with pytest.raises(UserError, match=r"^--layer-decay, --head-init change\(s\) training; not with --evaluate$"):
-        finetune.check_flags(args)
+        finetune.check_flags(config)
 
 
 def test_quant_main_takes_the_flags_and_refuses_a_zero_quantized_head(tmp_path):
@@ -203,11 +203,11 @@ def test_quant_main_takes_the_flags_and_refuses_a_zero_quantized_head(tmp_path):
         import quant_main
     finally:
         sys.path.pop(0)
-    args = quant_main.parse_args(run_args(tmp_path, "--arch", "efficientnet-quant-b0", "--layer-decay", "0.9",
-                                          "--freeze-until", "stem", "--head-init", "zero"))
-    model = get_entry(args.arch)(**vars(args.model_args))
+    config = quant_main.parse_config(run_args(tmp_path, "--arch", "efficientnet-quant-b0", "--layer-decay", "0.9",
+                                              "--freeze-until", "stem", "--head-init", "zero"))
+    model = get_entry(config.model.arch)(**config.model.params)
     scales = finetune.lr_scales(model, layer_decay=0.9)  # every parameter of the quantized model has a depth
     assert scales.keys() == dict(model.named_parameters()).keys() and scales["classifier.fc.weight"] == 1.0
     with pytest.raises(UserError, match=r"^--head-init zero: efficientnet-quant-b0's classifier quantizes its "
                                         r"weights in a range calibrated from them"):
-        finetune.prepare(model, args)
+        finetune.prepare(model, config)

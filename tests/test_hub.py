@@ -76,7 +76,7 @@ def image_server(tmp_path):
 
 
 def test_processing_utils_as_nvidias_hub_example_uses_them(image_server, capsys):
-    from image_classification.inference import ImageError, load_image
+    from image_classification.deploy.classify import ImageError, load_image
     local, base = image_server
     utils = torch.hub.load(str(ROOT), "nvidia_convnets_processing_utils", source="local")
     model = torch.hub.load(str(ROOT), "nvidia_efficientnet_b0", source="local", pretrained=False).eval()

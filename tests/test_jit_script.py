@@ -17,7 +17,7 @@ import prefork
 from image_classification.cli import EXIT_ERROR, UserError
 from image_classification.models import fused, get_entry
 from image_classification.models.common import _Fp32Conv
-from image_classification.training import compile_model
+from image_classification.train.setup import compile_model
 from reports import by_step, read_report
 
 ROOT = Path(__file__).resolve().parents[1]

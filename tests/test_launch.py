@@ -114,10 +114,10 @@ def test_bad_config_file(tmp_path, capsys):
 
 
 def _training_engine() -> bool:
-    return importlib.util.find_spec("image_classification.training") is not None
+    return importlib.util.find_spec("image_classification.train") is not None
 
 
-@pytest.mark.skipif(not _training_engine(), reason="image_classification.training does not exist yet")
+@pytest.mark.skipif(not _training_engine(), reason="image_classification.train does not exist yet")
 def test_benchmark_runs_on_cpu_and_reports_latency_percentiles(tmp_path):
     small = ["-b", "2", "--image-size", "32", "--prof", "3", "--optimizer-batch-size", "-1", "--workspace",
              str(tmp_path)]

@@ -162,7 +162,7 @@ def test_cpu_run_ignores_gpu_affinity_with_a_warning(tmp_path):
 
 
 def test_jit_modes():
-    from image_classification.training import compile_model
+    from image_classification.train.setup import compile_model
     tiny = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
     x = torch.randn(2, 3, 8, 8)
     assert compile_model(tiny, "no") is tiny

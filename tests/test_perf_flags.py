@@ -21,8 +21,11 @@ from torch import nn
 from image_classification.context import create_context
 from image_classification.models import get_entry
 from image_classification.models.efficientnet import EFFICIENTNET_B0, EfficientNet
-from image_classification.optimizers import build_optimizer
-from image_classification.training import Engine, compile_model, train_step
+from image_classification.train.optimizers import build_optimizer
+from image_classification.train.epoch import train_step
+from image_classification.train.losses import TrainingLoss
+from image_classification.train.setup import compile_model
+from image_classification.train.state import Trainer
 
 SIZE, BATCH, CLASSES = 64, 4, 10
 
@@ -50,9 +53,9 @@ def largest(grads: dict) -> torch.Tensor:
 
 def loss_and_grads(model: nn.Module, images: torch.Tensor, target: torch.Tensor, ctx) -> tuple[torch.Tensor, dict]:
     """Training-mode forward/backward through the training loop's own step (no optimizer step)."""
-    engine = Engine(ctx=ctx, model=model, train_model=model, criterion=nn.CrossEntropyLoss(),
-                    optimizer=build_optimizer(model, optimizer="rmsprop", lr=0.0, momentum=0.9, weight_decay=0.0),
-                    scaler=ctx.grad_scaler())
+    engine = Trainer(ctx=ctx, model=model, train_model=model, loss=TrainingLoss(nn.CrossEntropyLoss()),
+                     optimizer=build_optimizer(model, optimizer="rmsprop", lr=0.0, momentum=0.9, weight_decay=0.0),
+                     scaler=ctx.grad_scaler())
     loss = train_step(engine, images.contiguous(memory_format=ctx.memory_format), target, optimizer_step=False)
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
     return loss.detach(), grads
@@ -113,9 +116,9 @@ def test_compiled_matches_eager_training_step():
     ctx = create_context("cpu")
     loss, grads = loss_and_grads(model, images, target, ctx)
     engine_model = compile_model(twin, "compile")
-    engine = Engine(ctx=ctx, model=twin, train_model=engine_model, criterion=nn.CrossEntropyLoss(),
-                    optimizer=build_optimizer(twin, optimizer="rmsprop", lr=0.0, momentum=0.9, weight_decay=0.0),
-                    scaler=ctx.grad_scaler())
+    engine = Trainer(ctx=ctx, model=twin, train_model=engine_model, loss=TrainingLoss(nn.CrossEntropyLoss()),
+                     optimizer=build_optimizer(twin, optimizer="rmsprop", lr=0.0, momentum=0.9, weight_decay=0.0),
+                     scaler=ctx.grad_scaler())
     loss_c = train_step(engine, images, target, optimizer_step=False)
     assert_close_scaled(loss_c.detach(), loss, 1e-3, "loss")
     for name, p in twin.named_parameters():
@@ -154,7 +157,7 @@ def test_amp_on_a_cpu_without_native_bf16_says_it_is_slow(monkeypatch):
 
 def test_classify_says_how_to_turn_its_default_amp_off(monkeypatch, tmp_path):
     import image_classification.context as context
-    from image_classification.inference import build_classifier, parse_args
+    from image_classification.deploy.classify import build_classifier, parse_args
     monkeypatch.setattr(context, "cpu_has_native_bf16", lambda: False)
     args = parse_args(["--arch", "efficientnet-b0", "--num_classes", "3", "--image", str(tmp_path / "x.jpg")])
     with pytest.warns(UserWarning, match=r"--precision AMP \(the default\) on this CPU .* pass --precision FP32"):

@@ -1,7 +1,7 @@
 """Stage-wise progressive training schedule."""
 import pytest
 
-from image_classification.progressive import ProgressiveSchedule
+from image_classification.toolkit.progressive import ProgressiveSchedule
 
 
 def test_four_stages_interpolate_linearly_from_base_to_final():

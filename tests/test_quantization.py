@@ -18,7 +18,7 @@ from image_classification.cli import UserError
 from image_classification.models import WeightsError, get_entry
 from image_classification.models.quantized import QUANT_PRETRAINED_URLS, from_pytorch_quantization, \
     missing_ranges, quantizers, require_ranges, to_pytorch_quantization
-from image_classification.quantization import calibrate, export_onnx_quantized
+from image_classification.toolkit.quantization import calibrate, export_onnx_quantized
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, CLASSES = 32, 4
@@ -287,7 +287,7 @@ def image_folder(root: Path, classes: int = 2, per_class: int = 4) -> Path:
 
 
 def test_quant_main_calibrates_trains_evaluates_and_resumes(tmp_path, capsys):
-    pytest.importorskip("image_classification.training")
+    pytest.importorskip("image_classification.train")
     import quant_main
     data = image_folder(tmp_path / "data")
     float_weights = tmp_path / "float.pth"
@@ -347,11 +347,11 @@ def test_qat_from_a_briefly_trained_float_model_stays_finite_at_the_recipes_sett
     # calibrated with them (eval mode) were orders of magnitude off the activations QAT trains on (inf in b4,
     # whose histogram calibration then crashed) and the first QAT step's gradients were NaN.
     import quant_main
-    from image_classification.training import main as train
-    from image_classification.arguments import parse_args
+    from image_classification.arguments import parse_config
+    from image_classification.train import run
     data = image_folder(tmp_path / "data")
     common = ["--num_classes", "2", "--data-backend", "pytorch", "--image-size", "32", "-b", "4", "-j", "0"]
-    train(parse_args([str(data), "--arch", f"efficientnet-{arch}", *common, "--epochs", "2", "--run-epochs", "1",
+    run(parse_config([str(data), "--arch", f"efficientnet-{arch}", *common, "--epochs", "2", "--run-epochs", "1",
                       "--workspace", str(tmp_path / "float")]))
     summary = quant_main.main([str(data), "--arch", f"efficientnet-quant-{arch}", *common, *recipe,
                                "--epochs", "2", "--run-epochs", "1", "--print-freq", "1", "--calibration-batches", "2",

@@ -19,12 +19,12 @@ import pytest
 import torch
 
 from image_classification import models
-from image_classification.arguments import build_parser, parse_args
+from image_classification.arguments import build_parser, parse_args, parse_config
 from image_classification.context import ExecutionContext
 from image_classification.data import DataError, build_train_loader, build_val_loader, scan_data
 from image_classification.data.folder import scan_split, shard_size
 from image_classification.data.shards import INDEX_FILE, convert, read_index
-from image_classification.data.webdataset import resolve_format, scan_shards
+from image_classification.data.shard_reader import resolve_format, scan_shards
 from image_classification.launcher import build_args
 
 import tiny_model
@@ -162,12 +162,12 @@ def shard_run(data: Path, workspace: Path, *extra: str) -> list[str]:
 
 
 def train(argv: list[str]) -> dict:
-    from image_classification.training import main
-    return main(parse_args(argv))
+    from image_classification.train import run
+    return run(parse_config(argv))
 
 
 def test_main_resumed_from_shards_mid_epoch_equals_the_uninterrupted_run(shards, tmp_path, monkeypatch):
-    from image_classification import training
+    from image_classification.train import epoch as training
     monkeypatch.setitem(models._REGISTRY, tiny_model.NAME, tiny_model.TinyEntry())
     full, split = tmp_path / "full", tmp_path / "split"
     train(shard_run(shards, full))
@@ -350,6 +350,6 @@ def test_tars_with_pax_headers_and_folders_are_read_as_tarfile_reads_them(shards
 @pytest.mark.parametrize(("data", "label"), [(b"2", 2), (b"0002\n", 2), (b"3", -1), (b"-1", -1), (b"2.0", -1),
                                              (b"", -1), (b"\xd9\xa2", -1)])
 def test_a_label_is_ascii_decimal_and_a_class_index(data, label):
-    from image_classification.data.webdataset import _parse_label
+    from image_classification.data.shard_reader import _parse_label
     found, problem = _parse_label(data, 3)
     assert found == label and bool(problem) == (label == -1)

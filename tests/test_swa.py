@@ -59,7 +59,7 @@ def test_swa_averages_the_last_epochs_updates_bn_and_reports_swa_metrics(generat
 
 def stop_during_step(monkeypatch, number: int) -> None:
     """SIGTERM during training step `number` (from 1): the run saves after that step and returns."""
-    from image_classification import training
+    from image_classification.train import epoch as training
     real_step, calls = training.train_step, [0]
 
     def step(*args, **kwargs):

@@ -24,14 +24,14 @@ from image_classification import checkpoint as ckpt
 from image_classification.arguments import parse_args
 from image_classification.cli import EXIT_INTERRUPTED
 from image_classification.context import create_context
-from image_classification.ema import EMA, ema_decay
+from image_classification.train.ema import EMA, ema_decay
 from image_classification.gpu_affinity import affinity_for, parse_cpulist
 from image_classification.logger import Logger
-from image_classification.losses import LabelSmoothing, SoftTargetCrossEntropy, build_loss
-from image_classification.lr_schedule import lr_at
+from image_classification.train.losses import LabelSmoothing, SoftTargetCrossEntropy, build_loss
+from image_classification.train.schedules import lr_at
 from image_classification.metrics import accuracy, percentile
-from image_classification.mixup import mix
-from image_classification.optimizers import build_optimizer, parameter_groups
+from image_classification.data.mixup import mix
+from image_classification.train.optimizers import build_optimizer, parameter_groups
 from reports import by_step, epoch_summaries, read_report
 from runs import train
 
@@ -246,16 +246,18 @@ def _bn_free_model() -> nn.Module:
 
 
 def test_gradient_accumulation_of_two_batches_equals_one_double_batch():
-    from image_classification.training import Engine, train_step
+    from image_classification.train.epoch import train_step
+    from image_classification.train.losses import TrainingLoss
+    from image_classification.train.state import Trainer
     ctx = create_context(device="cpu")
     x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 3, (8,))
     models = []
     for accumulation, batches in ((2, [(x[:4], y[:4]), (x[4:], y[4:])]), (1, [(x, y)])):
         model = _bn_free_model()
         optimizer = build_optimizer(model, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4)
-        engine = Engine(ctx=ctx, model=model, train_model=model, criterion=LabelSmoothing(0.1),
-                        optimizer=optimizer, scaler=ctx.grad_scaler(), accumulation=accumulation)
-        engine.criterion.train()
+        engine = Trainer(ctx=ctx, model=model, train_model=model, loss=TrainingLoss(LabelSmoothing(0.1)),
+                         optimizer=optimizer, scaler=ctx.grad_scaler(), accumulation=accumulation)
+        engine.loss.criterion.train()
         for _ in range(2):  # two optimizer steps, so momentum is exercised too
             for i, (images, target) in enumerate(batches):
                 train_step(engine, images, target, optimizer_step=(i + 1) % accumulation == 0)
@@ -265,7 +267,7 @@ def test_gradient_accumulation_of_two_batches_equals_one_double_batch():
 
 
 def test_accumulation_must_divide():
-    from image_classification.training import accumulation_steps
+    from image_classification.train.setup import accumulation_steps
     assert accumulation_steps(-1, 256, 8) == 1
     assert accumulation_steps(4096, 256, 8) == 2
     with pytest.raises(ValueError, match="multiple of world size x batch size = 8 x 256 = 2048"):
@@ -348,11 +350,10 @@ def test_ema_moves_every_iteration_counted_over_the_run_also_between_accumulated
 
 def test_validation_reports_the_warm_up_batch_apart(monkeypatch):
     """Latencies and compute speed are the steady batches'; the first (cuDNN search, compilation) has its own."""
-    import argparse
-    import image_classification.training as training
     from image_classification.data.synthetic import SyntheticLoader
+    from image_classification.train import validate as validation
     clock = [0.0]
-    monkeypatch.setattr(training.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(validation.time, "perf_counter", lambda: clock[0])
 
     class Timed(nn.Module):  # the first forward costs 10 s of the fake clock, each later one 1 s
         def __init__(self):
@@ -366,8 +367,8 @@ def test_validation_reports_the_warm_up_batch_apart(monkeypatch):
 
     ctx = create_context(device="cpu")
     loader = SyntheticLoader(image_size=8, batch_size=2, ctx=ctx, num_classes=4, batches_per_epoch=5)
-    args = argparse.Namespace(prof=-1, topk=5, print_freq=10, tta="none")
-    result = training.validate(Timed(), loader, ctx, Logger(None, enabled=False), args)
+    options = validation.EvalOptions(prof=-1, topk=5, print_freq=10, tta="none")
+    result = validation.validate(Timed(), loader, ctx, Logger(None, enabled=False), options)
     assert result["val.first_batch_latency"] == 10.0
     assert result["val.compute_latency"] == result["val.compute_latency_at100"] == 1.0
     assert result["val.compute_ips"] == 2.0  # 8 images of the 4 steady batches in 4 s
@@ -536,7 +537,7 @@ def float_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def stop_at_iteration(monkeypatch, stop_after: int) -> None:
     """Deliver SIGTERM to this process during training step number `stop_after` (counted from 1, this run)."""
-    from image_classification import training
+    from image_classification.train import epoch as training
     real_step = training.train_step
     calls = {"n": 0}
 
@@ -630,7 +631,7 @@ def test_checkpoint_writer_refuses_non_finite_weights(tmp_path):
 
 
 def test_fp16_skipped_steps_are_normal_until_too_many_in_a_row():
-    from image_classification.divergence import MAX_SKIPPED_STEPS, DivergenceError, DivergenceGuard
+    from image_classification.train.divergence import MAX_SKIPPED_STEPS, DivergenceError, DivergenceGuard
     model = nn.Linear(2, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     # The fp16 path's scaler, on CPU, started high enough to halve 200 times without reaching 0.
@@ -644,7 +645,7 @@ def test_fp16_skipped_steps_are_normal_until_too_many_in_a_row():
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad()
-        guard.after_step(0, 1)
+        guard.after_optimizer_step(0, 1)
         guard.check_loss(loss.item(), 0, 1)  # a non-finite loss is the scaler's business here
 
     for _ in range(MAX_SKIPPED_STEPS - 1):
@@ -765,7 +766,7 @@ def test_resume_mismatch_names_the_architecture_and_the_class_count(tmp_path):
 
 def test_weights_made_non_finite_by_the_last_step_stop_the_run_before_validation(tmp_path, monkeypatch):
     # The loss of the epoch's last step is finite (computed before the step), the step itself leaves NaN weights.
-    from image_classification import training
+    from image_classification.train import epoch as training
     real_step = training.train_step
 
     calls = {"n": 0}
@@ -778,7 +779,7 @@ def test_weights_made_non_finite_by_the_last_step_stop_the_run_before_validation
                 engine.model.classifier.fc.bias.fill_(float("nan"))
         return loss
     monkeypatch.setattr(training, "train_step", poisoned_step)
-    from image_classification.divergence import DivergenceError
+    from image_classification.train.divergence import DivergenceError
     with pytest.raises(DivergenceError, match=r"epoch 0, iteration 3: the weights hold NaN or infinite values "
                                               r"\(classifier.fc.bias\) after its last step"):
         train(run_args(tmp_path, "--print-freq", "100"))

@@ -12,15 +12,15 @@ import torch
 import torch.nn.functional as F
 from torchvision import transforms as T
 
-from image_classification.arguments import parse_args
+from image_classification.arguments import parse_args, parse_config
 from image_classification.context import create_context
 from image_classification.data import build_val_loader
 from image_classification.data.loader import Normalizer, val_resize_size
 from image_classification.data.pytorch_backend import load_rgb, val_transform
-from image_classification.inference import load_image
-from image_classification.inference import main as classify
+from image_classification.deploy.classify import load_image
+from image_classification.deploy.classify import main as classify
 from image_classification.models import efficientnet_b0
-from image_classification.tta import FlipTTA, with_tta
+from image_classification.toolkit.tta import FlipTTA, with_tta
 from tiny_model import TinyEntry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,8 +54,8 @@ def weights(generated, tmp_path_factory) -> Path:
 
 
 def test_validation_with_tta_scores_the_mean_of_the_two_passes(generated, weights, tmp_path):
-    from image_classification.training import main
-    summary = main(parse_args([str(generated), "--arch", "efficientnet-b0", "--num_classes", "3",
+    from image_classification.train import run
+    summary = run(parse_config([str(generated), "--arch", "efficientnet-b0", "--num_classes", "3",
                                "--pretrained-from-file", str(weights), "--data-backend", "pytorch", "--workers", "0",
                                "--image-size", str(SIZE), "-b", "4", "--evaluate", "--tta", "flip",
                                "--workspace", str(tmp_path)]))

@@ -15,13 +15,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from image_classification import training
-from image_classification.arguments import parse_args
+from image_classification.arguments import parse_args, parse_config
+from image_classification.config import Config
+from image_classification.toolkit import progressive
+from image_classification.train import epoch as train_epoch
+from image_classification.train import job as train_job
 from image_classification.context import ExecutionContext
 from image_classification.data import build_train_loader
 from image_classification.data.generated import generate_dataset
-from image_classification.mixup import Mixup, box_lambda, cut_and_paste, cutmix_box, mix
-from image_classification.progressive import progressive_schedule
+from image_classification.data.mixup import Mixup, box_lambda, cut_and_paste, cutmix_box, mix
+from image_classification.toolkit.progressive import progressive_schedule
 from reports import epoch_summaries, read_report
 from test_training import train
 
@@ -120,14 +123,14 @@ def test_mixup_alone_draws_as_before_and_off_gives_one_hot():
 # --- flags ----------------------------------------------------------------------------------------------------
 
 def test_stage_flags_defaults_and_one_stage_ignores_base_values():
-    args = parse_args(["/d", "--arch", "efficientnet-v2-s", "--epochs", "8", "--n-stages", "4"])
-    schedule = progressive_schedule(args, 300)
+    config = parse_config(["/d", "--arch", "efficientnet-v2-s", "--epochs", "8", "--n-stages", "4"])
+    schedule = progressive_schedule(config, 300)
     assert (schedule.base_image_size, schedule.base_randaug_magnitude, schedule.base_mixup, schedule.base_cutmix) == \
         (300, 9, 0.0, 0.0)  # the base values default to the final size/magnitude and to no mixing
-    args = parse_args(["/d", "--arch", "efficientnet-b0", "--epochs", "3", "--image-size", "64", "--mixup", "0.0",
-                       "--base-image-size", "16", "--base-mixup", "0.5", "--base-cutmix", "1",
-                       "--base-randaug-magnitude", "20"])
-    schedule = progressive_schedule(args, 224)  # --n-stages 1 (default): base values have no effect
+    config = parse_config(["/d", "--arch", "efficientnet-b0", "--epochs", "3", "--image-size", "64", "--mixup",
+                           "0.0", "--base-image-size", "16", "--base-mixup", "0.5", "--base-cutmix", "1",
+                           "--base-randaug-magnitude", "20"])
+    schedule = progressive_schedule(config, 224)  # --n-stages 1 (default): base values have no effect
     assert {(s.image_size, s.mixup, s.cutmix, s.randaug_magnitude) for s in map(schedule.settings, range(3))} == \
         {(64, 0.0, 0.0, 9)}
     assert not schedule.mixes()  # so the loss stays on integer labels, exactly as without the base flags
@@ -177,7 +180,7 @@ def test_inconsistent_stage_flags_are_one_line_errors(tmp_path, capsys, extra, m
 def recorded(monkeypatch):
     """Shapes of the batches trained on and validated on, and the settings each train loader was built for."""
     seen = {"train": [], "val": [], "loaders": []}
-    train_step, validate, build = training.train_step, training.validate, training.build_stage_train_loader
+    train_step, validate, build = train_epoch.train_step, train_job.validate, progressive.stage_train_loader
 
     def record_train(engine, images, target, optimizer_step):
         seen["train"].append(tuple(images.shape[-2:]))
@@ -191,9 +194,9 @@ def recorded(monkeypatch):
         seen["loaders"].append((settings.image_size, settings.randaug_magnitude))
         return build(args, ctx, settings, seed)
 
-    monkeypatch.setattr(training, "train_step", record_train)
-    monkeypatch.setattr(training, "validate", record_val)
-    monkeypatch.setattr(training, "build_stage_train_loader", record_build)
+    monkeypatch.setattr(train_epoch, "train_step", record_train)
+    monkeypatch.setattr(train_job, "validate", record_val)
+    monkeypatch.setattr(progressive, "stage_train_loader", record_build)
     return seen
 
 
@@ -269,7 +272,7 @@ def test_launch_gives_v2_s_the_tf2_progressive_recipe(precision):
     assert got == dict(epochs=350, n_stages=4, base_image_size=128, image_size=300, eval_image_size=384,
                        augmentation="randaugment", base_randaug_magnitude=15, randaug_magnitude=30, mixup=0.0,
                        cutmix=0.0, use_ema=0.9999, lr=0.16, optimizer_batch_size=4096, optimizer="rmsprop")
-    schedule = progressive_schedule(args, 300)
+    schedule = progressive_schedule(Config.from_args(args), 300)
     assert [schedule.settings(e).image_size for e in (0, 87, 88, 175, 263, 349)] == [128, 128, 185, 243, 300, 300]
     # Benchmarks train at the final size; the inference benchmark evaluates at 384.
     assert build_args(base + ["--mode", "benchmark_training"]).n_stages == 1

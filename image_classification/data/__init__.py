@@ -25,12 +25,13 @@ import os
 from typing import TYPE_CHECKING
 
 from ..cli import UserError
+from ..config import DataConfig
 from ..context import ExecutionContext
 from .folder import IMG_EXTENSIONS, DataError, ImageFolderIndex, dataset_classes, scan_split
 from .loader import MAGNITUDE_BINS, MEAN, STD, Loader
 
 if TYPE_CHECKING:  # imported when used: it pulls in the shard writer and torchvision
-    from .webdataset import ShardIndex
+    from .shard_reader import ShardIndex
 
 BACKENDS = ("pytorch", "dali-cpu", "dali-gpu", "synthetic")
 # autoaugment: the reference's (TensorFlow EfficientNet's policy_v0, autoaugment.py); autoaugment-paper:
@@ -40,8 +41,8 @@ INTERPOLATIONS = ("bilinear", "bicubic", "triangular")
 DATA_FORMATS = ("auto", "folder", "shards")
 
 __all__ = ["AUGMENTATIONS", "BACKENDS", "DATA_FORMATS", "IMG_EXTENSIONS", "INTERPOLATIONS", "MAGNITUDE_BINS", "MEAN", "STD",
-           "DataError", "Loader", "build_train_loader", "build_val_loader", "dataset_classes",
-           "scan_data"]
+           "DataError", "Loader", "build_train_loader", "build_val_loader", "dataset_classes", "scan_data",
+           "train_loader_of", "val_loader_of"]
 
 
 def _check_choices(backend: str, interpolation: str, augmentation: str | None = None) -> None:
@@ -72,7 +73,7 @@ def scan_data(data_dir: str | os.PathLike | None, split: str, num_classes: int, 
               ) -> ImageFolderIndex | ShardIndex:
     """The index of one split: class folders (ImageFolderIndex) or tar shards (webdataset.ShardIndex), as
     --data-format says or, with auto, as the data folder holds."""
-    from .webdataset import resolve_format, scan_shards
+    from .shard_reader import resolve_format, scan_shards
     if data_dir is None:
         raise DataError("no data folder given (DIR)")
     if resolve_format(data_dir, data_format) == "shards":
@@ -136,3 +137,21 @@ def build_val_loader(backend: str, data_dir: str | None, *, image_size: int, bat
     return _file_loader(backend, index, train=False, image_size=image_size, batch_size=batch_size, ctx=ctx,
                         workers=workers, prefetch=prefetch, interpolation=interpolation, augmentation=None,
                         magnitude=0, seed=seed, crop_pct=crop_pct)
+
+
+def train_loader_of(config: DataConfig, ctx: ExecutionContext, *, num_classes: int, seed: int, image_size: int,
+                    randaug_magnitude: int) -> Loader:
+    """build_train_loader with a job's data flags, at a (progressive training stage's) size and magnitude."""
+    return build_train_loader(config.data_backend, config.data, image_size=image_size, batch_size=config.batch_size,
+                              ctx=ctx, num_classes=num_classes, workers=config.workers, prefetch=config.prefetch,
+                              interpolation=config.interpolation, augmentation=config.augmentation,
+                              randaug_magnitude=randaug_magnitude, seed=seed, data_format=config.data_format)
+
+
+def val_loader_of(config: DataConfig, ctx: ExecutionContext, *, num_classes: int, seed: int, image_size: int
+                  ) -> Loader:
+    """build_val_loader with a job's data flags, at `image_size`."""
+    return build_val_loader(config.data_backend, config.data, image_size=image_size, batch_size=config.batch_size,
+                            ctx=ctx, num_classes=num_classes, workers=config.workers, prefetch=config.prefetch,
+                            interpolation=config.interpolation, seed=seed, data_format=config.data_format,
+                            crop_pct=config.eval_crop_pct)

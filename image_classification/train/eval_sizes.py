@@ -16,10 +16,10 @@ import sys
 from collections.abc import Sequence
 from itertools import product
 
-from .cli import ArgumentParser, Number, run_cli
-from .context import create_context
-from .models import available_models, get_entry, parse_model_flags
-from .tta import TTA_MODES
+from ..cli import ArgumentParser, Number, run_cli
+from ..context import create_context
+from ..models import available_models, get_entry, parse_model_flags
+from ..toolkit.tta import TTA_MODES
 
 PROG = "eval_sizes.py"
 COLUMNS = ("size", "crop pct", "top1", "top5", "img/s")
@@ -84,16 +84,16 @@ def crop_fraction(size: int, crop_pct: float | None) -> float:
 
 def evaluate_sizes(args: argparse.Namespace) -> list[tuple[int, float, float, float, float]]:
     """(size, crop pct, top1, top5, img/s) of every size x crop fraction, in the order given."""
-    from .data import build_val_loader
-    from .logger import Logger
-    from .training import validate
+    from ..data import build_val_loader
+    from ..logger import Logger
+    from .validate import EvalOptions, validate
     entry = get_entry(args.arch)
     ctx = create_context(device=args.device, amp=args.amp, memory_format=args.memory_format)
     model = entry(**vars(args.model_args)).to(ctx.device, memory_format=ctx.memory_format)
     if not (getattr(args.model_args, "pretrained", False) or args.model_args.pretrained_from_file):
         print(f"{PROG}: warning: {args.arch} has random weights (no --pretrained or --pretrained-from-file)",
               file=sys.stderr)
-    options = argparse.Namespace(prof=args.prof, topk=5, print_freq=sys.maxsize, tta=args.tta)
+    options = EvalOptions(prof=args.prof, topk=5, print_freq=sys.maxsize, tta=args.tta)
     rows = []
     for size, crop_pct in product(args.sizes, args.crop_pcts):
         loader = build_val_loader(args.data_backend, args.data, image_size=size, crop_pct=crop_pct,

@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .cli import UserError
+from ..cli import UserError
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from .context import ExecutionContext
+    from ..context import ExecutionContext
 
 ENGINES = ("torch", "onnxruntime", "openvino")
 ONNX_ENGINES = ("onnxruntime", "openvino")

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .cli import USER_ERRORS, ArgumentParser, Number, UserError, error_message, print_error
-from .models import available_models, get_entry, parse_model_flags
-from .models.weights import WeightsError
-from .inference import weights_error_line
+from ..cli import USER_ERRORS, ArgumentParser, Number, UserError, error_message, print_error
+from ..models import available_models, get_entry, parse_model_flags
+from ..models.weights import WeightsError
+from .classify import weights_error_line
 
 PROG = "model2onnx.py"
 INPUT_NAME = "input"
@@ -46,7 +46,7 @@ class ExportError(UserError):
 
 
 def _is_quantized(model: nn.Module) -> bool:
-    from .quantization import is_quantized
+    from ..toolkit.quantization import is_quantized
     return is_quantized(model)
 
 
@@ -66,7 +66,7 @@ def export_onnx(model: nn.Module, output: str | Path, *, image_size: int, batch_
         if dynamo:
             raise ExportError("quantized models export with the TorchScript-based exporter only (Model Optimizer's "
                               "quantizers have no torch.export translation); drop --dynamo")
-        from .quantization import export_onnx_quantized
+        from ..toolkit.quantization import export_onnx_quantized
         return export_onnx_quantized(model, output, image_size=image_size, batch_size=batch_size, opset=opset,
                                      device=device, input_names=(INPUT_NAME,), output_names=(OUTPUT_NAME,))
     if dynamo and opset < DYNAMO_MIN_OPSET:
@@ -207,13 +207,13 @@ def run(args: argparse.Namespace) -> Path:
     On a GPU both run in true float32 (TF32 off): onnxruntime computes in float32, and TF32 convolutions on
     trained weights exceed the verification bound by themselves.
     """
-    from .context import exact_fp32
+    from ..context import exact_fp32
     with exact_fp32():
         return _export_and_verify(args)
 
 
 def _export_and_verify(args: argparse.Namespace) -> Path:
-    from .context import select_device
+    from ..context import select_device
     entry = get_entry(args.arch)
     device = select_device(args.device)
     model = entry(**vars(args.model_args)).to(device).eval()

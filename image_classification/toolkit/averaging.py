@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checkpoint as ckpt
-from .cli import ArgumentParser, Number, UserError, run_cli
-from .context import ExecutionContext, create_context
-from .models.weights import extract_state_dict, first_non_finite, fit_state_dict, load_file, remap_reference_keys
+from .. import checkpoint as ckpt
+from ..cli import ArgumentParser, Number, UserError, run_cli
+from ..context import ExecutionContext, create_context
+from ..models.weights import extract_state_dict, first_non_finite, fit_state_dict, load_file, remap_reference_keys
 
 PROG = "average_checkpoints.py"
 WEIGHT_KEYS = ("state_dict", "state_dict_ema")
@@ -148,8 +148,8 @@ def recompute_bn_of_checkpoint(checkpoint: dict, data: str, batches: int, *, dat
                                batch_size: int | None, workers: int, device: str | None) -> None:
     """Recompute the BN statistics of the checkpoint's weights (and EMA weights) over `batches` training batches
     of `data`, with the training pipeline of the run that wrote it (its image size, interpolation, augmentation)."""
-    from .data import build_train_loader
-    from .models import get_entry
+    from ..data import build_train_loader
+    from ..models import get_entry
     run = checkpoint.get("args")
     if not isinstance(run, dict) or "arch" not in checkpoint:
         raise AveragingError("--recompute-bn needs the run's training checkpoints (their arch and flags say which "

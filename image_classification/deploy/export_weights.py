@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .checkpoint import atomic_save, atomic_save_safetensors
-from .cli import ArgumentParser, run_cli
-from .models.weights import extract_state_dict, load_file, remap_reference_keys
+from ..checkpoint import atomic_save, atomic_save_safetensors
+from ..cli import ArgumentParser, run_cli
+from ..models.weights import extract_state_dict, load_file, remap_reference_keys
 
 PROG = "checkpoint2model.py"
 FORMATS = ("pth", "safetensors")

@@ -26,10 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError
-from .cli import Number, UserError
-from .context import ExecutionContext
-from .models.weights import WeightsError, extract_state_dict, load_file, load_weights
+from ..checkpoint import CheckpointError
+from ..cli import Number, UserError
+from ..config import Config
+from ..features import TrainingFeature
+from ..logger import DEFAULT
+from ..models.weights import WeightsError, extract_state_dict, load_file, load_weights
 
 TIMM_PREFIX = "timm:"
 DEFAULT_ALPHA = 0.5
@@ -64,25 +66,30 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return F.kl_div(student, teacher, reduction="batchmean", log_target=True) * (t * t)
 
 
-class Distiller:
-    """The teacher and the loss that mixes its soft targets into the task loss."""
+class DistillationLoss:
+    """A training loss (train.losses.TrainingLoss's interface) that mixes the teacher's soft targets into the task
+    loss: (1-A)·criterion + A·T²·KL, with the T²·KL term reported as kd_loss."""
 
-    def __init__(self, teacher: nn.Module, *, alpha: float, temperature: float, identity: dict):
+    terms = ("kd_loss",)
+
+    def __init__(self, criterion: nn.Module, teacher: nn.Module, *, alpha: float, temperature: float):
+        self.criterion = criterion
         self.teacher = teacher.eval().requires_grad_(False)
         self.alpha = alpha
         self.temperature = temperature
-        self.identity = identity      # arch, weights, sha256: what checkpoints record
-        # The last step's distillation term (detached), read by the loop for train.kd_loss.
-        self.last_kd_loss: torch.Tensor | None = None
+        self._last_kd: torch.Tensor | None = None
 
-    def loss(self, task_loss: torch.Tensor, student_logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        """(1-A)·task_loss + A·T²·KL for the batch `images` the student produced `student_logits` from; call it
-        under the run's autocast."""
+    def __call__(self, student_logits: torch.Tensor, target: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """The loss of the batch `images` the student produced `student_logits` from; call it under the run's
+        autocast."""
         with torch.no_grad():
             teacher_logits = self.teacher(images)
         kd = kd_loss(student_logits, teacher_logits, self.temperature)
-        self.last_kd_loss = kd.detach()
-        return (1.0 - self.alpha) * task_loss + self.alpha * kd
+        self._last_kd = kd.detach()
+        return (1.0 - self.alpha) * self.criterion(student_logits, target) + self.alpha * kd
+
+    def last_terms(self) -> list[torch.Tensor]:
+        return [self._last_kd]
 
 
 # --- the teacher ------------------------------------------------------------------------------------------------
@@ -100,7 +107,7 @@ def build_teacher(arch: str, weights: str, num_classes: int) -> nn.Module:
     """The teacher `arch` (registry name or timm:<name>) for `num_classes` classes, loaded from `weights`."""
     if arch.startswith(TIMM_PREFIX):
         return _timm_teacher(arch[len(TIMM_PREFIX):], weights, num_classes)
-    from .models import available_models
+    from ..models import available_models
     models = available_models()
     if arch not in models:
         raise UserError(f"unknown --teacher-arch {arch!r}; available: {', '.join(sorted(models))}, or "
@@ -132,45 +139,74 @@ def _timm_teacher(name: str, weights: str, num_classes: int) -> nn.Module:
     return teacher
 
 
-# --- main.py's flags --------------------------------------------------------------------------------------------
+# --- the training feature ---------------------------------------------------------------------------------------
 
-def check_flags(args) -> None:
+def check_flags(config: Config) -> None:
     """Distillation flags that would do nothing (or cannot work) are refused."""
-    if args.teacher_arch is None:
-        given = [flag for flag, value in (("--teacher-weights", args.teacher_weights), ("--kd-alpha", args.kd_alpha),
-                                          ("--kd-temperature", args.kd_temperature)) if value is not None]
+    kd = config.distillation
+    if kd.teacher_arch is None:
+        given = [flag for flag, value in (("--teacher-weights", kd.teacher_weights), ("--kd-alpha", kd.kd_alpha),
+                                          ("--kd-temperature", kd.kd_temperature)) if value is not None]
         if given:
             raise UserError(f"{', '.join(given)} need(s) --teacher-arch")
         return
-    if args.teacher_weights is None:
+    if kd.teacher_weights is None:
         raise UserError("--teacher-arch needs --teacher-weights FILE (the teacher's trained weights)")
-    if args.evaluate:
+    if config.runtime.evaluate:
         raise UserError("--teacher-arch distils during training; not with --evaluate")
-    if not Path(args.teacher_weights).is_file():
-        raise UserError(f"--teacher-weights {args.teacher_weights}: no such file")
+    if not Path(kd.teacher_weights).is_file():
+        raise UserError(f"--teacher-weights {kd.teacher_weights}: no such file")
 
 
-def teacher_identity(args) -> dict | None:
+def teacher_identity(config: Config) -> dict | None:
     """What a checkpoint records of the run's teacher (None without one)."""
-    if args.teacher_arch is None:
+    kd = config.distillation
+    if kd.teacher_arch is None:
         return None
-    return {"arch": args.teacher_arch, "weights": str(args.teacher_weights),
-            "sha256": file_sha256(args.teacher_weights)}
+    return {"arch": kd.teacher_arch, "weights": str(kd.teacher_weights), "sha256": file_sha256(kd.teacher_weights)}
 
 
-def distiller_from_args(args, ctx: ExecutionContext) -> Distiller | None:
-    """The run's Distiller on the device in its memory format, or None without --teacher-arch (flags checked by
-    check_flags)."""
-    if args.teacher_arch is None:
-        return None
-    try:
-        teacher = build_teacher(args.teacher_arch, args.teacher_weights, args.model_args.num_classes)
-    except WeightsError as err:  # the file is named already; say which flag it came from
-        raise WeightsError(f"--teacher-weights {err}") from None
-    teacher = teacher.to(ctx.device, memory_format=ctx.memory_format)
-    return Distiller(teacher, alpha=DEFAULT_ALPHA if args.kd_alpha is None else args.kd_alpha,
-                     temperature=DEFAULT_TEMPERATURE if args.kd_temperature is None else args.kd_temperature,
-                     identity=teacher_identity(args))
+class Distillation(TrainingFeature):
+    """The training feature of --teacher-arch: the job's loss becomes a DistillationLoss with the teacher on the
+    run's device, train.kd_loss is reported, and checkpoints record which teacher it was."""
+
+    checkpoint_key = "teacher"
+
+    def __init__(self, identity: dict) -> None:
+        self.identity = identity
+
+    @classmethod
+    def metrics(cls, config: Config) -> dict[str, dict[str, int]]:
+        return {"train": {"kd_loss": DEFAULT}} if config.distillation.teacher_arch else {}
+
+    @classmethod
+    def from_config(cls, config: Config, job) -> "Distillation | None":
+        check_flags(config)
+        kd = config.distillation
+        if kd.teacher_arch is None:
+            return None
+        try:
+            teacher = build_teacher(kd.teacher_arch, kd.teacher_weights, config.model.num_classes)
+        except WeightsError as err:  # the file is named already; say which flag it came from
+            raise WeightsError(f"--teacher-weights {err}") from None
+        teacher = teacher.to(job.ctx.device, memory_format=job.ctx.memory_format)
+        job.trainer.loss = DistillationLoss(job.trainer.loss.criterion, teacher,
+                                            alpha=DEFAULT_ALPHA if kd.kd_alpha is None else kd.kd_alpha,
+                                            temperature=DEFAULT_TEMPERATURE if kd.kd_temperature is None
+                                            else kd.kd_temperature)
+        return cls(teacher_identity(config))
+
+    def state_dict(self) -> dict:
+        return self.identity
+
+    def load_state_dict(self, state: dict | None, checkpoint: dict, source: str) -> None:
+        """Refuse a checkpoint trained with another teacher, or without one: the run would not continue the same
+        training."""
+        _check_same_teacher(state, self.identity, source)
+
+    @classmethod
+    def check_absent(cls, state: dict, source: str) -> None:
+        _check_same_teacher(state, None, source)
 
 
 def _describe(identity: dict | None) -> str:
@@ -179,11 +215,7 @@ def _describe(identity: dict | None) -> str:
     return f"with teacher {identity['arch']} {identity['weights']} (sha256 {identity['sha256'][:16]}…)"
 
 
-def check_resume(saved: dict, path: str, distiller: Distiller | None) -> None:
-    """Refuse to resume a checkpoint trained with another teacher (or with one when this run has none, or the
-    other way round): the resumed run would not continue the same training."""
-    before = saved.get("teacher")
-    now = distiller.identity if distiller is not None else None
+def _check_same_teacher(before: dict | None, now: dict | None, path: str) -> None:
     same = (before is None and now is None) or (before is not None and now is not None
                                                 and before["arch"] == now["arch"]
                                                 and before["sha256"] == now["sha256"])

@@ -47,3 +47,23 @@ def build_loss(label_smoothing: float = 0.0, mixup: float = 0.0, cutmix: float =
     if label_smoothing > 0.0:
         return LabelSmoothing(label_smoothing)
     return nn.CrossEntropyLoss()
+
+
+class TrainingLoss:
+    """What a training step minimises: `criterion` on the (mixed) batch's logits, plus the terms a feature adds.
+
+    `terms` names the extra train.* metrics, whose values of the last call `last_terms` returns (a distillation
+    loss reports its kd_loss); `criterion` alone, in eval mode, is what validation reports as val.loss.
+    """
+
+    terms: tuple[str, ...] = ()
+
+    def __init__(self, criterion: nn.Module) -> None:
+        self.criterion = criterion
+
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        return self.criterion(logits, target)
+
+    def last_terms(self) -> list[torch.Tensor]:
+        """The values of `terms` in the last call, detached."""
+        return []

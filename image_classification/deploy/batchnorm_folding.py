@@ -17,7 +17,7 @@ import copy
 import torch
 from torch import nn
 
-from .cli import UserError
+from ..cli import UserError
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:

@@ -12,7 +12,11 @@ import copy
 import torch
 from torch import nn
 
-from .cli import UserError
+from ..cli import UserError
+from ..config import Config
+from ..features import Step, TrainingFeature
+from ..metrics import VAL_METRICS
+from ..models.weights import fit_state_dict
 
 
 def ema_decay(mu: float, step: int) -> float:
@@ -20,8 +24,11 @@ def ema_decay(mu: float, step: int) -> float:
     return min(mu, (1.0 + step) / (10.0 + step))
 
 
-class EMA:
-    """A shadow copy of a model whose floating state follows the model's by EMA."""
+class EMA(TrainingFeature):
+    """The training feature of --use-ema: a shadow copy of the model whose floating state follows the model's by
+    EMA after every iteration, validated as val_ema and kept in checkpoints as state_dict_ema (the reference's)."""
+
+    checkpoint_key = "state_dict_ema"
 
     def __init__(self, model: nn.Module, mu: float):
         if not 0.0 < mu < 1.0:
@@ -32,6 +39,21 @@ class EMA:
             p.requires_grad_(False)
         self._names = [name for name, t in self.module.state_dict().items()
                        if not name.endswith("num_batches_tracked") and t.is_floating_point()]
+
+    @classmethod
+    def metrics(cls, config: Config) -> dict[str, dict[str, int]]:
+        return {"val_ema": VAL_METRICS} if config.ema.use_ema is not None else {}
+
+    @classmethod
+    def from_config(cls, config: Config, job) -> "EMA | None":
+        return None if config.ema.use_ema is None else cls(job.trainer.model, config.ema.use_ema)
+
+    def after_step(self, job, step: Step) -> None:
+        # Every iteration, counted over the run, as the reference.
+        self.update(job.trainer.model, step.epoch * len(job.train_loader) + step.iteration)
+
+    def models_to_validate(self) -> list[tuple[str, nn.Module]]:
+        return [("val_ema", self.module)]
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
@@ -45,5 +67,7 @@ class EMA:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
 
-    def load_state_dict(self, state_dict) -> None:
-        self.module.load_state_dict(state_dict)
+    def load_state_dict(self, state: dict | None, checkpoint: dict, source: str) -> None:
+        """The checkpoint's EMA weights, or its weights for a checkpoint trained without EMA."""
+        self.module.load_state_dict(fit_state_dict(self.module, state or checkpoint["state_dict"],
+                                                   source=f"{source} (EMA)", resuming=True))

@@ -14,7 +14,9 @@ import math
 
 import torch
 
-from .cli import UserError
+from ..cli import UserError
+from ..config import Config
+from ..features import Step, TrainingFeature
 
 # Consecutive skipped fp16 steps that mean the run diverged: the scale is then 2^-100 of where it started,
 # far past any finite gradient's need (finding the scale at the start of a run skips a handful).
@@ -25,8 +27,9 @@ class DivergenceError(UserError):
     """The training loss became NaN or infinite; the message names where and the likely causes."""
 
 
-class DivergenceGuard:
-    """Watches the loss at the loop's synchronisation points and the GradScaler's skipped steps."""
+class DivergenceGuard(TrainingFeature):
+    """The training feature that watches the loss at the loop's synchronisation points, the weights at each epoch's
+    end, and the GradScaler's skipped steps. On in every training run."""
 
     def __init__(self, scaler: torch.amp.GradScaler, causes: str) -> None:
         self.scaler = scaler
@@ -34,6 +37,25 @@ class DivergenceGuard:
         self.last_finite: tuple[float, str] | None = None   # (loss, where it was logged)
         self.skipped_steps = 0
         self._scale = scaler.get_scale() if scaler.is_enabled() else None
+
+    @classmethod
+    def from_config(cls, config: Config, job) -> "DivergenceGuard | None":
+        return None if job.trainer.optimizer is None else cls(job.trainer.scaler, causes_for(config))
+
+    def after_step(self, job, step: Step) -> None:
+        if step.optimizer_step:
+            self.after_optimizer_step(step.epoch, step.iteration + 1)
+        if step.logged_loss is not None:
+            self.check_loss(step.logged_loss, step.epoch, step.iteration + 1)
+
+    def end_epoch(self, job, epoch: int, record: dict[str, float]) -> None:
+        """The epoch's loss and the weights its last steps left, before validation and checkpoints see them."""
+        iterations = job.config.runtime.prof if job.config.runtime.prof > 0 else len(job.train_loader)
+        self.check_loss(record["train.loss"], epoch, min(iterations, len(job.train_loader)))
+        self.check_weights(job.trainer.model, epoch, min(iterations, len(job.train_loader)))
+
+    def load_state_dict(self, state: None, checkpoint: dict, source: str) -> None:
+        self.resumed(checkpoint.get("history", []))
 
     def check_loss(self, loss: float, epoch: int, iteration: int) -> None:
         """A loss the loop has synchronised for its log (iteration counted from 1): raise when not finite."""
@@ -60,7 +82,7 @@ class DivergenceGuard:
                 self.last_finite = (loss, f"the end of epoch {epoch}")
                 return
 
-    def after_step(self, epoch: int, iteration: int) -> None:
+    def after_optimizer_step(self, epoch: int, iteration: int) -> None:
         """After the scaler's step and update: count skipped fp16 steps; raise after MAX_SKIPPED_STEPS in a row."""
         if not self.scaler.is_enabled():
             return
@@ -83,12 +105,12 @@ class DivergenceGuard:
                               "keeps the last finite one")
 
 
-def causes_for(args) -> str:
-    """The likely causes of a divergence in the run `args` describes, in its own flags' words."""
+def causes_for(config: Config) -> str:
+    """The likely causes of a divergence in the run `config` describes, in its own flags' words."""
     causes = ["a learning rate too high for these weights (--lr, --warmup)"]
-    if args.amp:
+    if config.runtime.amp:
         causes.append("the fp16 loss scale (--static-loss-scale)")
-    if getattr(args, "calibrator", None) is not None:  # quant_main.py
+    if config.quantization is not None:  # quant_main.py
         causes.append("quantizer ranges from calibration on too few or unrepresentative batches "
                       "(--calibration-batches, --calibrator)")
     return ", ".join(causes)

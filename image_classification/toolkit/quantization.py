@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .cli import Number, UserError
-from .logger import DEFAULT
-from .models.quantized import CALIBRATORS, QuantEfficientNet, modelopt_quantization, place_ranges, quant_config, \
+from ..cli import Number, UserError
+from ..config import Config
+from ..logger import DEFAULT
+from ..models.quantized import CALIBRATORS, QuantEfficientNet, modelopt_quantization, place_ranges, quant_config, \
     quantizers, require_ranges
 
 # The reference's calibration: histograms of |x|, the range read off at the 99.99th percentile.
@@ -155,8 +156,8 @@ def checked_inputs(model: nn.Module, batch: int):
     def check(name: str):
         def hook(module: nn.Module, inputs: tuple) -> None:
             x = inputs[0] if inputs else None
-            if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-                return
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.is_meta:
+                return  # meta tensors (shape-only tracing) hold no values to check
             if not bool(torch.isfinite(x).all()):
                 raise UserError(f"calibration batch {batch}: the input of {name} holds NaN or infinite values: the "
                                 "model's activations overflow, so its float weights cannot be quantized (did the float "
@@ -203,28 +204,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def calibration_hook(args: argparse.Namespace, model: nn.Module, train_loader: Iterable, ctx, logger
-                     ) -> nn.Module:
-    """training.main's prepare_model for quant_main.py: calibrate a fresh run, else insist on ranges.
+def calibration_hook(config: Config, model: nn.Module, train_loader: Iterable, ctx, logger) -> nn.Module:
+    """The train package's prepare_model for quant_main.py: calibrate a fresh run, else insist on ranges.
 
     --resume brings the ranges with the checkpoint (loaded after this hook), --evaluate and
     --skip-calibration take them from the loaded weights.
     """
     if not is_quantized(model):
-        raise UserError(f"quant_main.py trains efficientnet-quant-* models; --arch {args.arch} is a float model "
-                         f"(use main.py)")
-    if getattr(args, "resume", None):
+        raise UserError(f"quant_main.py trains efficientnet-quant-* models; --arch {config.model.arch} is a float "
+                        "model (use main.py)")
+    if config.checkpoint.resume:
         return model
-    if args.evaluate or args.skip_calibration:
-        require_ranges(model, source=getattr(args, "pretrained_from_file", None) or "loaded weights")
+    quant = config.quantization
+    if config.runtime.evaluate or quant.skip_calibration:
+        require_ranges(model, source=config.model.params.get("pretrained_from_file") or "loaded weights")
         return model
-    stats = calibrate(model, train_loader, num_batches=args.calibration_batches, calibrator=args.calibrator,
-                      percentile=args.calibration_percentile,
-                      synchronize=getattr(ctx, "synchronize", None))
+    stats = calibrate(model, train_loader, num_batches=quant.calibration_batches, calibrator=quant.calibrator,
+                      percentile=quant.calibration_percentile, synchronize=getattr(ctx, "synchronize", None))
     if logger is not None:
         # The reference registers calib.* when it calibrates and logs them as step ["Calibration", it].
         logger.register_metrics("calib", {name.split(".")[1]: DEFAULT for name in stats})
-        logger.log(("Calibration", args.calibration_batches), stats)
+        logger.log(("Calibration", quant.calibration_batches), stats)
     return model
 
 

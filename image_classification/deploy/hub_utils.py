@@ -18,9 +18,9 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
-from .context import ExecutionContext
-from .data.loader import Normalizer
-from .inference import ImageError, imagenet_class_names, load_image
+from ..context import ExecutionContext
+from ..data.loader import Normalizer
+from .classify import ImageError, imagenet_class_names, load_image
 
 # The example's preprocessing: short side to 256, centre crop 224.
 IMAGE_SIZE = 224

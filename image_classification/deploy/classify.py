@@ -19,16 +19,16 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from .checkpoint import class_difference
-from .cli import EXIT_ERROR, USER_ERRORS, ArgumentParser, Number, UserError, error_message, print_error
-from .context import ExecutionContext, create_context
-from .data.loader import Normalizer
-from .data.pytorch_backend import load_rgb, val_transform
+from ..checkpoint import class_difference
+from ..cli import EXIT_ERROR, USER_ERRORS, ArgumentParser, Number, UserError, error_message, print_error
+from ..context import ExecutionContext, create_context
+from ..data.loader import Normalizer
+from ..data.pytorch_backend import load_rgb, val_transform
 from .engines import ENGINES, Engine, TorchEngine, onnx_io_sizes, open_engine
-from .models import available_models, get_entry, parse_model_flags
-from .models.quantized import require_ranges
-from .models.weights import WeightsError, recorded_classes
-from .tta import TTA_MODES
+from ..models import available_models, get_entry, parse_model_flags
+from ..models.quantized import require_ranges
+from ..models.weights import WeightsError, recorded_classes
+from ..toolkit.tta import TTA_MODES
 
 PROG = "classify.py"
 TOPK = 5

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cli import UserError
+from ..cli import UserError
 
 # (top, bottom, left, right): rows top..bottom-1 and columns left..right-1
 Box = tuple[int, int, int, int]

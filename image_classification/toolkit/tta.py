@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cli import UserError
+from ..cli import UserError
 
 TTA_MODES = ("none", "flip")
 

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from .cli import Number, UserError
+from ..cli import Number, UserError
+from ..config import Config
+from ..features import TrainingFeature
 
 HEAD_INITS = ("default", "zero")
 # Names a wrapped training model adds in front of the model's own: DistributedDataParallel's `module.` and
@@ -111,23 +114,7 @@ def freeze_points(model: nn.Module) -> dict[str, list[str]]:
     return points
 
 
-class FrozenParts:
-    """The modules --freeze-until froze; `keep_eval` puts them back in eval mode after the loop's model.train()."""
-
-    def __init__(self, until: str, modules: list[str]):
-        self.until = until
-        self.modules = modules
-
-    def keep_eval(self, train_model: nn.Module) -> None:
-        """Eval mode for the frozen modules of `train_model` (the model itself, or it compiled, scripted or
-        DDP-wrapped)."""
-        frozen = set(self.modules)
-        for name, module in train_model.named_modules():
-            if _WRAPPER_PREFIX.sub("", name) in frozen:
-                module.eval()
-
-
-def freeze(model: nn.Module, until: str, arch: str = "the model") -> FrozenParts:
+def freeze(model: nn.Module, until: str, arch: str = "the model") -> list[str]:
     """Freeze the stem and everything up to and including `until` (requires_grad False); a UserError naming the
     valid points for an unknown one."""
     depth_units(model, arch, "--freeze-until")
@@ -142,7 +129,7 @@ def freeze(model: nn.Module, until: str, arch: str = "the model") -> FrozenParts
     for name, parameter in model.named_parameters():
         if any(name.startswith(m + ".") for m in modules):
             parameter.requires_grad_(False)
-    return FrozenParts(until, modules)
+    return modules
 
 
 # --- the head ---------------------------------------------------------------------------------------------------
@@ -170,43 +157,51 @@ def init_head(model: nn.Module, head_init: str, *, loaded_classifier: bool, arch
 
 # --- main.py's flags --------------------------------------------------------------------------------------------
 
-def prepare(model: nn.Module, args) -> FrozenParts | None:
-    """Apply --head-init and --freeze-until to a freshly built model; the frozen parts, or None."""
-    model_args = args.model_args
-    loaded = bool(getattr(model_args, "pretrained", False) or getattr(model_args, "pretrained_from_file", None))
-    init_head(model, args.head_init, loaded_classifier=loaded and not getattr(model_args, "reset_classifier", False),
-              arch=args.arch)
-    if args.freeze_until is None:
-        return None
-    return freeze(model, args.freeze_until, args.arch)
+def prepare(model: nn.Module, config: Config) -> None:
+    """Apply --head-init and --freeze-until to a freshly built model (after checking the flags)."""
+    check_flags(config)
+    params, finetune = config.model.params, config.finetune
+    loaded = bool(params.get("pretrained") or params.get("pretrained_from_file"))
+    init_head(model, finetune.head_init, loaded_classifier=loaded and not params.get("reset_classifier"),
+              arch=config.model.arch)
+    if finetune.freeze_until is not None:
+        freeze(model, finetune.freeze_until, config.model.arch)
 
 
-def check_flags(args) -> None:
+def check_flags(config: Config) -> None:
     """Fine-tuning flags change training only: refused with --evaluate."""
-    given = [flag for flag, value in (("--layer-decay", args.layer_decay), ("--freeze-until", args.freeze_until),
-                                      ("--head-lr-scale", args.head_lr_scale))
+    finetune = config.finetune
+    given = [flag for flag, value in (("--layer-decay", finetune.layer_decay),
+                                      ("--freeze-until", finetune.freeze_until),
+                                      ("--head-lr-scale", finetune.head_lr_scale))
              if value is not None]
-    if args.head_init != "default":
+    if finetune.head_init != "default":
         given.append("--head-init")
-    if args.evaluate and given:
+    if config.runtime.evaluate and given:
         raise UserError(f"{', '.join(given)} change(s) training; not with --evaluate")
 
 
-def optimizer_layout(groups: list[dict]) -> list[tuple[int, float]]:
-    """(parameter count, LR factor) per optimizer group: what --resume compares with the checkpoint's."""
-    return [(len(group["params"]), float(group.get("lr_scale", 1.0))) for group in groups]
+class Freeze(TrainingFeature):
+    """The training feature of --freeze-until: the frozen modules stay in eval mode while the rest trains, so their
+    BatchNorm keeps its running statistics (their parameters were frozen when the model was built)."""
+
+    def __init__(self, modules: list[str]) -> None:
+        self.modules = set(modules)
+
+    @classmethod
+    def from_config(cls, config: Config, job) -> "Freeze | None":
+        if config.finetune.freeze_until is None or job.trainer.optimizer is None:
+            return None
+        return cls(freeze_points(job.trainer.model)[config.finetune.freeze_until])
+
+    def start_epoch(self, job, epoch: int) -> None:
+        keep_eval(job.trainer.train_model, self.modules)
 
 
-def check_resume(saved_optimizer: dict, optimizer: torch.optim.Optimizer, path: str) -> None:
-    """Refuse a checkpoint whose optimizer groups were built by other --layer-decay, --head-lr-scale or
-    --freeze-until values (a resumed run would otherwise keep the checkpoint's silently, or fail to load)."""
-    saved_groups = saved_optimizer.get("param_groups")
-    if not saved_groups:
-        return
-    if optimizer_layout(saved_groups) != optimizer_layout(optimizer.param_groups):
-        from .checkpoint import CheckpointError
-        raise CheckpointError(f"--resume {path}: its optimizer groups (parameter count, LR factor) "
-                              f"{optimizer_layout(saved_groups)} differ from this run's "
-                              f"{optimizer_layout(optimizer.param_groups)}; resume with the run's --layer-decay, "
-                              "--head-lr-scale and --freeze-until")
-
+def keep_eval(train_model: nn.Module, modules: Iterable[str]) -> None:
+    """Eval mode for the frozen `modules` (freeze's names) of `train_model`: the model itself, or it compiled,
+    scripted or DDP-wrapped."""
+    frozen = set(modules)
+    for name, module in train_model.named_modules():
+        if _WRAPPER_PREFIX.sub("", name) in frozen:
+            module.eval()

@@ -21,18 +21,23 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import SWALR, AveragedModel
 
+from ..checkpoint import CheckpointError, atomic_save
+from ..cli import UserError
+from ..config import Config
+from ..context import ExecutionContext
+from ..features import TrainingFeature
+from ..metrics import VAL_METRICS, all_reduce_sum
 from .averaging import recompute_bn
-from .checkpoint import CheckpointError
-from .cli import UserError
-from .context import ExecutionContext
-from .metrics import all_reduce_sum
 
 SWA_FILE = "model_swa.pth.tar"
 ANNEAL_STRATEGY = "cos"
 
 
-class SWA:
-    """The averaged copy of a model and the LR schedule of the averaging epochs."""
+class SWA(TrainingFeature):
+    """The training feature of --swa-start: the averaged copy of the model and the LR schedule of the averaging
+    epochs."""
+
+    checkpoint_key = "swa"
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, start: int, swa_lr: float,
                  anneal_epochs: int):
@@ -55,10 +60,22 @@ class SWA:
         """How many epochs' weights are in the average."""
         return int(self.averaged.n_averaged.item())
 
-    def lr(self, epoch: int, scheduled: float) -> float:
-        """The LR of `epoch`: `scheduled` (--lr-schedule's) before --swa-start, SWALR's from then on."""
+    @classmethod
+    def metrics(cls, config: Config) -> dict[str, dict[str, int]]:
+        return {"swa": VAL_METRICS} if config.swa.swa_start is not None else {}
+
+    @classmethod
+    def from_config(cls, config: Config, job) -> "SWA | None":
+        check_flags(config)
+        if config.swa.swa_start is None:
+            return None
+        return cls(job.trainer.model, job.trainer.optimizer, start=config.swa.swa_start, swa_lr=config.swa.swa_lr,
+                   anneal_epochs=config.swa.swa_anneal_epochs)
+
+    def epoch_lr(self, job, epoch: int, lr: float) -> float:
+        """The LR of `epoch`: `lr` (--lr-schedule's) before --swa-start, SWALR's from then on."""
         if epoch < self.start:
-            return scheduled
+            return lr
         # One SWALR step per averaging epoch, taken as the epoch starts; a run resumed in the middle of an
         # epoch has already taken that epoch's step (its state is in the checkpoint).
         with warnings.catch_warnings():
@@ -69,10 +86,27 @@ class SWA:
                 self.scheduler.step()
         return self.scheduler.get_last_lr()[0]
 
-    def end_of_epoch(self, model: nn.Module, epoch: int) -> None:
-        """Add the weights of `model` (unwrapped) after `epoch` to the average, from --swa-start on."""
+    def end_epoch(self, job, epoch: int, record: dict[str, float]) -> None:
+        """Add the weights after `epoch` to the average, from --swa-start on."""
         if epoch >= self.start:
-            self.averaged.update_parameters(model)
+            self.averaged.update_parameters(job.trainer.model)
+
+    def end_run(self, job) -> dict[str, float]:
+        """BN statistics of the averaged weights, their validation (swa.*), the latest checkpoint again with those
+        statistics, and model_swa.pth.tar."""
+        if self.n_averaged == 0:  # early stopping before --swa-start
+            job.logger.print(f"=> SWA: the run stopped before --swa-start {self.start}; nothing was averaged")
+            return {}
+        prof = job.config.runtime.prof
+        self.update_bn(job.train_loader, job.ctx, epoch=job.state.epoch, max_batches=prof if prof > 0 else None)
+        record = job.validate(self.module, prefix="swa", step=(job.state.epoch, 0)) if job.val_loader is not None \
+            else {}
+        job.save_checkpoint(is_best=False)
+        if job.writer is not None:
+            path = job.writer.workspace / SWA_FILE
+            atomic_save(swa_checkpoint(job.checkpoint_state(), self), path)
+            job.logger.print(f"=> SWA: {self.n_averaged} epochs averaged, BN statistics updated; saved {path}")
+        return record
 
     def update_bn(self, loader, ctx: ExecutionContext, *, epoch: int, max_batches: int | None = None) -> None:
         """BN statistics of the averaged weights over one pass of the training `loader` (the first `max_batches`
@@ -89,9 +123,9 @@ class SWA:
         return {"start": self.start, "state_dict": self.module.state_dict(),
                 "n_averaged": self.averaged.n_averaged.clone(), "scheduler": self.scheduler.state_dict()}
 
-    def resume(self, state: dict | None, epoch: int, source: str) -> None:
-        """Restore the SWA state of a checkpoint whose next epoch is `epoch` (refusing one that has passed
-        --swa-start without it)."""
+    def load_state_dict(self, state: dict | None, checkpoint: dict, source: str) -> None:
+        """Restore the SWA state of a checkpoint (refusing one that has passed --swa-start without it)."""
+        epoch = int(checkpoint["epoch"])
         if state is None:
             if epoch > self.start:
                 raise CheckpointError(f"--resume {source}: the checkpoint is at epoch {epoch}, after --swa-start "
@@ -109,21 +143,21 @@ class SWA:
             group["swa_lr"] = self.swa_lr
 
 
-def swa_from_args(args, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> SWA | None:
-    """The run's SWA, None without --swa-start; refuses flag combinations that would average nothing."""
-    if args.swa_start is None:
-        if args.swa_lr is not None:
+def check_flags(config: Config) -> None:
+    """Refuse SWA flags that would average nothing."""
+    swa = config.swa
+    if swa.swa_start is None:
+        if swa.swa_lr is not None:
             raise UserError("--swa-lr needs --swa-start EPOCH (the first epoch averaged)")
-        return None
-    if args.swa_lr is None:
+        return
+    if swa.swa_lr is None:
         raise UserError("--swa-start needs --swa-lr LR (the learning rate of the averaging epochs)")
-    if args.evaluate:
+    if config.runtime.evaluate:
         raise UserError(f"--swa-start is for training; to evaluate a run's SWA weights use --evaluate --resume "
                         f"<workspace>/{SWA_FILE}")
-    if args.swa_start >= args.epochs:
-        raise UserError(f"--swa-start {args.swa_start} averages nothing in a run of --epochs {args.epochs} "
+    if swa.swa_start >= config.schedule.epochs:
+        raise UserError(f"--swa-start {swa.swa_start} averages nothing in a run of --epochs {config.schedule.epochs} "
                         f"(epochs are counted from 0)")
-    return SWA(model, optimizer, start=args.swa_start, swa_lr=args.swa_lr, anneal_epochs=args.swa_anneal_epochs)
 
 
 def swa_checkpoint(checkpoint: dict, swa: SWA) -> dict:
