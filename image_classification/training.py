@@ -177,8 +177,10 @@ def eval_image_size(args, entry) -> int:
 
 
 def _loader_options(args, ctx: ExecutionContext, seed: int) -> dict:
+    # Normalised as the arch's weights expect (ImageNet statistics, or EfficientNet-Lite's [-1, 1]).
     return dict(batch_size=args.batch_size, ctx=ctx, num_classes=args.model_args.num_classes, workers=args.workers,
-                prefetch=args.prefetch, interpolation=args.interpolation, seed=seed, data_format=args.data_format)
+                prefetch=args.prefetch, interpolation=args.interpolation, seed=seed, data_format=args.data_format,
+                **get_entry(args.arch).preprocessing.normalization)
 
 
 def build_stage_train_loader(args, ctx: ExecutionContext, settings: StageSettings, seed: int):
