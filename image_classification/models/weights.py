@@ -6,9 +6,9 @@ This module owns the weight formats the suite accepts: plain state dicts, traini
 files whose stages are named `layer<N>.` instead of `layers.<N-1>.`, and the state dicts of two other
 EfficientNet libraries, recognised by their keys and renamed module by module onto ours:
 efficientnet_pytorch's (`_conv_stem`, `_blocks.<i>._depthwise_conv`, ...; its B0-B7 files and the
-EfficientNet-Lite0 conversion) and timm's (`conv_stem`, `blocks.<stage>.<j>.conv_dw`, ...; `efficientnet_*`,
-`tf_efficientnet_*`, `tf_efficientnet_lite*`). Weights ported from TensorFlow need the model built with
-TF's SAME padding (`--padding same`); timm's own `efficientnet_*` were trained with BN epsilon 1e-5.
+EfficientNet-Lite conversions) and timm's (`conv_stem`, `blocks.<stage>.<j>.conv_dw`, ...; `efficientnet_*`,
+`tf_efficientnet_*`, `tf_efficientnet_lite*`, `tf_efficientnetv2_*`). Weights ported from TensorFlow need the
+model built with TF's SAME padding (`--padding same`); timm's own `efficientnet_*` used BN epsilon 1e-5.
 """
 from __future__ import annotations
 
