@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,11 +24,12 @@ from ..cli import EXIT_ERROR, USER_ERRORS, ArgumentParser, Number, UserError, er
 from ..context import ExecutionContext, create_context
 from ..data.loader import Normalizer
 from ..data.pytorch_backend import load_rgb, val_transform
-from .engines import ENGINES, Engine, TorchEngine, onnx_io_sizes, open_engine
 from ..models import available_models, get_entry, parse_model_flags
 from ..models.quantized import require_ranges
 from ..models.weights import WeightsError, recorded_classes
+from ..preprocessing import REFERENCE, Preprocessing
 from ..toolkit.tta import TTA_MODES
+from .engines import ENGINES, Engine, TorchEngine, onnx_io_sizes, onnx_preprocessing, open_engine
 
 PROG = "classify.py"
 TOPK = 5
@@ -119,11 +120,12 @@ class Prediction:
 
 
 class Classifier:
-    """A model (PyTorch, or an ONNX file in an engine) with the validation preprocessing of its input and, with
-    `tta` flip, the mean of the softmax of each image and of its mirror (as tta.py in validation)."""
+    """A model (PyTorch, or an ONNX file in an engine) with the validation preprocessing of its input (the
+    geometry of every arch; `preprocessing`'s normalisation and resize filter, the model's own) and, with `tta`
+    flip, the mean of the softmax of each image and of its mirror (as tta.py in validation)."""
 
     def __init__(self, model: nn.Module | Engine, ctx: ExecutionContext, names: Sequence[str], image_size: int,
-                 interpolation: str = "bilinear", topk: int = TOPK, tta: str = "none") -> None:
+                 preprocessing: Preprocessing = REFERENCE, topk: int = TOPK, tta: str = "none") -> None:
         if tta not in TTA_MODES:
             raise UserError(f"--tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
         self.ctx = ctx
@@ -131,9 +133,9 @@ class Classifier:
         self.tta = tta
         self.names = list(names)
         self.image_size = image_size
-        self.interpolation = interpolation
+        self.interpolation = preprocessing.interpolation
         self.topk = min(topk, len(self.names))
-        self.normalize = Normalizer(ctx)
+        self.normalize = Normalizer(ctx, preprocessing.mean, preprocessing.std)
 
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
@@ -175,8 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=Number(int, low=1), default=None, metavar="N",
                    help="input size (default: the arch's evaluation size, e.g. 224 for b0, 384 for efficientnet-v2-s; "
                         "the reference always used 224)")
-    p.add_argument("--interpolation", default="bilinear", choices=("bilinear", "bicubic", "triangular"),
-                   help="resize interpolation, as main.py's --interpolation (default: %(default)s)")
+    p.add_argument("--interpolation", default=None, choices=("bilinear", "bicubic", "triangular"),
+                   help="resize interpolation, as main.py's --interpolation (default: the one the model was trained "
+                        "with: bilinear for B0-B7, bicubic for efficientnet-lite*; an --onnx file's recorded one)")
     p.add_argument("--tta", default="none", choices=TTA_MODES,
                    help="test-time augmentation: flip averages the softmax of the image and of its horizontal mirror "
                         "(not in the reference) (default: %(default)s)")
@@ -260,7 +263,13 @@ def build_classifier(args: argparse.Namespace) -> Classifier:
         print(f"{PROG}: warning: {args.arch} has random weights (no --pretrained or --pretrained-from-file)",
               file=sys.stderr)
     image_size = args.image_size or entry.default_eval_image_size
-    return Classifier(model, ctx, names, image_size, args.interpolation, tta=args.tta)
+    return Classifier(model, ctx, names, image_size, with_interpolation(entry.preprocessing, args.interpolation),
+                      tta=args.tta)
+
+
+def with_interpolation(preprocessing: Preprocessing, interpolation: str | None) -> Preprocessing:
+    """`preprocessing` with --interpolation's filter when the flag was given."""
+    return preprocessing if interpolation is None else replace(preprocessing, interpolation=interpolation)
 
 
 def build_engine_classifier(args: argparse.Namespace) -> Classifier:
@@ -271,7 +280,9 @@ def build_engine_classifier(args: argparse.Namespace) -> Classifier:
                         "images (export another size with model2onnx.py --image-size)")
     names = class_names(num_classes, args.class_names)
     engine = open_engine(args.engine, args.onnx)
-    return Classifier(engine, create_context(device="cpu", amp=False), names, image_size, args.interpolation,
+    # The normalisation model2onnx.py recorded in the file (files without it get the reference's).
+    preprocessing = with_interpolation(onnx_preprocessing(args.onnx), args.interpolation)
+    return Classifier(engine, create_context(device="cpu", amp=False), names, image_size, preprocessing,
                       tta=args.tta)
 
 

@@ -156,7 +156,8 @@ def recompute_bn_of_checkpoint(checkpoint: ckpt.Checkpoint, data: str, batches: 
                                 batch_size=batch_size or run.get("batch_size", 32), ctx=ctx,
                                 num_classes=model_args.get("num_classes", 1000), workers=workers,
                                 interpolation=run.get("interpolation", "bilinear"),
-                                augmentation=run.get("augmentation"), seed=run.get("seed") or 0)
+                                augmentation=run.get("augmentation"), seed=run.get("seed") or 0,
+                                **entry.preprocessing.normalization)
     try:
         if batches > len(loader):
             raise AveragingError(f"--recompute-bn {batches}: {data} has {len(loader)} training batches of "

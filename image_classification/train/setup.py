@@ -63,8 +63,10 @@ def setup_job(config: Config, ctx: ExecutionContext, prepare_model: PrepareModel
     stage = schedule.settings(min(state.epoch, schedule.epochs - 1))
     train_loader = None if config.runtime.evaluate else progressive.stage_train_loader(config, ctx, stage,
                                                                                          state.data_seed)
+    # Normalised as the arch's weights expect (ImageNet statistics, or EfficientNet-Lite's [-1, 1]).
     val_loader = None if config.runtime.training_only and not config.runtime.evaluate else val_loader_of(
-        config.data, ctx, num_classes=config.model.num_classes, seed=state.data_seed, image_size=eval_size)
+        config.data, ctx, num_classes=config.model.num_classes, seed=state.data_seed, image_size=eval_size,
+        **entry.preprocessing.normalization)
     if saved is not None:
         ckpt.check_classes(saved, resume, (train_loader if train_loader is not None else val_loader).classes)
     model = model.to(ctx.device, memory_format=ctx.memory_format)
