@@ -14,11 +14,12 @@ import argparse
 import copy
 import functools
 import os
+import shlex
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .cli import ArgumentParser, UserError, run_cli
+from .cli import ArgumentParser, UserError, main_process, run_cli
 
 PROG = "launch.py"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs.yml"
@@ -172,10 +173,15 @@ def fit_to_cpu(args: argparse.Namespace, defaults: Mapping, argv: Sequence[str])
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """launch.py: build main.py's arguments from configs.yml and the command line, then run the job in-process."""
+    """launch.py: build main.py's arguments from configs.yml and the command line, say which main.py command they
+    make, then run the job in-process."""
+    from . import api
+    from .arguments import command_line
     from .config import Config
-    from .train import run
     args, defaults, rest = run_cli(PROG, _build, argv)
-    for note in fit_to_cpu(args, defaults, rest):
-        print(f"{PROG}: note: {note}", file=sys.stderr)
-    return run_cli(PROG, lambda: run(Config.from_args(args)))
+    notes = fit_to_cpu(args, defaults, rest)
+    if main_process():  # every process of a multiproc.py launch resolves the same line
+        for note in notes:
+            print(f"{PROG}: note: {note}", file=sys.stderr)
+        print(f"{PROG}: {shlex.join(['main.py', *command_line(args)])}", flush=True)
+    return run_cli(PROG, lambda: api.train(Config.from_args(args)))
