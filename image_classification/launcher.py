@@ -125,7 +125,7 @@ def build_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def _build(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict, list[str]]:
     """(main.py's arguments, the configuration's defaults, the command-line flags after launch.py's own)."""
-    from .arguments import parse_args
+    from .arguments import ConfigFileError, parse_args
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     known, rest = parser.parse_known_args(argv)
@@ -144,6 +144,8 @@ def _build(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict, list[s
                               f"{', '.join(config['precision'])}; modes: {', '.join(config['mode'])}")
         defaults = resolve_defaults(known.model, known.precision, known.mode, known.platform, config)
         return parse_args(rest, defaults=defaults, prog=PROG), defaults, rest
+    except ConfigFileError:
+        raise  # a --config file is input, as for main.py: one error line, status 1
     except ValueError as err:  # ConfigError, or a config key that is not a main.py flag
         parser.error(str(err))
 

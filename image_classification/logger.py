@@ -149,7 +149,8 @@ class Logger:
 
     With `deferred`, the file is neither created nor truncated until `begin()`: records logged before are
     kept in memory, so a run refused while it is being set up leaves no report (and an earlier report in the
-    workspace untouched).
+    workspace untouched). `trackers` (trackers.py: TensorBoard, MLflow) receive every record too, from `begin()`
+    on (with what was logged before).
     """
 
     def __init__(self, json_path: str | Path | None = None, *, enabled: bool = True, stdout: IO | None = None,

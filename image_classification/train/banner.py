@@ -23,6 +23,11 @@ if TYPE_CHECKING:
     from .job import Job
 
 
+def count(number: int, noun: str) -> str:
+    """'1 epoch', '20 epochs', '1,000 images'."""
+    return f"{number:,} {noun}{'' if number == 1 else 's'}"
+
+
 def precision(ctx: ExecutionContext, static_loss_scale: float, tf32: bool) -> str:
     """The run's arithmetic in words: AMP's autocast type and loss scaling, or fp32 (with TF32 where it applies)."""
     if ctx.amp:
@@ -35,12 +40,12 @@ def device_line(ctx: ExecutionContext) -> str:
     """The device, its name on a GPU, and the CPU threads of this process."""
     name = f" ({torch.cuda.get_device_name(ctx.device)})" if ctx.is_cuda else ""
     processes = f", {ctx.world_size} processes" if ctx.distributed else ""
-    return f"{ctx.device}{name}, {torch.get_num_threads()} threads per process{processes}"
+    return f"{ctx.device}{name}, {count(torch.get_num_threads(), 'thread')} per process{processes}"
 
 
 def _images(loader, ctx: ExecutionContext) -> str:
-    count = f"{loader.num_samples:,} images"
-    return f"{count} per process" if ctx.distributed else count
+    images = count(loader.num_samples, "image")
+    return f"{images} per process" if ctx.distributed else images
 
 
 def banner_lines(job: Job) -> list[str]:
@@ -52,7 +57,7 @@ def banner_lines(job: Job) -> list[str]:
              f"{config.model.memory_format}, --jit {config.model.jit}"]
     data = config.data
     source = "synthetic data" if data.data_backend == "synthetic" else \
-        f"{data.data} ({data.data_backend} backend, {data.workers} workers per process)"
+        f"{data.data} ({data.data_backend} backend, {count(data.workers, 'worker')} per process)"
     splits = [f"{name} {_images(loader, ctx)}" for name, loader in (("train", job.train_loader),
                                                                      ("val", job.val_loader)) if loader is not None]
     entry = get_entry(config.model.arch)
@@ -68,9 +73,10 @@ def banner_lines(job: Job) -> list[str]:
                      f"{data.batch_size * ctx.world_size * accumulation:,} images per optimizer step")
         schedule = config.schedule
         run_epochs = f", at most {schedule.run_epochs} in this run" if schedule.run_epochs > 0 else ""
-        lines.append(f"=> {schedule.epochs} epochs of {job.logger.iterations_per_epoch:,} iterations (from epoch "
+        iterations = count(job.logger.iterations_per_epoch, "iteration")
+        lines.append(f"=> {count(schedule.epochs, 'epoch')} of {iterations} (from epoch "
                      f"{job.state.epoch}{run_epochs}); lr {config.optim.lr:g}, {config.optim.optimizer}, "
-                     f"{schedule.lr_schedule} schedule, warmup {schedule.warmup} epochs")
+                     f"{schedule.lr_schedule} schedule, warmup {count(schedule.warmup, 'epoch')}")
     else:
         lines.append(f"=> --evaluate: one validation pass, batch {data.batch_size} per process")
     checkpoints = config.checkpoint
