@@ -8,62 +8,21 @@ from __future__ import annotations
 
 import pickle
 import re
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..cli import UserError
+from ..checkpoint import Checkpoint, WeightsError, first_non_finite, load_file
 
-
-class WeightsError(UserError):
-    """Weights that cannot be read or do not fit the model; the message says what and where."""
-
-
-def load_file(path: str | Path) -> dict:
-    """Load a checkpoint or state dict with `weights_only=True` (tensors and plain containers only), or a
-    `.safetensors` state dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such file")
-    if path.suffix == ".safetensors":
-        return _load_safetensors(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise WeightsError(f"{path}: refused to load, it holds objects other than tensors and plain containers "
-                           f"(only weights_only=True files are accepted): {str(err).splitlines()[0]}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-        raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: "
-                           f"{str(err).splitlines()[0] if str(err) else 'truncated file'})") from None
-    if not isinstance(obj, Mapping):
-        raise WeightsError(f"{path}: expected a state dict or a training checkpoint, found {type(obj).__name__}")
-    return dict(obj)
-
-
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file as load_safetensors
-    try:
-        return load_safetensors(str(path), device="cpu")
-    except (SafetensorError, OSError) as err:
-        raise WeightsError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0]})") from None
+__all__ = ["WeightsError", "check_finite", "extract_state_dict", "first_non_finite", "fit_state_dict", "load_file",
+           "load_pretrained", "load_weights", "recorded_classes", "remap_reference_keys"]
 
 
 def extract_state_dict(obj: Mapping, ema: bool = False, source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """The model weights inside a training checkpoint (EMA weights with `ema`), or the dict itself."""
-    if ema:
-        if "state_dict_ema" not in obj or obj["state_dict_ema"] is None:
-            raise WeightsError(f"{source}: has no EMA weights (state_dict_ema); it was trained without --use-ema")
-        obj = obj["state_dict_ema"]
-    elif "state_dict" in obj:
-        obj = obj["state_dict"]
-    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise WeightsError(f"{source}: holds no tensors; keys are {sorted(obj)[:10]}")
-    return tensors
+    return Checkpoint.weights_of(obj, ema=ema, source=source)
 
 
 _NGC_STAGE = re.compile(r"^layer(\d+)\.")
@@ -87,14 +46,6 @@ def _fit_se_shapes(state_dict: dict[str, torch.Tensor], expected: Mapping[str, t
         if (".se." in key and target is not None and value.shape != target.shape
                 and value.numel() == target.numel() and value.shape[:2] == target.shape[:2]):
             state_dict[key] = value.reshape(target.shape)
-
-
-def first_non_finite(state_dict: Mapping[str, torch.Tensor]) -> str | None:
-    """The name of the first floating-point tensor holding NaN or infinity, or None when all are finite."""
-    for key, value in state_dict.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            return key
-    return None
 
 
 def check_finite(state_dict: Mapping[str, torch.Tensor], source: str) -> None:
@@ -160,7 +111,7 @@ def load_weights(model: nn.Module, path: str | Path, ema: bool = False, reset_cl
     try:
         fitted = fit_state_dict(model, state_dict, source=str(path), reset_classifier=reset_classifier)
     except WeightsError:
-        recorded = saved.get("arch")
+        recorded = Checkpoint.from_dict(saved).arch
         if arch is None or not isinstance(recorded, str) or recorded == arch:
             raise
         raise WeightsError(f"{path}: holds {recorded} weights (as the checkpoint records), the model is {arch}; "
@@ -170,7 +121,7 @@ def load_weights(model: nn.Module, path: str | Path, ema: bool = False, reset_cl
 
 def recorded_classes(path: str | Path) -> list[str] | None:
     """The class names a training checkpoint records (index order), or None (plain weights, older files)."""
-    classes = load_file(path).get("classes")
+    classes = Checkpoint.from_dict(load_file(path)).classes
     if isinstance(classes, (list, tuple)) and all(isinstance(name, str) for name in classes):
         return list(classes)
     return None

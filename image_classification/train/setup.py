@@ -63,8 +63,8 @@ def setup_job(config: Config, ctx: ExecutionContext, prepare_model: PrepareModel
     if saved is not None:
         # The data order of a resumed run comes from the checkpoint: its seed is needed by the loaders, and its
         # epoch decides the stage the train loader starts in.
-        state.data_seed = int(saved.get("data_seed", state.data_seed))
-        state.epoch = int(saved["epoch"])
+        state.data_seed = int(saved.data_seed if saved.data_seed is not None else state.data_seed)
+        state.epoch = int(saved.epoch)
     stage = schedule.settings(min(state.epoch, schedule.epochs - 1))
     train_loader = None if config.runtime.evaluate else progressive.stage_train_loader(config, ctx, stage,
                                                                                          state.data_seed)
