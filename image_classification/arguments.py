@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 
 from . import gpu_affinity
 from .cli import ArgumentParser, Number, UserError, check_numbers
@@ -215,6 +217,10 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
     g.add_argument("--training-only", action="store_true", help="do not validate during training")
     g.add_argument("--topk", type=Number(int, low=1), default=5, metavar="K",
                    help="the second accuracy reported beside top-1 (logged as top5) (default: %(default)s)")
+    g.add_argument("--config", default=None, metavar="FILE.yaml",
+                   help="flag values from a YAML mapping, keyed by the flags' long names or dests (weight-decay or "
+                        "weight_decay, model flags too), such as the <workspace>/config.yaml every run writes; flags "
+                        "on the command line win (not in the reference) (default: none)")
 
     g = p.add_argument_group("checkpoints and reports")
     g.add_argument("--workspace", type=str, default="./", metavar="DIR",
@@ -233,9 +239,125 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
                         "latest and the best checkpoint are stored, as in the reference (default: %(default)s)")
     g.add_argument("--raport-file", type=str, default="experiment_raport.json", metavar="NAME",
                    help="JSON-lines (DLLogger) report, relative to --workspace (default: %(default)s)")
+    g.add_argument("--tensorboard", default=None, metavar="DIR",
+                   help="also write the report's metrics as TensorBoard scalars to an event file in DIR: train.* every "
+                        "--print-freq iterations, epoch/train.* and epoch/val.* every epoch, by training iteration "
+                        "(rank 0; not in the reference) (default: off)")
+    g.add_argument("--mlflow", nargs="?", const="", default=None, metavar="URI",
+                   help="also log the flags and the report's metrics to an MLflow run (experiment "
+                        "$MLFLOW_EXPERIMENT_NAME or efficientnet) at URI, a tracking server, sqlite:///FILE or a "
+                        "folder; without URI at $MLFLOW_TRACKING_URI, else in the folder store <workspace>/mlruns "
+                        "(write --mlflow after DIR or as --mlflow=URI; rank 0; not in the reference) (default: off)")
     finetune.add_arguments(p)
     distillation.add_arguments(p)
     return p
+
+
+# Parser entries that are not settings of the job: they never come from, nor go to, a config file.
+NOT_SETTINGS = {"help", "config"}
+
+
+class ConfigFileError(UserError):
+    """A --config file that cannot be used; the message names the file (and the key)."""
+
+
+def read_config_file(path: str) -> dict:
+    """The mapping of a --config YAML file."""
+    import yaml
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigFileError(f"--config {path}: cannot read ({err.strerror or err})") from None
+    except UnicodeDecodeError:
+        raise ConfigFileError(f"--config {path}: not a UTF-8 text file") from None
+    try:
+        settings = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigFileError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if settings is None:
+        return {}
+    if not isinstance(settings, dict) or not all(isinstance(key, str) for key in settings):
+        raise ConfigFileError(f"--config {path}: not a mapping of flag names to values")
+    return settings
+
+
+def _normal(name: str) -> str:
+    return name.lstrip("-").replace("-", "_")
+
+
+def _setting_value(action: argparse.Action, key: str, value, source: str):
+    """`value` of setting `key` for `action`, converted and checked as the command line would."""
+    where = f"{source}: {key}"
+    flag = "/".join(action.option_strings) or action.dest
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction)):
+        if not isinstance(value, bool):
+            raise ConfigFileError(f"{where}: {flag} is a switch: give true or false, not {value!r}")
+        # Keyed by the flag (no-checkpoints: true) the value says whether the flag is given; keyed by its dest
+        # (save_checkpoints: false) it is the value itself.
+        return value if _normal(key) == action.dest else action.const if value else action.default
+    if value is None:
+        if action.default is not None:
+            raise ConfigFileError(f"{where}: {flag} needs a value (null only for flags whose default is none)")
+        return None
+    # A true/false value fits flags that take one (--trt True|False), whose default is a bool.
+    if (isinstance(value, bool) and not isinstance(action.default, bool)) or isinstance(value, (list, dict)):
+        raise ConfigFileError(f"{where}: {flag} takes one value, not {value!r}")
+    try:
+        converted = action.type(str(value)) if callable(action.type) else str(value)
+    except (argparse.ArgumentTypeError, ValueError, TypeError) as err:
+        raise ConfigFileError(f"{where}: {flag} {err}") from None
+    if action.choices is not None and converted not in action.choices:
+        raise ConfigFileError(f"{where}: {value!r} is not a choice of {flag} "
+                              f"({', '.join(map(str, action.choices))})")
+    return converted
+
+
+def settings_to_values(settings: dict, source: str, parsers: list[argparse.ArgumentParser]
+                       ) -> tuple[dict, list[str]]:
+    """({dest: value} of the settings that `parsers` know, the keys they do not know). A key is a flag's dest or
+    one of its long names, with dashes or underscores (weight_decay, weight-decay, wd)."""
+    actions: dict[str, argparse.Action] = {}
+    for parser in parsers:
+        for action in parser._actions:
+            if action.dest not in NOT_SETTINGS:
+                for name in [action.dest, *(o for o in action.option_strings if o.startswith("--"))]:
+                    actions.setdefault(_normal(name), action)
+    values: dict = {}
+    keys: dict[str, str] = {}
+    unknown = []
+    for key, value in settings.items():
+        action = actions.get(_normal(key))
+        if action is None:
+            unknown.append(key)
+            continue
+        if action.dest in keys:
+            raise ConfigFileError(f"{source}: {keys[action.dest]} and {key} both set {action.dest}")
+        keys[action.dest] = key
+        values[action.dest] = _setting_value(action, key, value, source)
+    return values, unknown
+
+
+def settings_to_argv(settings: dict, source: str, parsers: list[argparse.ArgumentParser]) -> list[str]:
+    """A command line for `parsers` that sets `settings` (keyed as in a --config file): switches given when true,
+    other flags as --flag=value. An unknown key is an error naming `source`."""
+    options: dict[str, tuple[argparse.Action, str]] = {}
+    for parser in parsers:
+        for action in parser._actions:
+            longs = [o for o in action.option_strings if o.startswith("--")]
+            for name in [action.dest, *longs] if longs else []:
+                options.setdefault(_normal(name), (action, longs[0]))
+    argv = []
+    for key, value in settings.items():
+        if _normal(key) not in options:
+            raise ConfigFileError(f"{source}: {key!r} is not one of its flags")
+        action, option = options[_normal(key)]
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            # Keyed by the flag, the value says whether to give it; keyed by the dest, it is the dest's value.
+            given = value if _normal(key) != action.dest else value != action.default
+            argv += [option] if given else []
+        elif value is not None:
+            argv.append(f"{option}={value}")
+    return argv
 
 
 def _model_parser(arch: str) -> argparse.ArgumentParser:
@@ -246,17 +368,17 @@ def _option_strings(*parsers: argparse.ArgumentParser) -> list[str]:
     return sorted({opt for parser in parsers for action in parser._actions for opt in action.option_strings})
 
 
-def _apply_defaults(main: argparse.ArgumentParser, model: argparse.ArgumentParser | None,
+def _apply_defaults(mains: list[argparse.ArgumentParser], model: argparse.ArgumentParser | None,
                     defaults: dict) -> None:
-    main_dests = {a.dest for a in main._actions}
+    main_dests = {a.dest for main in mains for a in main._actions} - NOT_SETTINGS
     model_dests = {a.dest for a in model._actions} if model is not None else set()
     unknown = sorted(set(defaults) - main_dests - model_dests)
     if unknown:
         raise UserError(f"unknown setting(s) {', '.join(unknown)}: not a main.py or model flag "
-                         f"(valid: {', '.join(sorted((main_dests | model_dests) - {'help'}))})")
-    main.set_defaults(**{k: v for k, v in defaults.items() if k in main_dests})
-    if model is not None:
-        model.set_defaults(**{k: v for k, v in defaults.items() if k in model_dests})
+                         f"(valid: {', '.join(sorted(main_dests | model_dests))})")
+    for parser in [*mains, *([model] if model is not None else [])]:
+        dests = {a.dest for a in parser._actions}
+        parser.set_defaults(**{k: v for k, v in defaults.items() if k in dests})
 
 
 def print_help(arch: str | None, main: argparse.ArgumentParser | None = None, file=None) -> None:
@@ -272,40 +394,56 @@ def print_help(arch: str | None, main: argparse.ArgumentParser | None = None, fi
                     and not line.startswith("options")), file=file)
 
 
-def parse_args(argv: list[str] | None = None, defaults: dict | None = None, prog: str = "main.py"
-               ) -> argparse.Namespace:
-    """Parse main.py's flags, then the arch's model flags; `args.model_args` holds the latter.
+def parse_args(argv: list[str] | None = None, defaults: dict | None = None, prog: str = "main.py",
+               extra: Sequence[argparse.ArgumentParser] = (), settings: dict | None = None) -> argparse.Namespace:
+    """Parse main.py's flags (and those of the `extra` parsers, e.g. quant_main.py's), then the arch's model flags;
+    `args.model_args` holds the latter.
 
-    `defaults` (dest -> value, e.g. from configs.yml) become parser defaults before parsing; `prog` is the
-    script named in errors (quant_main.py and launch.py parse main.py's flags too).
+    Where values come from, later winning: the parsers' defaults; `defaults` (dest -> value, e.g. from
+    configs.yml); `settings` (keyed as a --config file, from the Python API); the --config file; the command line.
+    `prog` is the script named in errors (quant_main.py and launch.py parse main.py's flags too).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     defaults = dict(defaults or {})
-    # The arch decides which model flags exist: find it first.
+    # The arch decides which model flags exist: find it first (on the command line, else in the settings).
     probe = ArgumentParser(prog=prog, add_help=False, allow_abbrev=False)
-    probe.add_argument("-a", "--arch", default=defaults.get("arch", DEFAULT_ARCH))
+    probe.add_argument("-a", "--arch", default=None)
     probe.add_argument("-h", "--help", action="store_true")
+    probe.add_argument("--config", default=None)
     known, _ = probe.parse_known_args(argv)
     main = build_parser(prog)
-    registered = known.arch in available_models()
-    model = _model_parser(known.arch if registered else DEFAULT_ARCH)
-    # The resize filter the arch's weights were trained with (bicubic for EfficientNet-Lite); configs.yml and the
-    # command line still choose.
-    main.set_defaults(interpolation=get_entry(known.arch if registered else DEFAULT_ARCH).preprocessing.interpolation)
-    _apply_defaults(main, model, defaults)
+    sources = [("settings", settings or {})] + ([(f"--config {known.config}", read_config_file(known.config))]
+                                                if known.config else [])
+    for source, mapping in sources:
+        values, unknown = settings_to_values(mapping, source, [main, *extra])
+        arch = known.arch or values.get("arch") or defaults.get("arch", DEFAULT_ARCH)
+        if arch in available_models():
+            model_values, unknown = settings_to_values({k: mapping[k] for k in unknown}, source, [_model_parser(arch)])
+            values.update(model_values)
+        if unknown:
+            raise ConfigFileError(f"{source}: {', '.join(map(repr, unknown))}: not {'a' if len(unknown) == 1 else ''} "
+                                  f"{prog} or {arch} model flag{'s' if len(unknown) > 1 else ''}")
+        defaults.update(values)
+    arch = known.arch or defaults.get("arch", DEFAULT_ARCH)
+    registered = arch in available_models()
+    model = _model_parser(arch if registered else DEFAULT_ARCH)
+    # The resize filter the arch's weights were trained with (bicubic for EfficientNet-Lite); configs.yml, a --config
+    # file and the command line still choose.
+    main.set_defaults(interpolation=get_entry(arch if registered else DEFAULT_ARCH).preprocessing.interpolation)
+    _apply_defaults([main, *extra], model, defaults)
     if known.help:
-        print_help(known.arch, main)
+        print_help(arch, main)
         raise SystemExit(0)
     if not registered:
-        main.error(f"unknown --arch {known.arch!r}; available: {', '.join(sorted(available_models()))}")
+        main.error(f"unknown --arch {arch!r}; available: {', '.join(sorted(available_models()))}")
     # One combined parser, so model flags may come anywhere (also before the data folder).
-    combined = ArgumentParser(prog=prog, parents=[main, model], add_help=False, allow_abbrev=False)
+    combined = ArgumentParser(prog=prog, parents=[main, *extra, model], add_help=False, allow_abbrev=False)
     parsed, rest = combined.parse_known_args(argv)
     if rest:
         combined.error(f"unrecognized arguments: {' '.join(rest)}; valid flags: "
-                       + " ".join(_option_strings(main, model)))
+                       + " ".join(_option_strings(main, *extra, model)))
     check_numbers(parsed, combined)
-    main_dests = {a.dest for a in main._actions} - {"help"}
+    main_dests = {a.dest for parser in (main, *extra) for a in parser._actions} - NOT_SETTINGS
     model_dests = {a.dest for a in model._actions}
     args = argparse.Namespace(**{k: v for k, v in vars(parsed).items() if k in main_dests})
     args.model_args = argparse.Namespace(**{k: v for k, v in vars(parsed).items() if k in model_dests})
@@ -314,6 +452,29 @@ def parse_args(argv: list[str] | None = None, defaults: dict | None = None, prog
     return args
 
 
-def parse_config(argv: list[str] | None = None, defaults: dict | None = None, prog: str = "main.py") -> Config:
+def parse_config(argv: list[str] | None = None, defaults: dict | None = None, prog: str = "main.py",
+                 settings: dict | None = None) -> Config:
     """The Config of main.py's command line (see parse_args)."""
-    return Config.from_args(parse_args(argv, defaults, prog))
+    return Config.from_args(parse_args(argv, defaults, prog, settings=settings))
+
+
+def command_line(args: argparse.Namespace, prog: str = "main.py") -> list[str]:
+    """A main.py command line that parses to `args`: --arch, then every flag whose value is not main.py's own
+    default (for the arch's model flags, the arch's default), in the parser's order."""
+    main, model = build_parser(prog), _model_parser(args.arch)
+    argv = [args.data] if args.data is not None else []
+    for parser, values in ((main, vars(args)), (model, vars(args.model_args))):
+        for action in parser._actions:
+            if action.dest in NOT_SETTINGS or not action.option_strings or action.dest not in values:
+                continue
+            value = values[action.dest]
+            if value == action.default and action.dest != "arch":  # the arch said always, for the reader
+                continue
+            option = next((o for o in action.option_strings if o.startswith("--")), action.option_strings[0])
+            if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+                argv.append(option)
+            elif action.nargs == "?" and value == action.const:
+                argv.append(option)
+            elif value is not None:
+                argv.append(f"{option}={value}")
+    return argv

@@ -413,6 +413,12 @@ def epoch_checkpoints(workspace: str | Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a UTF-8 text file atomically (as the checkpoints are written)."""
+    data = text.encode("utf-8")
+    _atomic_write(Path(path), lambda f: f.write(data), len(data))
+
+
 def write_class_names(workspace: str | Path, classes: list[str]) -> None:
     """<workspace>/classes.txt, one class name per line in index order (classify.py --class-names reads it)."""
     data = "".join(f"{name}\n" for name in classes).encode("utf-8")

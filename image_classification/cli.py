@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -129,6 +130,13 @@ def check_numbers(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             if not action.type.admits(value):
                 parser.error(f"argument {'/'.join(action.option_strings)}: must be {action.type.describe()}, "
                              f"got {value}")
+
+
+def main_process() -> bool:
+    """Whether this process is rank 0 of its job, or runs alone (torchrun's RANK; under srun without torchrun,
+    SLURM_PROCID). Notes that every rank would print alike (a flag ignored on this machine, a data folder's oddity)
+    are printed by rank 0 only."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
 
 
 def exit_status(summary: dict) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -113,11 +114,13 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class LogConfig:
-    """The report and the log lines."""
+    """The report, the log lines and the trackers that receive the report's records."""
 
     print_freq: int
     raport_file: str
     topk: int
+    tensorboard: str | None
+    mlflow: str | None          # "" for --mlflow without a URI
 
 
 @dataclass(frozen=True)
@@ -183,6 +186,8 @@ SECTIONS: dict[str, type] = {
     "distillation": DistillationConfig, "finetune": FinetuneConfig,
 }
 NOT_FLAGS = {"params", "prefix"}  # section fields that no main.py flag sets
+# The resolved flags of a run, written to its workspace: `--config <workspace>/config.yaml` repeats the run.
+CONFIG_FILE = "config.yaml"
 
 
 @dataclass(frozen=True)
@@ -234,6 +239,12 @@ class Config:
         return {**{key: _plain(value) for key, value in self.flags.items()},
                 "model_args": {key: _plain(value) for key, value in self.model.params.items()}}
 
+    def settings(self) -> dict[str, Any]:
+        """The flags and the model flags together, by dest, as a --config file holds them: read back with nothing on
+        the command line, they give this config again."""
+        plain = self.plain()
+        return {**plain.pop("model_args"), **plain}
+
     def replace(self, *, model_params: Mapping[str, Any] | None = None, **flags: Any) -> "Config":
         """This config with some flags (by dest) and model flags changed."""
         unknown = sorted(flags.keys() - self.flags.keys())
@@ -241,6 +252,16 @@ class Config:
             raise ValueError(f"not main.py flags: {', '.join(unknown)}")
         params = {**self.model.params, **(model_params or {})}
         return Config.from_flags({**self.flags, **flags}, params, checkpoint_prefix=self.checkpoint.prefix)
+
+
+def write_config_file(config: Config, path: str | Path) -> None:
+    """The job's settings as YAML at `path`, written atomically, for `--config` to repeat the run."""
+    import yaml
+    from .checkpoint import atomic_write_text
+    prog = "quant_main.py" if config.quantization is not None else "main.py"
+    header = (f"# The flags of a {prog} run, resolved (command line, --config, configs.yml, defaults).\n"
+              f"# Repeat it: python {prog} --config {path} [flags that change it, e.g. --workspace]\n")
+    atomic_write_text(path, header + yaml.safe_dump(config.settings(), sort_keys=False))
 
 
 def _section(section: type, flags: Mapping[str, Any]):

@@ -261,7 +261,7 @@ def create_context(
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
         torch.backends.cudnn.allow_tf32 = allow_tf32
         torch.backends.cudnn.benchmark = True
-    if amp and dev.type == "cpu" and not cpu_has_native_bf16():
+    if amp and dev.type == "cpu" and rank == 0 and not cpu_has_native_bf16():
         asked, turn_off = amp_flags
         warnings.warn(f"{asked} on this CPU ({torch.backends.cpu.get_cpu_capability()}, no AVX512-BF16/AMX) runs "
                       f"bf16 emulated, several times slower than fp32; {turn_off} here", stacklevel=2)

@@ -97,9 +97,11 @@ def set_affinity(mode: str, ctx) -> list[int] | None:
     if mode == "none":
         return None
     if not ctx.is_cuda:
-        # A performance hint, as --amp is on a CPU: a DGX recipe run on a machine without a GPU still runs.
-        warnings.warn(f"--gpu-affinity {mode} pins processes to the cores near their GPU; this run is on "
-                      f"{ctx.device.type}, so it is ignored", stacklevel=2)
+        # A performance hint, as --amp is on a CPU: a DGX recipe run on a machine without a GPU still runs. Every
+        # rank would say the same: rank 0 says it.
+        if ctx.is_main_process:
+            warnings.warn(f"--gpu-affinity {mode} pins processes to the cores near their GPU; this run is on "
+                          f"{ctx.device.type}, so it is ignored", stacklevel=2)
         return None
     pci_ids = ctx.pci_bus_ids()
     wanted = affinity_for(mode, ctx.device.index or 0, [_local_cpus(pci) for pci in pci_ids])

@@ -14,11 +14,12 @@ import argparse
 import copy
 import functools
 import os
+import shlex
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .cli import ArgumentParser, UserError, run_cli
+from .cli import ArgumentParser, UserError, main_process, run_cli
 
 PROG = "launch.py"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs.yml"
@@ -124,7 +125,7 @@ def build_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def _build(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict, list[str]]:
     """(main.py's arguments, the configuration's defaults, the command-line flags after launch.py's own)."""
-    from .arguments import parse_args
+    from .arguments import ConfigFileError, parse_args
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     known, rest = parser.parse_known_args(argv)
@@ -143,6 +144,8 @@ def _build(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict, list[s
                               f"{', '.join(config['precision'])}; modes: {', '.join(config['mode'])}")
         defaults = resolve_defaults(known.model, known.precision, known.mode, known.platform, config)
         return parse_args(rest, defaults=defaults, prog=PROG), defaults, rest
+    except ConfigFileError:
+        raise  # a --config file is input, as for main.py: one error line, status 1
     except ValueError as err:  # ConfigError, or a config key that is not a main.py flag
         parser.error(str(err))
 
@@ -172,10 +175,15 @@ def fit_to_cpu(args: argparse.Namespace, defaults: Mapping, argv: Sequence[str])
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """launch.py: build main.py's arguments from configs.yml and the command line, then run the job in-process."""
+    """launch.py: build main.py's arguments from configs.yml and the command line, say which main.py command they
+    make, then run the job in-process."""
+    from . import api
+    from .arguments import command_line
     from .config import Config
-    from .train import run
     args, defaults, rest = run_cli(PROG, _build, argv)
-    for note in fit_to_cpu(args, defaults, rest):
-        print(f"{PROG}: note: {note}", file=sys.stderr)
-    return run_cli(PROG, lambda: run(Config.from_args(args)))
+    notes = fit_to_cpu(args, defaults, rest)
+    if main_process():  # every process of a multiproc.py launch resolves the same line
+        for note in notes:
+            print(f"{PROG}: note: {note}", file=sys.stderr)
+        print(f"{PROG}: {shlex.join(['main.py', *command_line(args)])}", flush=True)
+    return run_cli(PROG, lambda: api.train(Config.from_args(args)))

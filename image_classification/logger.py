@@ -22,10 +22,12 @@ import json
 import math
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from numbers import Number
 from pathlib import Path
 from typing import IO, Any
+
+from .trackers import Tracker, TrackerFanOut
 
 # DLLogger's verbosity levels: the reference's stdout shows DEFAULT metrics, its report both.
 DEFAULT, VERBOSE = 0, 1
@@ -69,15 +71,22 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def format_step(step) -> str:
-    """The stdout backend's rendering of a step, as the reference prints it."""
+# The stdout label of the run summary (step []): its values are the best top-1/top-5, the lowest losses and the
+# mean speeds over the epochs, not the last epoch's; the report's JSON record is the reference's, unlabelled.
+SUMMARY_LABEL = "Summary (best top-1, lowest loss, mean speed over the run):"
+
+
+def format_step(step, iterations_per_epoch: int = 0) -> str:
+    """The stdout backend's rendering of a step, as the reference prints it, with the epoch's iteration count
+    ("Iteration: 20/31") when it is known and the summary labelled as such."""
     if isinstance(step, str):
         return step
     if len(step) == 0:
-        return "Summary:"
+        return SUMMARY_LABEL
     parts = [f"Epoch: {step[0]}" if isinstance(step[0], Number) else str(step[0])]
     if len(step) > 1:
-        parts.append(f"Iteration: {step[1]}")
+        of = f"/{iterations_per_epoch}" if iterations_per_epoch and isinstance(step[0], Number) else ""
+        parts.append(f"Iteration: {step[1]}{of}")
     if len(step) > 2:
         parts.append(f"Validation Iteration: {step[2]}")
     return " ".join(parts)
@@ -140,12 +149,18 @@ class Logger:
 
     With `deferred`, the file is neither created nor truncated until `begin()`: records logged before are
     kept in memory, so a run refused while it is being set up leaves no report (and an earlier report in the
-    workspace untouched).
+    workspace untouched). `trackers` (trackers.py: TensorBoard, MLflow) receive every record too, from `begin()`
+    on (with what was logged before).
     """
 
     def __init__(self, json_path: str | Path | None = None, *, enabled: bool = True, stdout: IO | None = None,
-                 print_stdout: bool = True, append: bool = False, deferred: bool = False):
+                 print_stdout: bool = True, append: bool = False, deferred: bool = False,
+                 trackers: Sequence[Tracker] = ()):
         self.enabled = enabled
+        # Training iterations per epoch (as run: --prof caps them): the stdout's "Iteration: i/N" and the trackers'
+        # global step. 0 until the training loop sets it, and without training.
+        self.iterations_per_epoch = 0
+        self.tracking = TrackerFanOut(list(trackers)) if enabled and trackers else None
         self.start = time.time()
         self.levels: dict[str, int] = {}  # registered metrics, in order, and their verbosity levels
         self._outside_epochs: dict[str, Any] = {}  # last values of metrics logged outside epochs (calibration)
@@ -159,7 +174,10 @@ class Logger:
             self.begin()
 
     def begin(self) -> None:
-        """Open the report file (creating its folder) and write what was logged before; a no-op once open."""
+        """Open the report file (creating its folder) and the trackers, and write what was logged before; a no-op
+        once open."""
+        if self.tracking is not None:
+            self.tracking.open()
         if self._path is None or self.file is not None:
             return
         self._path.parent.mkdir(parents=True, exist_ok=True)
@@ -199,12 +217,14 @@ class Logger:
                     self._outside_epochs.update(data)
                 for level_data in self._by_level(data, summary=len(step) <= 1):
                     self._log_record(step, level_data)
+        if self.tracking is not None:
+            self.tracking.record(step, _jsonable(data), self.iterations_per_epoch)
         if self.print_stdout and verbose:
             values = " ".join(format_value(k, _jsonable(v)) for k, v in data.items())
             # On a terminal, clear a progress line first; the progress display redraws itself below.
             clear = "\r\x1b[K" if _isatty(self.stdout) else ""
-            print(f"{clear}DLL {_dt.datetime.now():%Y-%m-%d %H:%M:%S} - {format_step(step)} {values}",
-                  file=self.stdout, flush=True)
+            print(f"{clear}DLL {_dt.datetime.now():%Y-%m-%d %H:%M:%S} - "
+                  f"{format_step(step, self.iterations_per_epoch)} {values}", file=self.stdout, flush=True)
 
     def _by_level(self, data: dict, summary: bool) -> list[dict]:
         """`data` split by verbosity level, DEFAULT first, each in registration order (unregistered metrics last,
@@ -241,61 +261,80 @@ class Logger:
             print(text, file=self.stdout, flush=True)
 
     def flush(self) -> None:
+        """Hand what was logged to the file, the trackers and stdout."""
         if self.file is not None:
             self.file.flush()
+        if self.tracking is not None:
+            self.tracking.flush()
         if self.print_stdout:
             self.stdout.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Close the report and end the trackers' run (`failed`: the run ended with an error)."""
         if self.file is not None:
             self.file.close()
             self.file = None
+        if self.tracking is not None:
+            self.tracking.close(failed)
+            self.tracking = None
         self._path, self._pending = None, None  # closed: later records go nowhere (a deferred report unwritten)
 
     def __enter__(self) -> "Logger":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(failed=exc_type is not None)
 
 
 class Progress:
-    """A one-line progress display (iteration, throughput, time remaining) redrawn on a terminal.
+    """Where an epoch (or a validation pass) is: iteration i/N, images per second and the time left.
 
-    Silent when stdout is not a terminal (the periodic log lines cover that case).
+    On a terminal, a one-line bar redrawn a few times a second (a log line clears it first). Elsewhere (a log file,
+    a pipe, a batch job's output), a plain line every `interval` seconds, so that a long epoch is never silent
+    between its log lines: `train 0: 120/625 iterations, 830.2 img/s, eta 04:31`.
     """
 
-    def __init__(self, name: str, total: int, *, enabled: bool = True, stream: IO | None = None):
+    def __init__(self, name: str, total: int, *, enabled: bool = True, stream: IO | None = None,
+                 interval: float = 30.0):
         self.stream = stream if stream is not None else sys.stdout
-        self.enabled = enabled and total > 0 and _isatty(self.stream)
+        self.enabled = enabled and total > 0
+        self.terminal = _isatty(self.stream)
         self.name = name
         self.total = total
+        self.interval = interval
         self.start = time.perf_counter()
         self.images = 0
-        self.last_draw = 0.0
+        self.last_draw = 0.0 if self.terminal else self.start
 
     def update(self, iteration: int, batch_size: int, extra: str = "") -> None:
-        """Record one finished iteration (0-based) of `batch_size` images; redraw at most a few times a second."""
+        """Record one finished iteration (0-based) of `batch_size` images; redraw at most a few times a second (on a
+        terminal) or every `interval` seconds (elsewhere)."""
         if not self.enabled:
             return
         self.images += batch_size
         now = time.perf_counter()
         elapsed = now - self.start
         done = iteration + 1
-        if now - self.last_draw < 0.2 and done < self.total:
+        if self.terminal and (now - self.last_draw < 0.2 and done < self.total):
             return
+        if not self.terminal and (now - self.last_draw < self.interval or done >= self.total):
+            return  # the epoch's own log line follows its last iteration
         self.last_draw = now
         rate = self.images / elapsed if elapsed > 0 else 0.0
-        remaining = elapsed / done * (self.total - done)
-        width = 24
-        filled = int(width * done / self.total)
-        bar = "#" * filled + "." * (width - filled)
-        self.stream.write(f"\r{self.name} [{bar}] {done}/{self.total} {rate:8.1f} img/s "
-                          f"eta {_duration(remaining)} {extra}")
+        remaining = _duration(elapsed / done * (self.total - done))
+        if self.terminal:
+            width = 24
+            filled = int(width * done / self.total)
+            bar = "#" * filled + "." * (width - filled)
+            self.stream.write(f"\r{self.name} [{bar}] {done}/{self.total} {rate:8.1f} img/s eta {remaining} {extra}")
+        else:
+            self.stream.write(f"{self.name}: {done}/{self.total} iterations, {rate:.1f} img/s, eta {remaining}"
+                              f"{' ' + extra if extra else ''}\n")
         self.stream.flush()
 
     def close(self) -> None:
-        if self.enabled:
+        """End the display (a terminal's bar keeps its last state on its own line)."""
+        if self.enabled and self.terminal:
             self.stream.write("\n")
             self.stream.flush()
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Plot loss, top-1 and top-5 per epoch from a main.py report (DLLogger JSON lines) to a PNG.
+"""Plot loss, top-1, top-5 and the learning rate per epoch from a main.py report (DLLogger JSON lines) to a PNG.
 
     .venv/bin/python scripts/plot_report.py runs/demo/raport.json                 # -> runs/demo/raport.png
     .venv/bin/python scripts/plot_report.py raport.json --output curves.png
@@ -14,6 +14,9 @@ from image_classification.cli import ArgumentParser  # noqa: E402  (the project 
 from image_classification.logger import ReportError, epoch_summaries, read_report  # noqa: E402
 
 PROG = "plot_report.py"
+# (metric, the report prefixes drawn for it), one panel each.
+PANELS = [("loss", ("train", "val", "val_ema")), ("top1", ("val", "val_ema")), ("top5", ("val", "val_ema")),
+          ("lr", ("train",))]
 
 
 def read_epochs(path: Path) -> dict[int, dict[str, float]]:
@@ -25,21 +28,20 @@ def read_epochs(path: Path) -> dict[int, dict[str, float]]:
 
 
 def plot(epochs: dict[int, dict[str, float]], output: Path, title: str = "") -> None:
-    """Three panels: loss (train, val, val_ema), top-1 and top-5 (val, val_ema)."""
+    """Four panels: loss (train, val, val_ema), top-1 and top-5 (val, val_ema), learning rate (train)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     xs = sorted(epochs)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    panels = [("loss", ("train", "val", "val_ema")), ("top1", ("val", "val_ema")), ("top5", ("val", "val_ema"))]
-    for ax, (metric, prefixes) in zip(axes, panels):
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(20, 4.2))
+    for ax, (metric, prefixes) in zip(axes, PANELS):
         for prefix in prefixes:
             key = f"{prefix}.{metric}"
             points = [(e, epochs[e][key]) for e in xs if isinstance(epochs[e].get(key), (int, float))]
             if points:
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=prefix)
         ax.set_xlabel("epoch")
-        ax.set_ylabel(metric + (" (%)" if metric != "loss" else ""))
+        ax.set_ylabel(metric + (" (%)" if metric.startswith("top") else ""))
         ax.set_title(metric)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -53,6 +55,7 @@ def plot(epochs: dict[int, dict[str, float]], output: Path, title: str = "") -> 
 
 
 def main(argv: list[str] | None = None) -> Path:
+    """plot_report.py: draw the curves, say where the PNG went; a bad report is one error line."""
     p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("report", type=Path, help="the --raport-file of a run")
     p.add_argument("--output", "-o", type=Path, default=None, help="PNG to write (default: the report's name, .png)")
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> Path:
         raise SystemExit(f"{PROG}: error: {args.report}: no epoch records (was the run trained?)")
     output = args.output or args.report.with_suffix(".png")
     plot(epochs, output, title=str(args.report))
-    print(output)
+    print(f"{PROG}: wrote the loss, top-1, top-5 and learning-rate curves of {len(epochs)} epochs to {output}")
     return output
 
 

@@ -128,6 +128,10 @@ def test_eval_sizes_prints_one_row_per_size_and_crop_pct(generated, weights):
     assert [(row[0], row[1]) for row in rows] == [("32", "0.875"), ("32", "1.000"), ("40", "0.875"), ("40", "1.000")]
     for row in rows:
         assert 0 <= float(row[2]) <= float(row[3]) <= 100 and float(row[4]) > 0
+    # Each setting is announced on stderr as it finishes (the table comes at the end).
+    assert [line.split(": top1")[0] for line in result.stderr.splitlines() if line.startswith("eval_sizes.py: ")] \
+        == ["eval_sizes.py: 1/4: size 32, crop pct 0.875", "eval_sizes.py: 2/4: size 32, crop pct 1.000",
+            "eval_sizes.py: 3/4: size 40, crop pct 0.875", "eval_sizes.py: 4/4: size 40, crop pct 1.000"]
 
     default = subprocess.run([sys.executable, str(ROOT / "scripts" / "eval_sizes.py"), str(generated),
                               "--arch", "efficientnet-b0", "--num_classes", "3", "--sizes", "32", "-b", "8", "-j", "0",

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cli import UserError
+from ..cli import UserError, main_process
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def class_images(class_dir: str) -> list[str]:
 def _warn_outside(link: str, real_class_dir: str, class_dir: str) -> None:
     """Warn when the folder symlink `link` leads outside its class folder."""
     target = os.path.realpath(link)
-    if os.path.commonpath([target, real_class_dir]) != real_class_dir:
+    if os.path.commonpath([target, real_class_dir]) != real_class_dir and main_process():  # every rank scans alike
         log.warning("%s is a link to %s, outside its class folder %s: its images are labelled as %s",
                     link, target, class_dir, os.path.basename(class_dir))
 

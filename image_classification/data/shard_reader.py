@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import CLASS_NAMES_FILE
+from ..cli import main_process
 from . import DATA_FORMATS
 from .folder import IMG_EXTENSIONS, DataError, UnreadableSample, epoch_seed
 from .shards import INDEX_FILE, LABEL_EXTENSION, read_index
@@ -405,7 +406,9 @@ def scan_shards(data_dir: str | os.PathLike, split: str, num_classes: int) -> Sh
         walks = list(pool.map(lambda item: _cached_walk(item[0], len(classes), item[1]["samples"]),
                               zip(paths, shards)))
     for walk in walks:
-        if walk.damage:  # its bad samples (a cut-short image, say) are named when a loader reaches them
+        # Its bad samples (a cut-short image, say) are named when a loader reaches them; every rank walks every
+        # shard, and rank 0 says what it found.
+        if walk.damage and main_process():
             log.warning("%s", walk.damage)
     shard_index = ShardIndex(root, classes, paths, walks)
     if not shard_index.samples:

@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..cli import main_process
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
@@ -113,7 +115,8 @@ def _library() -> ctypes.CDLL | None:
     try:
         library = ctypes.CDLL(str(build()))
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-        log.warning("fused CPU batch-norm kernels unavailable (%s); using ATen's batch norm and SiLU", err)
+        if main_process():  # the same machine and build for every rank of a node
+            log.warning("fused CPU batch-norm kernels unavailable (%s); using ATen's batch norm and SiLU", err)
         return None
     for name, argtypes in _SIGNATURES.items():
         function = getattr(library, name)

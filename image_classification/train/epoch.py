@@ -37,7 +37,7 @@ def train_one_epoch(job: Job, epoch: int, stop: StopRequest) -> dict[str, float]
     loader = job.train_loader  # a feature may have replaced it (a new stage's image size)
     start_iteration = state.iteration
     loader.set_epoch(epoch, skip_batches=start_iteration)
-    length = len(loader) if config.runtime.prof <= 0 else min(len(loader), config.runtime.prof)
+    length = epoch_iterations(loader, config.runtime.prof)
     names = ["loss", *trainer.loss.terms]
     epoch_meter = SumMeter(names, ctx.device)
     if start_iteration and state.epoch_meter is not None:  # resumed mid-epoch: the epoch's loss sums so far
@@ -89,6 +89,11 @@ def train_one_epoch(job: Job, epoch: int, stop: StopRequest) -> dict[str, float]
         "train.grad_scale": grad_scale(trainer),
         "train.bad_files": count(loader.epoch_bad_files, ctx),
     }
+
+
+def epoch_iterations(loader, prof: int) -> int:
+    """The training iterations of an epoch as run: the loader's batches, at most --prof of them."""
+    return len(loader) if prof <= 0 else min(len(loader), prof)
 
 
 def train_step(trainer: Trainer, images: torch.Tensor, target: torch.Tensor, optimizer_step: bool) -> torch.Tensor:

@@ -96,7 +96,8 @@ def evaluate_sizes(args: argparse.Namespace) -> list[tuple[int, float, float, fl
               file=sys.stderr)
     options = EvalOptions(prof=args.prof, topk=5, print_freq=sys.maxsize, tta=args.tta)
     rows = []
-    for size, crop_pct in product(args.sizes, args.crop_pcts):
+    settings = list(product(args.sizes, args.crop_pcts))
+    for number, (size, crop_pct) in enumerate(settings, start=1):
         loader = build_val_loader(args.data_backend, args.data, image_size=size, crop_pct=crop_pct,
                                   batch_size=args.batch_size, ctx=ctx, num_classes=args.model_args.num_classes,
                                   workers=args.workers, seed=0,
@@ -108,6 +109,9 @@ def evaluate_sizes(args: argparse.Namespace) -> list[tuple[int, float, float, fl
             loader.close()
         rows.append((size, crop_fraction(size, crop_pct), record["val.top1"], record["val.top5"],
                      record["val.compute_ips"]))
+        # The table comes at the end; a sweep of large sizes takes minutes, so each row is announced as it is done.
+        print(f"{PROG}: {number}/{len(settings)}: size {size}, crop pct {rows[-1][1]:.3f}: top1 {rows[-1][2]:.2f}",
+              file=sys.stderr, flush=True)
     return rows
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 
 from .. import checkpoint as ckpt
-from ..config import Config
+from ..config import CONFIG_FILE, Config, write_config_file
 from ..context import create_context, set_cpu_allocator
 from ..gpu_affinity import set_affinity
 from ..models import fused
+from .banner import banner_lines
 from .epoch import train_one_epoch
 from .job import Job
 from .schedules import LRSchedule, set_lr
@@ -36,7 +38,7 @@ def run(config: Config, *, prepare_model: PrepareModel | None = None) -> dict:
                          memory_format=config.model.memory_format, allow_tf32=runtime.tf32,
                          dist_backend=runtime.dist_backend)
     with ctx:
-        if not ctx.is_cuda and not set_cpu_allocator(runtime.cpu_allocator):
+        if not ctx.is_cuda and not set_cpu_allocator(runtime.cpu_allocator) and ctx.is_main_process:
             warnings.warn(f"--cpu-allocator {runtime.cpu_allocator} needs glibc; this C library keeps its own "
                           "defaults", stacklevel=2)
         fused.set_enabled(runtime.cpu_kernels == "auto")
@@ -44,8 +46,12 @@ def run(config: Config, *, prepare_model: PrepareModel | None = None) -> dict:
         if runtime.seed is not None:
             seed_everything(runtime.seed + ctx.local_rank)
         job = setup_job(config, ctx, prepare_model)
+        for line in banner_lines(job):
+            job.logger.print(line)
         with job.logger, job, StopRequest() as stop:
             job.logger.begin()
+            if ctx.is_main_process:
+                write_config_file(config, Path(config.checkpoint.workspace) / CONFIG_FILE)
             checkpoints = job.config.checkpoint
             if ctx.is_main_process and checkpoints.save_checkpoints and not runtime.evaluate:
                 job.writer = ckpt.CheckpointWriter(checkpoints.workspace, filename=checkpoints.filename,

@@ -2,6 +2,7 @@
 can refuse the run happens here, before a file is written (the report is kept in memory until the job begins)."""
 from __future__ import annotations
 
+import functools
 import os
 import random
 import re
@@ -23,6 +24,8 @@ from ..logger import DEFAULT, Logger
 from ..metrics import TRAIN_METRICS, VAL_METRICS, all_reduce_sum
 from ..models import get_entry
 from ..toolkit import finetune, progressive
+from ..trackers import build_trackers
+from .epoch import epoch_iterations
 from .job import Job
 from .losses import TrainingLoss, build_loss
 from .optimizers import job_optimizer
@@ -46,8 +49,10 @@ def setup_job(config: Config, ctx: ExecutionContext, prepare_model: PrepareModel
     entry = get_entry(config.model.arch)
     schedule = progressive.progressive_schedule(config, entry.default_image_size)
     eval_size = eval_image_size(config, entry)
+    trackers = build_trackers(config.log.tensorboard, config.log.mlflow, config.checkpoint.workspace) \
+        if ctx.is_main_process else ()
     logger = Logger(Path(config.checkpoint.workspace) / config.log.raport_file, enabled=ctx.is_main_process,
-                    append=bool(resume), deferred=True)
+                    append=bool(resume), deferred=True, trackers=trackers)
     log_parameters(logger, config, ctx)
     if fresh_auto_start:
         logger.print(f"=> --resume auto: no checkpoint at "
@@ -69,9 +74,16 @@ def setup_job(config: Config, ctx: ExecutionContext, prepare_model: PrepareModel
         **entry.preprocessing.normalization)
     if saved is not None:
         ckpt.check_classes(saved, resume, (train_loader if train_loader is not None else val_loader).classes)
+    if train_loader is not None:
+        logger.iterations_per_epoch = epoch_iterations(train_loader, config.runtime.prof)
     model = model.to(ctx.device, memory_format=ctx.memory_format)
     if prepare_model is not None:
         prepare_model(config, model, train_loader, ctx, logger)
+    if config.model.jit != "no":
+        # Compilation happens in the first steps (torch.compile) or before them (TorchScript): say why they are slow.
+        logger.print(f"=> --jit {config.model.jit}: compiling {config.model.arch} with "
+                     f"{'torch.compile' if config.model.jit == 'compile' else 'TorchScript'} (first steps take "
+                     f"longer{'; each new input shape compiles again' if config.model.jit == 'compile' else ''})")
     train_model = compile_model(model, config.model.jit, frozen=config.runtime.evaluate)
     if not config.runtime.evaluate:  # evaluation all-reduces its metrics and needs no gradient synchronisation
         train_model = wrap_distributed(train_model, ctx)
@@ -201,7 +213,33 @@ class FrozenCompiled(nn.Module):
 
 
 def wrap_distributed(model: nn.Module, ctx: ExecutionContext) -> nn.Module:
+    """DistributedDataParallel over the process group, for a multi-process run (the model itself otherwise)."""
     if not ctx.distributed:
         return model
+    match_gradient_strides(model)
     device_ids = [ctx.device.index] if ctx.is_cuda else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def match_gradient_strides(model: nn.Module) -> None:
+    """Give each gradient its parameter's strides where the two differ only in dimensions of size 1.
+
+    A stride of a size-1 dimension addresses nothing, so a depthwise weight [C, 1, k, k] (or a 1x1 conv's
+    [O, I, 1, 1]) is channels_last and contiguous at once, under two sets of strides. Kernels pick either: with
+    channels_last and bf16/fp16 autocast, the depthwise convolution's backward returns [k*k, k*k, k, 1] for a
+    weight of [k*k, 1, k, 1]. Autograd's layout contract ignores size-1 dimensions and keeps such a gradient as it
+    is, but DDP compares every stride with its bucket view (built from the parameter) and warns "Grad strides do
+    not match bucket view strides" once per process. The gradient is re-viewed with the parameter's strides,
+    without a copy: the same elements at the same addresses.
+    """
+    for param in model.parameters():
+        if param.requires_grad and param.dim() > 1 and 1 in param.shape:
+            param.register_hook(functools.partial(_with_strides_of, param.stride()))
+
+
+def _with_strides_of(strides: tuple[int, ...], grad: torch.Tensor) -> torch.Tensor:
+    if grad.layout != torch.strided or grad.stride() == strides:
+        return grad
+    if any(have != want for have, want, size in zip(grad.stride(), strides, grad.shape) if size != 1):
+        return grad  # a layout that really differs: autograd copies it into the parameter's layout itself
+    return grad.as_strided(grad.shape, strides, grad.storage_offset())
