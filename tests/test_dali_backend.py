@@ -56,12 +56,12 @@ def uint8_on_device(monkeypatch) -> list[torch.dtype]:
     device_batches. Returns the dtypes of the host batches device_batches received."""
     received = []
 
-    def recording(host_batches, ctx):
+    def recording(host_batches, ctx, *normalization):
         def batches():
             for images, labels in host_batches:
                 received.append(images.dtype)
                 yield images, labels
-        return device_batches(batches(), ctx)
+        return device_batches(batches(), ctx, *normalization)
 
     monkeypatch.setattr(dali_backend, "normalizes_in_pipeline", lambda gpu, ctx: False)
     monkeypatch.setattr(dali_backend, "device_batches", recording)
@@ -82,9 +82,9 @@ def test_uint8_batches_normalised_on_the_device_equal_dalis_normalisation(genera
         torch.testing.assert_close(images, want_images, atol=1e-5, rtol=0)  # the same crops, flips and pixels
 
 
-def one_batch_ahead(host_batches, ctx):
+def one_batch_ahead(host_batches, ctx, *normalization):
     """device_batches as on a GPU (it takes batch i+1 from the pipeline before handing out batch i), on the CPU."""
-    normalize = Normalizer(ctx)
+    normalize = Normalizer(ctx, *normalization)
     iterator = iter(host_batches)
     pending = next(iterator, None)
     while pending is not None:

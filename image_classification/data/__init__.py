@@ -6,10 +6,10 @@
         for images, labels in train:           # float32 [B,3,S,S] normalised, int64 [B], on ctx.device
             ...
 
-Backends: pytorch (torchvision transforms in DataLoader workers), dali-cpu and dali-gpu (NVIDIA DALI,
-CPU or nvJPEG decoding), synthetic (one random batch, no I/O). All file-based backends read
+Backends (DATA_BACKENDS): pytorch (torchvision transforms in DataLoader workers), dali-cpu and dali-gpu (NVIDIA
+DALI, CPU or nvJPEG decoding), synthetic (one random batch, no I/O). All file-based backends read
 `<data>/train/<class>/**` and `<data>/val/<class>/**` by torchvision ImageFolder's rules (images at any
-depth, symlinks followed, an empty class folder is an error), or (`data_format`, see webdataset.py) the
+depth, symlinks followed, an empty class folder is an error), or (`data_format`, see shard_reader.py) the
 WebDataset tar shards `python -m image_classification.data.shards` writes; they number the classes the same
 way, shard by rank and order each epoch by (seed, epoch) identically; 16-bit grayscale images are scaled to
 8 bits.
@@ -21,38 +21,85 @@ give exactly the batches of the uninterrupted run (see Loader).
 """
 from __future__ import annotations
 
+import importlib
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..cli import UserError
 from ..config import DataConfig
 from ..context import ExecutionContext
-from .folder import IMG_EXTENSIONS, DataError, ImageFolderIndex, dataset_classes, scan_split
+from ..registry import Registry
+from .augmentations import POLICIES
+from .folder import IMG_EXTENSIONS, DataError, ImageFolderIndex, dataset_classes
 from .loader import MAGNITUDE_BINS, MEAN, STD, Loader, Triple
 
 if TYPE_CHECKING:  # imported when used: it pulls in the shard writer and torchvision
     from .shard_reader import ShardIndex
 
-BACKENDS = ("pytorch", "dali-cpu", "dali-gpu", "synthetic")
-# autoaugment: the reference's (TensorFlow EfficientNet's policy_v0, autoaugment.py); autoaugment-paper:
-# torchvision's AutoAugment ImageNet policy (pytorch backend only).
-AUGMENTATIONS = (None, "autoaugment", "autoaugment-paper", "randaugment", "trivialaugment")
+@dataclass(frozen=True)
+class LoaderOptions:
+    """What a data backend builds a loader from: build_train_loader's and build_val_loader's arguments."""
+
+    train: bool
+    image_size: int
+    batch_size: int
+    ctx: ExecutionContext
+    num_classes: int
+    workers: int
+    prefetch: int
+    interpolation: str
+    augmentation: str | None
+    magnitude: int
+    seed: int
+    crop_pct: float | None
+    mean: Triple
+    std: Triple
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A --data-backend: where its loader comes from ("module:function" of (index, LoaderOptions) -> Loader,
+    imported when used, since DALI and torchvision are heavy) and whether it reads the dataset at all."""
+
+    loader: str
+    reads_files: bool = True
+
+    def build(self, index: ImageFolderIndex | ShardIndex | None, options: LoaderOptions) -> Loader:
+        module, _, function = self.loader.partition(":")
+        return getattr(importlib.import_module(module), function)(index, options)
+
+
+DATA_BACKENDS: Registry[Backend] = Registry("data backend", flag="--data-backend")
+DATA_BACKENDS.register("pytorch", Backend("image_classification.data.pytorch_backend:build_loader"))
+DATA_BACKENDS.register("dali-cpu", Backend("image_classification.data.dali_backend:build_cpu_loader"))
+DATA_BACKENDS.register("dali-gpu", Backend("image_classification.data.dali_backend:build_gpu_loader"))
+DATA_BACKENDS.register("synthetic", Backend("image_classification.data.synthetic:build_loader", reads_files=False))
+
+# --data-format: how a data folder holds the images; each scans one split into an index.
+FORMATS: Registry[Callable[..., ImageFolderIndex | ShardIndex]] = Registry("dataset format", flag="--data-format")
+FORMATS.register("folder", "image_classification.data.folder:scan_split")
+FORMATS.register("shards", "image_classification.data.shard_reader:scan_shards")
+
+# The flags' choices.
+BACKENDS = DATA_BACKENDS.names()
+AUGMENTATIONS = (None, *POLICIES.names())
 INTERPOLATIONS = ("bilinear", "bicubic", "triangular")
-DATA_FORMATS = ("auto", "folder", "shards")
+DATA_FORMATS = ("auto", *FORMATS.names())
 
-__all__ = ["AUGMENTATIONS", "BACKENDS", "DATA_FORMATS", "IMG_EXTENSIONS", "INTERPOLATIONS", "MAGNITUDE_BINS", "MEAN", "STD",
-           "DataError", "Loader", "build_train_loader", "build_val_loader", "dataset_classes", "scan_data",
-           "train_loader_of", "val_loader_of"]
+__all__ = ["AUGMENTATIONS", "BACKENDS", "DATA_BACKENDS", "DATA_FORMATS", "FORMATS", "IMG_EXTENSIONS", "INTERPOLATIONS",
+           "MAGNITUDE_BINS", "MEAN", "STD", "DataError", "Loader", "LoaderOptions", "build_train_loader",
+           "build_val_loader", "dataset_classes", "scan_data", "train_loader_of", "val_loader_of"]
 
 
-def _check_choices(backend: str, interpolation: str, augmentation: str | None = None) -> None:
-    if backend not in BACKENDS:
-        raise UserError(f"--data-backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+def _check_choices(backend: str, interpolation: str, augmentation: str | None = None) -> Backend:
+    """The backend named, after refusing unknown choices in one line naming the flag."""
     if interpolation not in INTERPOLATIONS:
         raise UserError(f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
-    if augmentation not in AUGMENTATIONS:
-        names = ", ".join(a for a in AUGMENTATIONS if a is not None)
-        raise UserError(f"--augmentation must be None (no policy) or one of {names}, got {augmentation!r}")
+    if augmentation is not None:
+        POLICIES.get(augmentation)
+    return DATA_BACKENDS.get(backend)
 
 
 def _check_sizes(image_size: int, batch_size: int, workers: int) -> None:
@@ -71,31 +118,12 @@ def _resolve_seed(seed: int | None) -> int:
 
 def scan_data(data_dir: str | os.PathLike | None, split: str, num_classes: int, data_format: str = "auto"
               ) -> ImageFolderIndex | ShardIndex:
-    """The index of one split: class folders (ImageFolderIndex) or tar shards (webdataset.ShardIndex), as
+    """The index of one split: class folders (ImageFolderIndex) or tar shards (shard_reader.ShardIndex), as
     --data-format says or, with auto, as the data folder holds."""
-    from .shard_reader import resolve_format, scan_shards
+    from .shard_reader import resolve_format
     if data_dir is None:
         raise DataError("no data folder given (DIR)")
-    if resolve_format(data_dir, data_format) == "shards":
-        return scan_shards(data_dir, split, num_classes)
-    return scan_split(data_dir, split, num_classes)
-
-
-def _file_loader(backend: str, index: ImageFolderIndex, *, train: bool, image_size: int, batch_size: int,
-                 ctx: ExecutionContext, workers: int, prefetch: int, interpolation: str,
-                 augmentation: str | None, magnitude: int, seed: int, crop_pct: float | None = None,
-                 mean: Triple = MEAN, std: Triple = STD) -> Loader:
-    if backend == "pytorch":
-        from .pytorch_backend import PytorchLoader, train_transform, val_transform
-        transform = (train_transform(image_size, interpolation, augmentation, magnitude) if train
-                     else val_transform(image_size, interpolation, crop_pct))
-        return PytorchLoader(index, transform, train=train, batch_size=batch_size, ctx=ctx, workers=workers,
-                             prefetch=prefetch, seed=seed, mean=mean, std=std)
-    from .dali_backend import DaliLoader
-    return DaliLoader(index, train=train, gpu=backend == "dali-gpu", image_size=image_size, batch_size=batch_size,
-                      ctx=ctx, workers=workers, prefetch=prefetch, interpolation=interpolation,
-                      augmentation=augmentation, magnitude=magnitude, seed=seed, crop_pct=crop_pct, mean=mean,
-                      std=std)
+    return FORMATS.get(resolve_format(data_dir, data_format))(data_dir, split, num_classes)
 
 
 def build_train_loader(backend: str, data_dir: str | None, *, image_size: int, batch_size: int,
@@ -105,23 +133,22 @@ def build_train_loader(backend: str, data_dir: str | None, *, image_size: int, b
                        mean: Triple = MEAN, std: Triple = STD) -> Loader:
     """Training batches: random-resized crop, flip, optional augmentation policy; shuffled; last partial dropped;
     normalised by `mean`/`std` (0..255 scale: ImageNet's, or the model's own)."""
-    _check_choices(backend, interpolation, augmentation)
+    kind = _check_choices(backend, interpolation, augmentation)
     _check_sizes(image_size, batch_size, workers)
     if not 0 <= randaug_magnitude < MAGNITUDE_BINS:
         raise UserError(f"--randaug-magnitude must be between 0 and {MAGNITUDE_BINS - 1}, got {randaug_magnitude}")
-    seed = _resolve_seed(seed)
-    if backend == "synthetic":
-        from .synthetic import SyntheticLoader
-        return SyntheticLoader(image_size=image_size, batch_size=batch_size, ctx=ctx, num_classes=num_classes,
-                               seed=seed)
+    options = LoaderOptions(train=True, image_size=image_size, batch_size=batch_size, ctx=ctx,
+                            num_classes=num_classes, workers=workers, prefetch=prefetch, interpolation=interpolation,
+                            augmentation=augmentation, magnitude=randaug_magnitude, seed=_resolve_seed(seed),
+                            crop_pct=None, mean=mean, std=std)
+    if not kind.reads_files:
+        return kind.build(None, options)
     index = scan_data(data_dir, "train", num_classes, data_format)
     per_rank = len(index.samples) // ctx.world_size
     if per_rank < batch_size:
         raise DataError(f"{index.root} has {len(index.samples)} images: fewer than one batch of {batch_size} "
                         f"per process ({ctx.world_size} processes); lower --batch-size")
-    return _file_loader(backend, index, train=True, image_size=image_size, batch_size=batch_size, ctx=ctx,
-                        workers=workers, prefetch=prefetch, interpolation=interpolation,
-                        augmentation=augmentation, magnitude=randaug_magnitude, seed=seed, mean=mean, std=std)
+    return kind.build(index, options)
 
 
 def build_val_loader(backend: str, data_dir: str | None, *, image_size: int, batch_size: int,
@@ -130,17 +157,14 @@ def build_val_loader(backend: str, data_dir: str | None, *, image_size: int, bat
                      crop_pct: float | None = None, mean: Triple = MEAN, std: Triple = STD) -> Loader:
     """Validation batches: short side to image_size+32 (or round(image_size/crop_pct)), centre crop; dataset
     order; every image once; normalised by `mean`/`std` (0..255 scale: ImageNet's, or the model's own)."""
-    _check_choices(backend, interpolation)
+    kind = _check_choices(backend, interpolation)
     _check_sizes(image_size, batch_size, workers)
-    seed = _resolve_seed(seed)
-    if backend == "synthetic":
-        from .synthetic import VAL_BATCHES, SyntheticLoader
-        return SyntheticLoader(image_size=image_size, batch_size=batch_size, ctx=ctx, num_classes=num_classes,
-                               batches_per_epoch=VAL_BATCHES, seed=seed + 1)
-    index = scan_data(data_dir, "val", num_classes, data_format)
-    return _file_loader(backend, index, train=False, image_size=image_size, batch_size=batch_size, ctx=ctx,
-                        workers=workers, prefetch=prefetch, interpolation=interpolation, augmentation=None,
-                        magnitude=0, seed=seed, crop_pct=crop_pct, mean=mean, std=std)
+    options = LoaderOptions(train=False, image_size=image_size, batch_size=batch_size, ctx=ctx,
+                            num_classes=num_classes, workers=workers, prefetch=prefetch, interpolation=interpolation,
+                            augmentation=None, magnitude=0, seed=_resolve_seed(seed), crop_pct=crop_pct, mean=mean,
+                            std=std)
+    index = scan_data(data_dir, "val", num_classes, data_format) if kind.reads_files else None
+    return kind.build(index, options)
 
 
 def train_loader_of(config: DataConfig, ctx: ExecutionContext, *, num_classes: int, seed: int, image_size: int,

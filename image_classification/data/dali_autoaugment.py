@@ -3,7 +3,7 @@
 Each operation is an `nvidia.dali.auto_aug` augmentation written to give Pillow's pixels, not DALI's
 stock suite (whose equalize, colour, auto-contrast and shears use other formulas or filters):
 
-    images = policy_v0(images, image_size)      # HWC uint8, square, after the crop and the flip
+    images = autoaugment(images, magnitude, image_size)   # HWC uint8, square, after the crop and the flip
 
 `apply_auto_augment` draws the sub-policy, whether each operation runs and each sign from DALI's own
 generators (seeded by the pipeline, checkpointed with it), so the draws are the reference's distribution,
@@ -39,8 +39,9 @@ from .autoaugment import FILL, MAGNITUDES, NUM_MAGNITUDE_BINS, SIGNED, SUB_POLIC
 FILL_VALUE = FILL[0]
 
 
-def policy_v0(images: DataNode, image_size: int) -> DataNode:
-    """policy_v0 on a batch of `image_size` x `image_size` HWC uint8 images."""
+def autoaugment(images: DataNode, magnitude: int, image_size: int) -> DataNode:
+    """--augmentation autoaugment: policy_v0 on a batch of `image_size` x `image_size` HWC uint8 images (its
+    magnitudes are its own table's; --randaug-magnitude does not apply)."""
     return apply_auto_augment(policy(image_size, image_size), images)
 
 

@@ -50,6 +50,7 @@ import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -57,8 +58,12 @@ from PIL import Image
 
 from ..cli import UserError
 from ..context import ExecutionContext
+from .augmentations import POLICIES, available
 from .folder import DROPPED, REPLACED, DataError, ImageFolderIndex, UnreadableSample, epoch_seed, shard_size
 from .loader import MAGNITUDE_BINS, MEAN, STD, Batch, Loader, Triple, device_batches, val_resize_size
+
+if TYPE_CHECKING:
+    from . import LoaderOptions
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +74,7 @@ SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00
 
 
 # The --augmentation policies DALI runs (autoaugment-paper is torchvision's, on the pytorch backend only).
-DALI_AUGMENTATIONS = ("autoaugment", "randaugment", "trivialaugment")
+DALI_AUGMENTATIONS = tuple(available("dali"))
 
 
 def dali_modules():
@@ -158,22 +163,30 @@ def decompression_bomb(data: bytes) -> str | None:
     return None
 
 
-def _augment(images, augmentation: str | None, magnitude: int, image_size: int):
-    """The --augmentation policy on HWC uint8 images: policy_v0 (dali_autoaugment.py) or nvidia.dali.auto_aug's."""
-    if augmentation == "autoaugment":
-        from .dali_autoaugment import policy_v0
-        return policy_v0(images, image_size)
-    from nvidia.dali.auto_aug import rand_augment, trivial_augment
+def _augment(images, augmentation: str, magnitude: int, image_size: int):
+    """The --augmentation policy on HWC uint8 images (an entry of augmentations.POLICIES)."""
+    return POLICIES.get(augmentation).implementation(augmentation, "dali")(images, magnitude, image_size)
+
+
+# --augmentation's DALI graphs (policy_v0's is dali_autoaugment.autoaugment). The policies' shear, translate and
+# rotate run fn.warp_affine, which only has nearest and linear filters (it fails at the first batch on cubic or
+# triangular): --interpolation applies to the resize, and the policy's geometric operations are always linear.
+
+def randaugment(images, magnitude: int, image_size: int):
+    from nvidia.dali.auto_aug import rand_augment
+    return rand_augment.rand_augment(images, n=2, m=magnitude, num_magnitude_bins=MAGNITUDE_BINS,
+                                     **_warp_options(image_size))
+
+
+def trivialaugment(images, magnitude: int, image_size: int):
+    from nvidia.dali.auto_aug import trivial_augment
+    return trivial_augment.trivial_augment_wide(images, num_magnitude_bins=MAGNITUDE_BINS,
+                                                **_warp_options(image_size))
+
+
+def _warp_options(image_size: int) -> dict:
     _, types, _ = dali_modules()
-    # The policies' shear, translate and rotate run fn.warp_affine, which only has nearest and linear
-    # filters (it fails at the first batch on cubic or triangular): --interpolation applies to the resize,
-    # and the policy's geometric operations are always linear.
-    options = dict(shape=(image_size, image_size), fill_value=128, interp_type=types.INTERP_LINEAR)
-    if augmentation == "randaugment":
-        return rand_augment.rand_augment(images, n=2, m=magnitude, num_magnitude_bins=MAGNITUDE_BINS, **options)
-    if augmentation == "trivialaugment":
-        return trivial_augment.trivial_augment_wide(images, num_magnitude_bins=MAGNITUDE_BINS, **options)
-    raise UserError(f"--augmentation must be one of {', '.join(DALI_AUGMENTATIONS)}, got {augmentation!r}")
+    return dict(shape=(image_size, image_size), fill_value=128, interp_type=types.INTERP_LINEAR)
 
 
 def random_resized_crop(images, image_size: int, interp):
@@ -282,11 +295,8 @@ class DaliLoader(Loader):
         if gpu and not ctx.is_cuda:
             raise UserError("--data-backend dali-gpu needs a CUDA GPU (this run is on "
                                f"{ctx.device.type}); use --data-backend dali-cpu or pytorch")
-        if augmentation is not None and augmentation not in DALI_AUGMENTATIONS:
-            raise UserError(f"--augmentation {augmentation} (torchvision's AutoAugment ImageNet policy) runs on "
-                            "--data-backend pytorch only: DALI has no implementation of it (its auto_augment_image_net "
-                            "is TensorFlow's policy_v0, which --augmentation autoaugment runs); DALI backends take "
-                            f"{', '.join(DALI_AUGMENTATIONS)}")
+        if augmentation is not None:  # refused here, naming the backends that run it, not at the first batch
+            POLICIES.get(augmentation).implementation(augmentation, "dali")
         num_samples = shard_size(len(index.samples), rank=ctx.rank, world_size=ctx.world_size, equal_shards=train)
         super().__init__(classes=index.classes, batch_size=batch_size, num_samples=num_samples, drop_last=train,
                          ctx=ctx, mean=mean, std=std)
@@ -555,3 +565,21 @@ class DaliLoader(Loader):
     @staticmethod
     def _labels(tensor_list) -> torch.Tensor:
         return torch.from_numpy(np.array(tensor_list.as_tensor(), dtype=np.int64).reshape(-1))
+
+
+def build_cpu_loader(index: ImageFolderIndex, options: LoaderOptions) -> DaliLoader:
+    """The `dali-cpu` entry of DATA_BACKENDS: CPU decoding."""
+    return _build(index, options, gpu=False)
+
+
+def build_gpu_loader(index: ImageFolderIndex, options: LoaderOptions) -> DaliLoader:
+    """The `dali-gpu` entry of DATA_BACKENDS: nvJPEG decoding on ctx's GPU."""
+    return _build(index, options, gpu=True)
+
+
+def _build(index: ImageFolderIndex, options: LoaderOptions, gpu: bool) -> DaliLoader:
+    return DaliLoader(index, train=options.train, gpu=gpu, image_size=options.image_size,
+                      batch_size=options.batch_size, ctx=options.ctx, workers=options.workers,
+                      prefetch=options.prefetch, interpolation=options.interpolation, augmentation=options.augmentation,
+                      magnitude=options.magnitude, seed=options.seed, crop_pct=options.crop_pct, mean=options.mean,
+                      std=options.std)

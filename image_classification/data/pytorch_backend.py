@@ -18,6 +18,7 @@ import sys
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,9 +29,13 @@ from torchvision.transforms import InterpolationMode
 
 from ..cli import UserError
 from ..context import ExecutionContext
+from .augmentations import POLICIES
 from .autoaugment import PolicyV0
 from .folder import DROPPED, DataError, ImageFolderIndex, UnreadableSample, epoch_seed, shard_size
 from .loader import MAGNITUDE_BINS, MEAN, STD, Batch, Loader, Triple, device_batches, val_resize_size
+
+if TYPE_CHECKING:
+    from . import LoaderOptions
 
 # --interpolation -> torchvision mode. On PIL images torchvision resizes with Pillow, whose BILINEAR
 # filter is already a triangle filter widened when downscaling (antialiased), i.e. DALI's "triangular";
@@ -65,17 +70,26 @@ def augmentation_policy(augmentation: str | None, magnitude: int, interpolation:
     """The --augmentation transform (empty for None)."""
     if augmentation is None:
         return []
-    if augmentation == "autoaugment":
-        return [PolicyV0()]  # the reference's policy, with its own filters whatever --interpolation says
-    if augmentation == "autoaugment-paper":
-        return [T.AutoAugment(T.AutoAugmentPolicy.IMAGENET, interpolation=interpolation, fill=FILL)]
-    if augmentation == "randaugment":
-        return [T.RandAugment(num_ops=2, magnitude=magnitude, num_magnitude_bins=MAGNITUDE_BINS, interpolation=interpolation,
-                              fill=FILL)]
-    if augmentation == "trivialaugment":
-        return [T.TrivialAugmentWide(num_magnitude_bins=MAGNITUDE_BINS, interpolation=interpolation, fill=FILL)]
-    raise UserError(f"--augmentation must be one of autoaugment, autoaugment-paper, randaugment, trivialaugment, "
-                    f"got {augmentation!r}")
+    return POLICIES.get(augmentation).implementation(augmentation, "pytorch")(magnitude, interpolation)
+
+
+# --augmentation's transforms on this backend (entries of augmentations.POLICIES).
+
+def autoaugment(magnitude: int, interpolation: InterpolationMode) -> list[Callable]:
+    return [PolicyV0()]  # the reference's policy, with its own filters whatever --interpolation says
+
+
+def autoaugment_paper(magnitude: int, interpolation: InterpolationMode) -> list[Callable]:
+    return [T.AutoAugment(T.AutoAugmentPolicy.IMAGENET, interpolation=interpolation, fill=FILL)]
+
+
+def randaugment(magnitude: int, interpolation: InterpolationMode) -> list[Callable]:
+    return [T.RandAugment(num_ops=2, magnitude=magnitude, num_magnitude_bins=MAGNITUDE_BINS,
+                          interpolation=interpolation, fill=FILL)]
+
+
+def trivialaugment(magnitude: int, interpolation: InterpolationMode) -> list[Callable]:
+    return [T.TrivialAugmentWide(num_magnitude_bins=MAGNITUDE_BINS, interpolation=interpolation, fill=FILL)]
 
 
 def train_transform(image_size: int, interpolation: str = "bilinear", augmentation: str | None = None,
@@ -346,3 +360,12 @@ class PytorchLoader(Loader):
                 self._bad.add(path, reason, outcome)
             unreadable.append(count)
             yield images, labels
+
+
+def build_loader(index: ImageFolderIndex, options: LoaderOptions) -> PytorchLoader:
+    """The `pytorch` entry of DATA_BACKENDS: training or validation transforms in a PytorchLoader."""
+    transform = (train_transform(options.image_size, options.interpolation, options.augmentation, options.magnitude)
+                 if options.train else val_transform(options.image_size, options.interpolation, options.crop_pct))
+    return PytorchLoader(index, transform, train=options.train, batch_size=options.batch_size, ctx=options.ctx,
+                         workers=options.workers, prefetch=options.prefetch, seed=options.seed, mean=options.mean,
+                         std=options.std)

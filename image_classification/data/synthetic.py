@@ -5,11 +5,15 @@ It measures the model without any data loading, as the reference's synthetic loa
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..context import ExecutionContext
 from .loader import Batch, Loader
+
+if TYPE_CHECKING:
+    from . import LoaderOptions
 
 # Enough iterations for stable throughput numbers, few enough for a CPU run to finish.
 TRAIN_BATCHES = 100
@@ -34,3 +38,12 @@ class SyntheticLoader(Loader):
     def _iterate(self, epoch: int, skip_batches: int) -> Iterator[tuple[Batch, int]]:
         for _ in range(len(self) - skip_batches):
             yield (self.images, self.labels), 0  # no files, none unreadable
+
+
+def build_loader(index: None, options: LoaderOptions) -> SyntheticLoader:
+    """The `synthetic` entry of DATA_BACKENDS: TRAIN_BATCHES (training) or VAL_BATCHES of one random batch."""
+    if options.train:
+        return SyntheticLoader(image_size=options.image_size, batch_size=options.batch_size, ctx=options.ctx,
+                               num_classes=options.num_classes, seed=options.seed)
+    return SyntheticLoader(image_size=options.image_size, batch_size=options.batch_size, ctx=options.ctx,
+                           num_classes=options.num_classes, batches_per_epoch=VAL_BATCHES, seed=options.seed + 1)

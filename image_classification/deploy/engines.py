@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..cli import UserError
+from ..registry import Registry
 
 if TYPE_CHECKING:
     import torch
@@ -31,23 +32,19 @@ if TYPE_CHECKING:
     from ..context import ExecutionContext
     from ..preprocessing import Preprocessing
 
-ENGINES = ("torch", "onnxruntime", "openvino")
-ONNX_ENGINES = ("onnxruntime", "openvino")
 # The versions requirements.txt pins, named in the message for a missing package.
-PACKAGES = {"onnxruntime": "onnxruntime==1.32.0", "openvino": "openvino==2026.4.1"}
-
-
 class EngineError(UserError):
     """An engine that cannot run here (its package is missing) or a file it cannot load."""
 
 
-def import_engine(name: str):
-    """The engine's Python package; EngineError naming the package to install when it does not import."""
+def import_engine(name: str, requirement: str):
+    """The engine's Python package `name`; EngineError naming the `requirement` to install when it does not
+    import."""
     try:
         return importlib.import_module(name)
     except ImportError as err:
         raise EngineError(f"--engine {name} needs the {name} package, which does not import here ({err}); "
-                          f"install it: pip install {PACKAGES[name]}") from None
+                          f"install it: pip install {requirement}") from None
 
 
 def cpu_cores() -> int:
@@ -117,9 +114,10 @@ class OnnxRuntimeEngine(Engine):
     """
 
     name = "onnxruntime"
+    requirement = "onnxruntime==1.32.0"  # requirements.txt's pin, named when the package is missing
 
     def __init__(self, onnx_path: str | Path, threads: int | None = None) -> None:
-        ort = import_engine("onnxruntime")
+        ort = import_engine(self.name, self.requirement)
         self.path = _check_file(onnx_path)
         self.threads = threads or cpu_cores()
         self._ort = ort
@@ -176,9 +174,10 @@ class OpenVINOEngine(Engine):
     """
 
     name = "openvino"
+    requirement = "openvino==2026.4.1"  # requirements.txt's pin, named when the package is missing
 
     def __init__(self, onnx_path: str | Path, threads: int | None = None) -> None:
-        ov = import_engine("openvino")
+        ov = import_engine(self.name, self.requirement)
         self.path = _check_file(onnx_path)
         self.threads = threads or cpu_cores()
         self._ov = ov
@@ -229,14 +228,21 @@ class OpenVINOEngine(Engine):
         return (batch_size, *(d.get_length() for d in list(dims)[1:]))
 
 
+# The engines that run model2onnx.py's files: name -> class of (onnx_path, threads). An engine is one entry.
+ONNX_ENGINE_CLASSES: Registry[type[Engine]] = Registry("engine", flag="--engine")
+ONNX_ENGINE_CLASSES.register("onnxruntime", OnnxRuntimeEngine)
+ONNX_ENGINE_CLASSES.register("openvino", OpenVINOEngine)
+ONNX_ENGINES = ONNX_ENGINE_CLASSES.names()
+ENGINES = ("torch", *ONNX_ENGINES)  # torch: the PyTorch model itself (TorchEngine)
+
+
 def open_engine(name: str, onnx_path: str | Path | None = None, threads: int | None = None) -> Engine:
-    """An ONNX engine (`onnxruntime` or `openvino`) running `onnx_path`; EngineError for what cannot run."""
-    if name not in ONNX_ENGINES:
+    """An ONNX engine (an ONNX_ENGINE_CLASSES name) running `onnx_path`; EngineError for what cannot run."""
+    if name not in ONNX_ENGINE_CLASSES:
         raise EngineError(f"unknown --engine {name!r}; choose from {', '.join(ENGINES)}")
     if onnx_path is None:
         raise EngineError(f"--engine {name} runs an ONNX file: give --onnx PATH (written by model2onnx.py)")
-    engine_class = OnnxRuntimeEngine if name == "onnxruntime" else OpenVINOEngine
-    return engine_class(onnx_path, threads)
+    return ONNX_ENGINE_CLASSES.get(name)(onnx_path, threads)
 
 
 def onnx_preprocessing(onnx_path: str | Path) -> "Preprocessing":
