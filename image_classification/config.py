@@ -36,6 +36,8 @@ class DataConfig:
     augmentation: str | None
     randaug_magnitude: int
     batch_size: int
+    random_erasing: float = 0.0
+    repeated_augment: int = 1
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class ModelConfig:
     arch: str
     jit: str
     memory_format: str
+    sync_bn: bool = False
     params: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -65,6 +68,9 @@ class OptimizerConfig:
     rmsprop_alpha: float = 0.9
     rmsprop_eps: float = 1e-3
     optimizer_batch_size: int = -1
+    adam_betas: tuple[float, float] | None = None
+    adam_eps: float | None = None
+    clip_grad: float | None = None
 
 
 @dataclass(frozen=True)
@@ -223,7 +229,7 @@ class Config:
             raise ValueError(f"flags without a config section: {', '.join(stray)}")
         sections = {name: _section(section, flags) for name, section in SECTIONS.items() if name != "model"}
         sections["model"] = ModelConfig(arch=flags["arch"], jit=flags["jit"], memory_format=flags["memory_format"],
-                                        params=MappingProxyType(dict(model_flags)))
+                                        sync_bn=flags["sync_bn"], params=MappingProxyType(dict(model_flags)))
         sections["checkpoint"] = _section(CheckpointConfig, {**flags, "prefix": checkpoint_prefix})
         return cls(flags=MappingProxyType(flags), quantization=_section(QuantizationConfig, flags) if quant else None,
                    **sections)

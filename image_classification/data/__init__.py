@@ -83,30 +83,35 @@ def scan_data(data_dir: str | os.PathLike | None, split: str, num_classes: int, 
 
 def _file_loader(backend: str, index: ImageFolderIndex, *, train: bool, image_size: int, batch_size: int,
                  ctx: ExecutionContext, workers: int, prefetch: int, interpolation: str,
-                 augmentation: str | None, magnitude: int, seed: int, crop_pct: float | None = None) -> Loader:
+                 augmentation: str | None, magnitude: int, seed: int, crop_pct: float | None = None,
+                 repeats: int = 1) -> Loader:
     if backend == "pytorch":
         from .pytorch_backend import PytorchLoader, train_transform, val_transform
         transform = (train_transform(image_size, interpolation, augmentation, magnitude) if train
                      else val_transform(image_size, interpolation, crop_pct))
         return PytorchLoader(index, transform, train=train, batch_size=batch_size, ctx=ctx, workers=workers,
-                             prefetch=prefetch, seed=seed)
+                             prefetch=prefetch, seed=seed, repeats=repeats)
     from .dali_backend import DaliLoader
     return DaliLoader(index, train=train, gpu=backend == "dali-gpu", image_size=image_size, batch_size=batch_size,
                       ctx=ctx, workers=workers, prefetch=prefetch, interpolation=interpolation,
-                      augmentation=augmentation, magnitude=magnitude, seed=seed, crop_pct=crop_pct)
+                      augmentation=augmentation, magnitude=magnitude, seed=seed, crop_pct=crop_pct, repeats=repeats)
 
 
 def build_train_loader(backend: str, data_dir: str | None, *, image_size: int, batch_size: int,
                        ctx: ExecutionContext, num_classes: int = 1000, workers: int = 5, prefetch: int = 2,
                        interpolation: str = "bilinear", augmentation: str | None = None,
-                       randaug_magnitude: int = 9, seed: int | None = None, data_format: str = "auto") -> Loader:
-    """Training batches: random-resized crop, flip, optional augmentation policy; shuffled; last partial dropped."""
+                       randaug_magnitude: int = 9, seed: int | None = None, data_format: str = "auto",
+                       repeated_augment: int = 1) -> Loader:
+    """Training batches: random-resized crop, flip, optional augmentation policy; shuffled (each epoch's images read
+    `repeated_augment` times each, folder.repeated_samples); last partial dropped."""
     _check_choices(backend, interpolation, augmentation)
     _check_sizes(image_size, batch_size, workers)
     if not 0 <= randaug_magnitude < MAGNITUDE_BINS:
         raise UserError(f"--randaug-magnitude must be between 0 and {MAGNITUDE_BINS - 1}, got {randaug_magnitude}")
     seed = _resolve_seed(seed)
     if backend == "synthetic":
+        if repeated_augment > 1:
+            raise UserError("--repeated-augment repeats the images of a dataset; --data-backend synthetic has none")
         from .synthetic import SyntheticLoader
         return SyntheticLoader(image_size=image_size, batch_size=batch_size, ctx=ctx, num_classes=num_classes,
                                seed=seed)
@@ -117,7 +122,7 @@ def build_train_loader(backend: str, data_dir: str | None, *, image_size: int, b
                         f"per process ({ctx.world_size} processes); lower --batch-size")
     return _file_loader(backend, index, train=True, image_size=image_size, batch_size=batch_size, ctx=ctx,
                         workers=workers, prefetch=prefetch, interpolation=interpolation,
-                        augmentation=augmentation, magnitude=randaug_magnitude, seed=seed)
+                        augmentation=augmentation, magnitude=randaug_magnitude, seed=seed, repeats=repeated_augment)
 
 
 def build_val_loader(backend: str, data_dir: str | None, *, image_size: int, batch_size: int,
@@ -145,7 +150,8 @@ def train_loader_of(config: DataConfig, ctx: ExecutionContext, *, num_classes: i
     return build_train_loader(config.data_backend, config.data, image_size=image_size, batch_size=config.batch_size,
                               ctx=ctx, num_classes=num_classes, workers=config.workers, prefetch=config.prefetch,
                               interpolation=config.interpolation, augmentation=config.augmentation,
-                              randaug_magnitude=randaug_magnitude, seed=seed, data_format=config.data_format)
+                              randaug_magnitude=randaug_magnitude, seed=seed, data_format=config.data_format,
+                              repeated_augment=config.repeated_augment)
 
 
 def val_loader_of(config: DataConfig, ctx: ExecutionContext, *, num_classes: int, seed: int, image_size: int
