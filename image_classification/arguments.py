@@ -238,7 +238,8 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
     g.add_argument("--evaluate", action="store_true", help="only validate the model (no training)")
     g.add_argument("--training-only", action="store_true", help="do not validate during training")
     g.add_argument("--topk", type=Number(int, low=1), default=5, metavar="K",
-                   help="the second accuracy reported beside top-1 (logged as top5) (default: %(default)s)")
+                   help="the second accuracy reported beside top-1 (logged as top5), at most the number of classes "
+                        "(default: %(default)s)")
 
     g = p.add_argument_group("checkpoints and reports")
     g.add_argument("--workspace", type=str, default="./", metavar="DIR",
@@ -263,7 +264,19 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
 
 
 def _model_parser(arch: str) -> argparse.ArgumentParser:
-    return get_entry(arch).parser()
+    parser = get_entry(arch).parser()
+    for action in parser._actions:
+        if action.dest == "num_classes":  # main.py's default comes from the data (train/checks.py)
+            action.help = ("number of output classes (default: the class count of the weights that --resume, "
+                           "--pretrained or --pretrained-from-file load, else of the data: its class folders or "
+                           "shards' classes.txt; 1000 with --data-backend synthetic)")
+    return parser
+
+
+def _given(argv: list[str], parser: argparse.ArgumentParser, dest: str) -> bool:
+    """Whether `argv` gives the flag of `dest` (abbreviations are off, so its spellings are exact)."""
+    options = [option for action in parser._actions if action.dest == dest for option in action.option_strings]
+    return any(token == option or token.startswith(option + "=") for token in argv for option in options)
 
 
 def _option_strings(*parsers: argparse.ArgumentParser) -> list[str]:
@@ -330,6 +343,8 @@ def parse_args(argv: list[str] | None = None, defaults: dict | None = None, prog
     model_dests = {a.dest for a in model._actions}
     args = argparse.Namespace(**{k: v for k, v in vars(parsed).items() if k in main_dests})
     args.model_args = argparse.Namespace(**{k: v for k, v in vars(parsed).items() if k in model_dests})
+    # Without --num_classes the job takes the class count of its weights or data (config.ModelConfig).
+    args.num_classes_given = _given(argv, model, "num_classes")
     if args.data is None and args.data_backend != "synthetic":
         combined.error(f"the data folder (DIR) is required with --data-backend {args.data_backend}")
     return args

@@ -23,6 +23,7 @@ from image_classification.train.losses import TrainingLoss
 from image_classification.train.optimizers import optimizer_of
 from image_classification.train.setup import setup_job
 from image_classification.train.state import Trainer
+from image_classification.train.validate import EvalOptions
 
 CPU = create_context(device="cpu")
 SIZE = 32
@@ -254,3 +255,13 @@ def test_repeated_augmentation_needs_a_dataset():
                                         "synthetic has none"):
         build_train_loader("synthetic", None, image_size=8, batch_size=2, ctx=CPU, repeated_augment=2)
 
+
+# --- top-k -----------------------------------------------------------------------------------------------------
+
+def test_topk_is_capped_by_the_class_count_with_a_note(generated, tmp_path, capsys):
+    job = _setup(_flags(generated, tmp_path))
+    assert EvalOptions.from_config(job.config).topk == 3
+    assert ("=> --topk 5 with 3 classes: val.top5 counts the top 3, every class, so it is 100 % by definition; "
+            "--topk 2 or lower measures something") in capsys.readouterr().out.splitlines()
+    job = _setup(_flags(generated, tmp_path, "--topk", "2"))
+    assert EvalOptions.from_config(job.config).topk == 2 and "--topk" not in capsys.readouterr().out

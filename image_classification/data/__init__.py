@@ -41,7 +41,8 @@ INTERPOLATIONS = ("bilinear", "bicubic", "triangular")
 DATA_FORMATS = ("auto", "folder", "shards")
 
 __all__ = ["AUGMENTATIONS", "BACKENDS", "DATA_FORMATS", "IMG_EXTENSIONS", "INTERPOLATIONS", "MAGNITUDE_BINS", "MEAN", "STD",
-           "DataError", "Loader", "build_train_loader", "build_val_loader", "dataset_classes", "scan_data",
+           "DataError", "Loader", "build_train_loader", "build_val_loader", "dataset_class_names", "dataset_classes",
+           "scan_data",
            "train_loader_of", "val_loader_of"]
 
 
@@ -79,6 +80,17 @@ def scan_data(data_dir: str | os.PathLike | None, split: str, num_classes: int, 
     if resolve_format(data_dir, data_format) == "shards":
         return scan_shards(data_dir, split, num_classes)
     return scan_split(data_dir, split, num_classes)
+
+
+def dataset_class_names(data_dir: str | os.PathLike | None, data_format: str = "auto") -> list[str]:
+    """The classes of a dataset in index order, without indexing its images: the class folders of both splits, or
+    the shards' classes.txt (DataError when neither can be read)."""
+    from .shard_reader import resolve_format, shard_classes
+    if data_dir is None:
+        raise DataError("no data folder given (DIR)")
+    if resolve_format(data_dir, data_format) == "shards":
+        return shard_classes(data_dir)
+    return dataset_classes(data_dir)
 
 
 def _file_loader(backend: str, index: ImageFolderIndex, *, train: bool, image_size: int, batch_size: int,

@@ -176,6 +176,13 @@ def recorded_classes(path: str | Path) -> list[str] | None:
     return None
 
 
+def classifier_classes(state_dict: Mapping[str, torch.Tensor]) -> int | None:
+    """The number of classes the weights score (the rows of classifier.fc.weight, whatever prefix or NGC layout
+    they come in), or None for weights without this suite's classifier."""
+    weight = remap_reference_keys(state_dict).get("classifier.fc.weight")
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() >= 2 else None
+
+
 def load_pretrained(model: nn.Module, url: str, reset_classifier: bool = False) -> None:
     """Download `url` through the torch hub cache (once) and load it into `model`."""
     try:

@@ -102,6 +102,8 @@ def fit(job: Job, stop: StopRequest) -> dict:
                 state.epochs_without_improvement = 0
             else:
                 state.epochs_without_improvement += 1
+        for feature in job.features:
+            feature.epoch_record(job, epoch, record)
         logger.log((epoch,), record)
         state.history.append(record)
         state.epoch = epoch + 1

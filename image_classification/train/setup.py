@@ -24,7 +24,7 @@ from ..logger import DEFAULT, Logger
 from ..metrics import TRAIN_METRICS, VAL_METRICS, all_reduce_sum
 from ..models import get_entry
 from ..toolkit import finetune, progressive
-from .checks import check_sync_bn
+from .checks import check_accumulation, check_evaluation, check_sync_bn, with_class_count
 from .job import Job
 from .losses import TrainingLoss, build_loss
 from .optimizers import job_optimizer
@@ -51,6 +51,7 @@ def setup_job(config: Config, ctx: ExecutionContext, prepare_model: PrepareModel
     eval_size = eval_image_size(config, entry)
     logger = Logger(Path(config.checkpoint.workspace) / config.log.raport_file, enabled=ctx.is_main_process,
                     append=bool(resume), deferred=True)
+    config = with_class_count(config, saved, ctx, logger)  # before the flags are logged and the model is built
     log_parameters(logger, config, ctx)
     if fresh_auto_start:
         logger.print(f"=> --resume auto: no checkpoint at "
@@ -92,6 +93,8 @@ def setup_job(config: Config, ctx: ExecutionContext, prepare_model: PrepareModel
             job.features.append(feature)
     if saved is not None:
         resume_from(saved, resume, job)
+    check_accumulation(job)
+    check_evaluation(job)
     return job
 
 

@@ -14,6 +14,7 @@ from ..context import ExecutionContext
 from ..logger import Logger, Progress
 from ..metrics import SumMeter, percentile, topk_correct
 from ..toolkit.tta import with_tta
+from .checks import effective_topk
 from .epoch import count
 
 
@@ -22,13 +23,13 @@ class EvalOptions:
     """How a validation pass runs and reports."""
 
     prof: int = -1          # at most this many batches (-1: all)
-    topk: int = 5           # the second accuracy, reported as top5
+    topk: int = 5           # the second accuracy, reported as top5 (at most the number of classes)
     print_freq: int = 10    # a record every N batches
     tta: str = "none"       # test-time augmentation
 
     @classmethod
     def from_config(cls, config: Config) -> "EvalOptions":
-        return cls(prof=config.runtime.prof, topk=config.log.topk, print_freq=config.log.print_freq,
+        return cls(prof=config.runtime.prof, topk=effective_topk(config), print_freq=config.log.print_freq,
                    tta=config.data.tta)
 
 
