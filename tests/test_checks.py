@@ -1,5 +1,6 @@
 """What a first run on a small dataset used to do silently, reproduced at toy size: each trap now gives its line or
-the right default (train/checks.py, train/exploding_loss.py)."""
+the right default (train/checks.py, train/exploding_loss.py), and the last validation's per-class accuracy and
+confusion matrix (train/confusion.py)."""
 from __future__ import annotations
 
 import math
@@ -19,8 +20,10 @@ from image_classification.launcher import build_args
 from image_classification.logger import Logger
 from image_classification.models import get_entry
 from image_classification.train.checks import with_class_count
+from image_classification.train.confusion import ConfusionMatrix, draw_confusion, per_class_top1
 from image_classification.train.exploding_loss import ExplodingLoss
 from image_classification.train.setup import setup_job
+from reports import read_report
 from runs import train
 
 CPU = create_context(device="cpu")
@@ -169,12 +172,41 @@ def test_exploding_loss_thresholds(capsys):
     assert "(val.loss inf; chance is ln(10) = 2.30)" in capsys.readouterr().err
 
 
-def test_imagenet_defaults_on_small_data_warn_after_epoch_0(generated, tmp_path, capsys):
+def test_imagenet_defaults_on_small_data_warn_after_epoch_0_and_report_per_class_accuracy(generated, tmp_path,
+                                                                                         capsys):
     """A learning rate far too high for the data (ImageNet's BN momentum 0.01 does the rest): the losses explode at
     chance accuracy, and one line names the flags and the README's section."""
-    train(_flags(generated, tmp_path, "--lr", "5", "--epochs", "1", "--topk", "2"))
+    summary = train(_flags(generated, tmp_path, "--lr", "5", "--epochs", "1", "--topk", "2"))
     captured = capsys.readouterr()
     [line] = [line for line in captured.err.splitlines() if "exploded" in line]
     assert re.fullmatch(r"warning: the loss exploded in epoch 0 \(train\.loss \S+, val\.loss \S+; chance is ln\(3\) = "
                         r"1\.10\): ImageNet's defaults do this on small data; try a lower --lr, --bn_momentum 0\.1 and "
                         r"a -b that leaves 30 or more steps per epoch \(README\.md, \"Small data\"\)", line), line
+    # The last validation's per-class accuracy and confusion matrix: a record, a PNG and a line.
+    png = tmp_path / "confusion_matrix.png"
+    assert png.read_bytes().startswith(b"\x89PNG")
+    assert f"confusion matrix: {png} (report: val.per_class_top1, val.confusion_matrix)" in captured.out
+    [record] = [r for r in read_report(tmp_path / "experiment_raport.json") if r.get("step") == ["Per class", 0]]
+    matrix, accuracy = record["data"]["val.confusion_matrix"], record["data"]["val.per_class_top1"]
+    assert list(accuracy) == ["circle", "square", "triangle"] and [sum(row) for row in matrix] == [5, 5, 5]
+    assert [100 * matrix[i][i] / 5 for i in range(3)] == list(accuracy.values())
+    assert sum(matrix[i][i] for i in range(3)) / 15 * 100 == pytest.approx(summary["val.top1"])
+
+
+# --- per-class accuracy and the confusion matrix ---------------------------------------------------------------
+
+def test_confusion_matrix_and_per_class_accuracy_of_a_known_case(tmp_path):
+    confusion = ConfusionMatrix(3, CPU)
+    # True classes 0 0 0 1 1 2; predicted 0 1 0 1 1 0 (as the largest logit of each row).
+    logits = torch.eye(3)[[0, 1, 0, 1, 1, 0]]
+    confusion.add(logits[:4], torch.tensor([0, 0, 0, 1]))
+    confusion.add(logits[4:], torch.tensor([1, 2]))
+    counts = confusion.counts()
+    assert counts.tolist() == [[2, 1, 0], [0, 2, 0], [1, 0, 0]]
+    assert per_class_top1(counts) == [pytest.approx(200 / 3), 100.0, 0.0]
+    assert per_class_top1(torch.tensor([[1, 0], [0, 0]])) == [100.0, None]  # a class without images
+    draw_confusion(counts, ["a", "b", "c"], tmp_path / "c.png", title="known")
+    assert (tmp_path / "c.png").read_bytes().startswith(b"\x89PNG")
+    draw_confusion(torch.zeros(100, 100, dtype=torch.int64), [str(i) for i in range(100)], tmp_path / "big.png",
+                   title="many classes")
+    assert (tmp_path / "big.png").is_file()

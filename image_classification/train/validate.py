@@ -15,6 +15,7 @@ from ..logger import Logger, Progress
 from ..metrics import SumMeter, percentile, topk_correct
 from ..toolkit.tta import with_tta
 from .checks import effective_topk
+from .confusion import ConfusionMatrix
 from .epoch import count
 
 
@@ -35,13 +36,14 @@ class EvalOptions:
 
 @torch.no_grad()
 def validate(model: nn.Module, loader, ctx: ExecutionContext, logger: Logger, options: EvalOptions, *,
-             prefix: str = "val", step: tuple[int, ...] = (0, 0), criterion: nn.Module | None = None
-             ) -> dict[str, float]:
+             prefix: str = "val", step: tuple[int, ...] = (0, 0), criterion: nn.Module | None = None,
+             confusion: ConfusionMatrix | None = None) -> dict[str, float]:
     """Loss, top-1 and top-k (all-reduced), throughput and per-batch compute latency (mean and percentiles), of
     `model` as --tta evaluates it.
 
     The loss is `criterion`'s in eval mode, as the reference validates with its training criterion (label smoothing
     kept; mixup's soft-target loss is cross-entropy on the labels there), or cross-entropy without one.
+    `confusion` collects the top-1 predictions per class.
     """
     model = with_tta(model, options.tta)
     model.eval()
@@ -65,6 +67,8 @@ def validate(model: nn.Module, loader, ctx: ExecutionContext, logger: Logger, op
         loss = F.cross_entropy(output.float(), target, reduction="sum") if criterion is None \
             else criterion(output.float(), target) * images.shape[0]
         correct = topk_correct(output, target, (1, options.topk))
+        if confusion is not None:
+            confusion.add(output, target)
         sums = torch.cat([loss.view(1).double(), correct.double()])
         meter.add(sums, images.shape[0])
         interval_meter.add(sums, images.shape[0])
