@@ -168,14 +168,6 @@ def load_weights(model: nn.Module, path: str | Path, ema: bool = False, reset_cl
     model.load_state_dict(fitted)
 
 
-def recorded_classes(path: str | Path) -> list[str] | None:
-    """The class names a training checkpoint records (index order), or None (plain weights, older files)."""
-    classes = load_file(path).get("classes")
-    if isinstance(classes, (list, tuple)) and all(isinstance(name, str) for name in classes):
-        return list(classes)
-    return None
-
-
 def classifier_classes(state_dict: Mapping[str, torch.Tensor]) -> int | None:
     """The number of classes the weights score (the rows of classifier.fc.weight, whatever prefix or NGC layout
     they come in), or None for weights without this suite's classifier."""
