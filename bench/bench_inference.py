@@ -6,6 +6,8 @@
     .venv/bin/python bench/bench_inference.py --quick --json /tmp/i.json   # seconds; checks the script works
     .venv/bin/python bench/bench_inference.py --batch-sizes 1,32 --peak-rss --models \
         ours+nhwc+freeze,ours+onnxruntime,ours+openvino,ours+openvino+int8,timm+nhwc+freeze,torchvision+nhwc+freeze
+    .venv/bin/python bench/bench_inference.py --archs lite0 --batch-sizes 1,32 --models ours+nhwc+freeze,\
+ours+onnxruntime,ours+openvino,ours+openvino+int8,timm+nhwc+freeze,timm+onnxruntime,timm+openvino  # vs tf_*_lite0
 
 Every PyTorch entry runs `model.eval()` under `torch.inference_mode()` and the context's autocast, as main.py's
 validation does (with --evaluate). Engine entries (+onnxruntime, +openvino) export the model with

@@ -112,14 +112,21 @@ def parse_entries(text: str, memory_format: str, compile_ours: bool, allow_freez
 
 
 def build_model(entry: Entry, arch: str, num_classes: int = 1000) -> nn.Module:
-    """A freshly initialised EfficientNet `arch` (b0, b4, ...) of our registry, timm or torchvision."""
+    """A freshly initialised EfficientNet `arch` (b0, b4, ..., lite0 ... lite4) of our registry, timm or torchvision.
+
+    Lite's peer is timm's tf_efficientnet_lite*: the TF port, with TF's SAME padding as ours (timm's own
+    efficientnet_lite* pads symmetrically); torchvision has no EfficientNet-Lite.
+    """
     torch.manual_seed(0)
     if entry.name == "ours":
         from image_classification.models import get_entry
         return get_entry(f"efficientnet-{arch}")(num_classes=num_classes)
     if entry.name == "timm":
         import timm
-        return timm.create_model(f"efficientnet_{arch}", num_classes=num_classes)
+        return timm.create_model(f"{'tf_' if arch.startswith('lite') else ''}efficientnet_{arch}",
+                                 num_classes=num_classes)
+    if arch.startswith("lite"):
+        raise ValueError(f"--archs {arch}: torchvision has no EfficientNet-Lite; compare with timm")
     import torchvision
     return getattr(torchvision.models, f"efficientnet_{arch}")(num_classes=num_classes)
 
@@ -156,8 +163,10 @@ def maybe_compile(model: nn.Module, entry: Entry) -> nn.Module:
 def add_common_arguments(p: argparse.ArgumentParser, *, default_models: str, default_batch_sizes: str) -> None:
     """The flags every bench script shares."""
     p.add_argument("--quick", action="store_true",
-                   help="tiny run that only checks the script works (b0, image 32, batch 2 unless given, 1 warm-up, 2 repeats)")
-    p.add_argument("--archs", default="b0", help="comma-separated EfficientNet members, e.g. b0,b4 (default: b0)")
+                   help="tiny run that only checks the script works (image 32, batch 2 unless given, 1 warm-up, 2 "
+                        "repeats)")
+    p.add_argument("--archs", default="b0",
+                   help="comma-separated EfficientNet members, e.g. b0,b4 or lite0 (default: b0)")
     p.add_argument("--models", default=default_models,
                    help="comma-separated entries NAME[+nhwc|+nchw][+compile][+freeze], NAME one of ours, timm, torchvision "
                         "(default: %(default)s)")
@@ -187,7 +196,6 @@ def apply_quick(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
         args.batch_sizes = "2"
     if args.image_size is None:
         args.image_size = 32
-    args.archs = "b0"
     args.warmup = 1
     args.repeats = 2
 

@@ -56,7 +56,8 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
                         "<split>-NNNNNN.tar with index.json), auto: folder when DIR has train/ or val/, else "
                         "shards (not in the reference) (default: %(default)s)")
     g.add_argument("--interpolation", default="bilinear", choices=INTERPOLATIONS,
-                   help="resize interpolation of the data pipeline (default: %(default)s)")
+                   help="resize interpolation of the data pipeline (default: the arch's: %(default)s for B0-B7, "
+                        "bicubic for efficientnet-lite*)")
     g.add_argument("-j", "--workers", type=Number(int, low=0), default=5, metavar="N",
                    help="data loading workers per process (default: %(default)s)")
     g.add_argument("--prefetch", type=Number(int, low=1), default=2, metavar="N",
@@ -326,6 +327,9 @@ def parse_args(argv: list[str] | None = None, defaults: dict | None = None, prog
     main = build_parser(prog)
     registered = known.arch in available_models()
     model = _model_parser(known.arch if registered else DEFAULT_ARCH)
+    # The resize filter the arch's weights were trained with (bicubic for EfficientNet-Lite); configs.yml and the
+    # command line still choose.
+    main.set_defaults(interpolation=get_entry(known.arch if registered else DEFAULT_ARCH).preprocessing.interpolation)
     _apply_defaults(main, model, defaults)
     if known.help:
         print_help(known.arch, main)

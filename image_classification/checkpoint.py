@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
 import random
 import re
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -27,14 +30,140 @@ import numpy as np
 import torch
 
 from .cli import UserError
-from .models.weights import WeightsError, first_non_finite, load_file
 
 REQUIRED_KEYS = ("epoch", "best_prec1", "state_dict", "optimizer")
+EMA_KEY = "state_dict_ema"
+# Entries every process of a run contributes (a list in rank order when several did).
+PER_RANK_KEYS = ("rng", "loader", "epoch_meter", "gradients")
 CLASS_NAMES_FILE = "classes.txt"
 
 
 class CheckpointError(UserError):
     """A --resume file that is missing, unreadable or not a training checkpoint of this run."""
+
+
+class WeightsError(UserError):
+    """Weights that cannot be read or do not fit the model; the message says what and where."""
+
+
+# --- the format -------------------------------------------------------------------------------------------------
+
+@dataclass
+class Checkpoint:
+    """A training checkpoint. `to_dict()` is what the file holds: the reference's keys first (epoch, best_prec1,
+    state_dict, optimizer, then state_dict_ema among the extras), then what an exact resume needs; `from_dict`
+    reads any file this suite or the reference wrote, absent keys taking their defaults.
+
+    `extras` are the entries that training features and tools keep under their own keys, in order: state_dict_ema
+    (EMA weights), swa, teacher, and tools' notes such as averaged_from. `per_rank` holds PER_RANK_KEYS.
+    """
+
+    epoch: int = 0                   # the next epoch to run
+    best_prec1: float = 0.0
+    state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
+    optimizer: dict = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+    scaler: dict = field(default_factory=dict)
+    iteration: int = 0               # the next batch of `epoch`: non-zero for a checkpoint taken mid-epoch
+    validated: bool | None = None    # whether best_prec1 comes from a validation (None: older files, epoch > 0)
+    optimizer_steps: int = 0
+    accumulated_iterations: int = 0  # iterations whose gradients (per_rank "gradients") wait for the next step
+    accumulation: int = 1
+    epochs_without_improvement: int = 0
+    data_seed: int | None = None
+    history: list = field(default_factory=list)
+    world_size: int = 1
+    arch: str | None = None
+    classes: list[str] | None = None
+    args: dict = field(default_factory=dict)
+    per_rank: dict[str, Any] = field(default_factory=dict)
+
+    # The suite's keys after the reference's and the extras, in the file's order.
+    _SUITE_KEYS = ("scaler", "iteration", "validated", "optimizer_steps", "accumulated_iterations", "accumulation",
+                   "epochs_without_improvement", "data_seed", "history", "world_size", "arch", "classes", "args")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The file's dict (tensors and plain containers only, so that it loads with weights_only=True)."""
+        out = {"epoch": self.epoch, "best_prec1": self.best_prec1, "state_dict": self.state_dict,
+               "optimizer": self.optimizer, **self.extras}
+        out.update((key, getattr(self, key)) for key in self._SUITE_KEYS if getattr(self, key) is not None)
+        out.update(self.per_rank)
+        return out
+
+    @classmethod
+    def from_dict(cls, obj: Mapping[str, Any]) -> "Checkpoint":
+        """A checkpoint from a file's dict; keys of neither the reference nor the suite are kept as extras."""
+        known = {*REQUIRED_KEYS, *cls._SUITE_KEYS}
+        fields_ = {key: obj[key] for key in known if key in obj}
+        return cls(**fields_, extras={k: v for k, v in obj.items() if k not in known and k not in PER_RANK_KEYS},
+                   per_rank={k: obj[k] for k in PER_RANK_KEYS if k in obj})
+
+    @property
+    def state_dict_ema(self) -> dict[str, torch.Tensor] | None:
+        return self.extras.get(EMA_KEY)
+
+    def this_rank(self, key: str, rank: int, world_size: int) -> Any:
+        """Process `rank`'s value of a per-rank entry, or None when the checkpoint lacks it or was written by another
+        number of processes."""
+        value = self.per_rank.get(key)
+        if value is None or self.world_size != world_size:
+            return None
+        return value[rank] if isinstance(value, list) else value
+
+    @staticmethod
+    def weights_of(obj: Mapping, ema: bool = False, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+        """The model weights a file holds: a training checkpoint's state_dict (its EMA weights with `ema`), or the
+        file itself when it is a plain state dict."""
+        if ema:
+            if obj.get(EMA_KEY) is None:
+                raise WeightsError(f"{source}: has no EMA weights ({EMA_KEY}); it was trained without --use-ema")
+            obj = obj[EMA_KEY]
+        elif "state_dict" in obj:
+            obj = obj["state_dict"]
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if not tensors:
+            raise WeightsError(f"{source}: holds no tensors; keys are {sorted(obj)[:10]}")
+        return tensors
+
+
+# --- reading files ------------------------------------------------------------------------------------------------
+
+def load_file(path: str | Path) -> dict:
+    """Load a checkpoint or state dict with `weights_only=True` (tensors and plain containers only), or a
+    `.safetensors` state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise WeightsError(f"{path}: refused to load, it holds objects other than tensors and plain containers "
+                           f"(only weights_only=True files are accepted): {str(err).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: "
+                           f"{str(err).splitlines()[0] if str(err) else 'truncated file'})") from None
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"{path}: expected a state dict or a training checkpoint, found {type(obj).__name__}")
+    return dict(obj)
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file as load_safetensors
+    try:
+        return load_safetensors(str(path), device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise WeightsError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0]})") from None
+
+
+def first_non_finite(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or infinity, or None when all are finite."""
+    for key, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return key
+    return None
 
 
 # --- atomic files -------------------------------------------------------------------------------------------
@@ -251,22 +380,22 @@ class CheckpointWriter:
     def epoch_path(self, epoch: int) -> Path:
         return self.workspace / f"checkpoint_{epoch:04}.pth.tar"
 
-    def save(self, state: dict, *, is_best: bool) -> Path:
+    def save(self, checkpoint: Checkpoint, *, is_best: bool) -> Path:
         """Write the latest checkpoint, then copy it to the best and per-epoch files as asked.
 
         Weights with NaN or infinite values are refused (CheckpointError): a diverged run never replaces a
         finite checkpoint.
         """
-        for key in ("state_dict", "state_dict_ema"):
-            bad = first_non_finite(state.get(key) or {})
+        for key, weights in (("state_dict", checkpoint.state_dict), (EMA_KEY, checkpoint.state_dict_ema)):
+            bad = first_non_finite(weights or {})
             if bad is not None:
                 raise CheckpointError(f"not writing {self.latest}: {key} {bad} holds NaN or infinite values (the run "
                                       "diverged); the previous checkpoint is kept")
-        atomic_save(state, self.latest)
+        atomic_save(checkpoint.to_dict(), self.latest)
         if is_best:
             atomic_copy(self.latest, self.best)
-        if self.keep_last > 0 and state.get("iteration", 0) == 0:
-            atomic_copy(self.latest, self.epoch_path(state["epoch"]))
+        if self.keep_last > 0 and checkpoint.iteration == 0:
+            atomic_copy(self.latest, self.epoch_path(checkpoint.epoch))
             self._prune()
         return self.latest
 
@@ -303,13 +432,13 @@ def class_difference(classes: list[str], recorded: list[str]) -> str | None:
     return f"class {index} is {classes[index]!r}, in the checkpoint {recorded[index]!r}"
 
 
-def check_classes(saved: dict, path: str | Path, classes: list[str]) -> None:
+def check_classes(saved: Checkpoint, path: str | Path, classes: list[str]) -> None:
     """Refuse to resume on data whose classes are not the checkpoint's, in its order (class i must stay class i).
 
     Another number of classes is left to the model's check, which names the --num_classes to resume with;
     checkpoints written before class names were recorded are not checked.
     """
-    recorded = saved.get("classes")
+    recorded = saved.classes
     if recorded is None or len(recorded) != len(classes):
         return
     difference = class_difference(classes, recorded)
@@ -318,7 +447,7 @@ def check_classes(saved: dict, path: str | Path, classes: list[str]) -> None:
                               f"({difference}); resume on the data it was trained on")
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a training checkpoint for --resume (weights_only), or raise CheckpointError saying what is wrong."""
     try:
         state = load_file(path)
@@ -328,4 +457,4 @@ def load_checkpoint(path: str | Path) -> dict:
     if missing:
         raise CheckpointError(f"--resume {path}: not a training checkpoint (missing {', '.join(missing)}); "
                               "to start from plain weights use --pretrained-from-file")
-    return state
+    return Checkpoint.from_dict(state)

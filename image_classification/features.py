@@ -25,6 +25,7 @@ from torch import nn
 from .registry import Registry
 
 if TYPE_CHECKING:  # the train package imports this module, not the other way round
+    from .checkpoint import Checkpoint
     from .config import Config
     from .train.state import Job
 
@@ -86,7 +87,7 @@ class TrainingFeature:
         """What a checkpoint keeps under `checkpoint_key`."""
         return None
 
-    def load_state_dict(self, state: Any, checkpoint: dict, source: str) -> None:
+    def load_state_dict(self, state: Any, checkpoint: Checkpoint, source: str) -> None:
         """Restore from a --resume checkpoint (`state`: its `checkpoint_key` entry, None when it has none);
         refuse, naming `source`, a checkpoint this run cannot continue."""
 

@@ -122,6 +122,39 @@ def test_bench_inference_quick_engines(tmp_path):
         ("ours", "timm"), ("ours+onnxruntime", "timm+onnxruntime")}
 
 
+@pytest.mark.slow
+def test_bench_inference_quick_lite_against_timms_tf_port(tmp_path):
+    """--archs lite0: timm's entry is tf_efficientnet_lite0, the INT8 entry efficientnet-quant-lite0."""
+    pytest.importorskip("openvino")
+    report = run_bench("bench_inference.py", tmp_path, "--archs", "lite0", "--batch-sizes", "1", "--models",
+                       "ours,ours+openvino+int8,timm")
+    assert {row["arch"] for row in report["results"]} == {"lite0"}
+    rows = {row["model"]: row for row in report["results"]}
+    assert rows["ours+openvino+int8"]["engine_settings"]["int8_convolutions"] == 49  # every Lite0 convolution
+    sys.path.insert(0, str(ROOT / "bench"))
+    import common
+    assert type(common.build_model(common.Entry("timm"), "lite0").conv_stem).__name__ == "Conv2dSame"
+    with pytest.raises(ValueError, match="torchvision has no EfficientNet-Lite"):
+        common.build_model(common.Entry("torchvision"), "lite0")
+
+
+@pytest.mark.slow
+def test_lite_int8_agreement_quick(tmp_path):
+    pytest.importorskip("openvino")
+    pytest.importorskip("skimage")
+    report = run_bench("lite_int8_agreement.py", tmp_path)
+    assert report["benchmark"] == "lite_int8_agreement" and report["views"] == {"photos": 19, "generated": 4}
+    rows = {row["model"]: row for row in report["results"]}
+    assert list(rows) == ["float (fp32 ONNX)", "INT8, calibrated (max)", "INT8, calibrated (histogram)",
+                          "INT8, histogram + 1 QAT steps"]
+    assert rows["float (fp32 ONNX)"]["int8_convolutions"] == 0 and rows["float (fp32 ONNX)"]["all_top1"] == 100.0
+    for name, row in rows.items():
+        assert 0 <= row["all_top1"] <= row["all_top5"] <= 100
+        if name != "float (fp32 ONNX)":
+            assert row["int8_convolutions"] == 49
+    assert len(report["qat_losses"]) == 1
+
+
 def test_engine_entries_refuse_options_they_cannot_honour():
     sys.path.insert(0, str(ROOT / "bench"))
     import common

@@ -32,12 +32,14 @@ def test_dependencies_and_entry_names(hubconf):
     expected = {"nvidia_" + name.replace("-", "_") for name in available_models()}
     assert set(REFERENCE_HUB) <= expected
     assert expected <= {name for name in dir(hubconf) if callable(getattr(hubconf, name)) and not name.startswith("_")}
-    # pretrained defaults to True where NVIDIA published weights, as the reference's hub did.
+    # pretrained defaults to True where NVIDIA published weights, as the reference's hub did, and where a weights
+    # package ships them (EfficientNet-Lite0).
     for name in expected:
         default = inspect.signature(getattr(hubconf, name)).parameters["pretrained"].default
         arch = name[len("nvidia_"):]
-        assert default == (available_models()[next(a for a in available_models()
-                                                    if a.replace("-", "_") == arch)].pretrained_url is not None)
+        assert default == available_models()[next(a for a in available_models()
+                                                   if a.replace("-", "_") == arch)].has_pretrained
+    assert "nvidia_efficientnet_lite0" in expected and "nvidia_efficientnet_quant_lite4" in expected
 
 
 @pytest.mark.parametrize("name,params", [("nvidia_efficientnet_b0", 5_288_548),

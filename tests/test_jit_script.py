@@ -23,7 +23,8 @@ from reports import by_step, read_report
 ROOT = Path(__file__).resolve().parents[1]
 
 # One member of each family, at sizes that keep every stage's feature map at least 1x1.
-FAMILIES = [("efficientnet-b0", 64), ("efficientnet-widese-b0", 32), ("efficientnet-v2-s", 32)]
+FAMILIES = [("efficientnet-b0", 64), ("efficientnet-widese-b0", 32), ("efficientnet-lite0", 64),
+            ("efficientnet-v2-s", 32)]
 
 
 @pytest.fixture(autouse=True)
@@ -104,8 +105,10 @@ def test_scripted_model_trains_with_dropout_and_stochastic_depth():
     assert not torch.allclose(after, before)
 
 
-def test_scripted_model_under_cpu_bf16_autocast_casts_as_eager():
-    model = build("efficientnet-b0").train()
+# Lite: its stride-2 depthwise convolutions pad (TF's SAME) before the fp32 path convolves.
+@pytest.mark.parametrize("arch", ["efficientnet-b0", "efficientnet-lite0"])
+def test_scripted_model_under_cpu_bf16_autocast_casts_as_eager(arch):
+    model = build(arch).train()
     scripted = compile_model(model, "script")
     x = images(32, batch=4)
     # Training: the depthwise convolutions run in fp32 in both (the eager one sums the weight gradient over the

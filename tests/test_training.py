@@ -621,12 +621,12 @@ def test_diverging_run_stops_with_one_line_and_keeps_the_finite_checkpoint(tmp_p
 
 def test_checkpoint_writer_refuses_non_finite_weights(tmp_path):
     writer = ckpt.CheckpointWriter(tmp_path)
-    writer.save({"epoch": 1, "state_dict": {"w": torch.ones(2)}}, is_best=True)
+    writer.save(ckpt.Checkpoint(epoch=1, state_dict={"w": torch.ones(2)}), is_best=True)
     with pytest.raises(ckpt.CheckpointError, match=r"state_dict w holds NaN or infinite values"):
-        writer.save({"epoch": 2, "state_dict": {"w": torch.tensor([1.0, float("nan")])}}, is_best=True)
+        writer.save(ckpt.Checkpoint(epoch=2, state_dict={"w": torch.tensor([1.0, float("nan")])}), is_best=True)
     with pytest.raises(ckpt.CheckpointError, match=r"state_dict_ema w"):
-        writer.save({"epoch": 2, "state_dict": {"w": torch.ones(2)}, "state_dict_ema": {"w": torch.full((2,), float("inf"))}},
-                    is_best=False)
+        writer.save(ckpt.Checkpoint(epoch=2, state_dict={"w": torch.ones(2)},
+                                    extras={"state_dict_ema": {"w": torch.full((2,), float("inf"))}}), is_best=False)
     for name in ("checkpoint.pth.tar", "model_best.pth.tar"):
         assert torch.load(tmp_path / name, weights_only=True)["epoch"] == 1
 

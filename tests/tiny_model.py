@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from image_classification import models
+from image_classification.preprocessing import REFERENCE
 
 NAME = "tiny-bn-free"
 
@@ -21,6 +22,7 @@ class TinyEntry:
     name = NAME
     default_image_size = 8
     default_eval_image_size = 8
+    preprocessing = REFERENCE
 
     def parser(self) -> argparse.ArgumentParser:
         p = argparse.ArgumentParser(add_help=False)

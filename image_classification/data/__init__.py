@@ -28,7 +28,7 @@ from ..cli import UserError
 from ..config import DataConfig
 from ..context import ExecutionContext
 from .folder import IMG_EXTENSIONS, DataError, ImageFolderIndex, dataset_classes, scan_split
-from .loader import MAGNITUDE_BINS, MEAN, STD, Loader
+from .loader import MAGNITUDE_BINS, MEAN, STD, Loader, Triple
 
 if TYPE_CHECKING:  # imported when used: it pulls in the shard writer and torchvision
     from .shard_reader import ShardIndex
@@ -96,26 +96,28 @@ def dataset_class_names(data_dir: str | os.PathLike | None, data_format: str = "
 def _file_loader(backend: str, index: ImageFolderIndex, *, train: bool, image_size: int, batch_size: int,
                  ctx: ExecutionContext, workers: int, prefetch: int, interpolation: str,
                  augmentation: str | None, magnitude: int, seed: int, crop_pct: float | None = None,
-                 repeats: int = 1) -> Loader:
+                 repeats: int = 1, mean: Triple = MEAN, std: Triple = STD) -> Loader:
     if backend == "pytorch":
         from .pytorch_backend import PytorchLoader, train_transform, val_transform
         transform = (train_transform(image_size, interpolation, augmentation, magnitude) if train
                      else val_transform(image_size, interpolation, crop_pct))
         return PytorchLoader(index, transform, train=train, batch_size=batch_size, ctx=ctx, workers=workers,
-                             prefetch=prefetch, seed=seed, repeats=repeats)
+                             prefetch=prefetch, seed=seed, repeats=repeats, mean=mean, std=std)
     from .dali_backend import DaliLoader
     return DaliLoader(index, train=train, gpu=backend == "dali-gpu", image_size=image_size, batch_size=batch_size,
                       ctx=ctx, workers=workers, prefetch=prefetch, interpolation=interpolation,
-                      augmentation=augmentation, magnitude=magnitude, seed=seed, crop_pct=crop_pct, repeats=repeats)
+                      augmentation=augmentation, magnitude=magnitude, seed=seed, crop_pct=crop_pct, repeats=repeats,
+                      mean=mean, std=std)
 
 
 def build_train_loader(backend: str, data_dir: str | None, *, image_size: int, batch_size: int,
                        ctx: ExecutionContext, num_classes: int = 1000, workers: int = 5, prefetch: int = 2,
                        interpolation: str = "bilinear", augmentation: str | None = None,
                        randaug_magnitude: int = 9, seed: int | None = None, data_format: str = "auto",
-                       repeated_augment: int = 1) -> Loader:
+                       repeated_augment: int = 1, mean: Triple = MEAN, std: Triple = STD) -> Loader:
     """Training batches: random-resized crop, flip, optional augmentation policy; shuffled (each epoch's images read
-    `repeated_augment` times each, folder.repeated_samples); last partial dropped."""
+    `repeated_augment` times each, folder.repeated_samples); last partial dropped; normalised by `mean`/`std`
+    (0..255 scale: ImageNet's, or the model's own)."""
     _check_choices(backend, interpolation, augmentation)
     _check_sizes(image_size, batch_size, workers)
     if not 0 <= randaug_magnitude < MAGNITUDE_BINS:
@@ -134,15 +136,16 @@ def build_train_loader(backend: str, data_dir: str | None, *, image_size: int, b
                         f"per process ({ctx.world_size} processes); lower --batch-size")
     return _file_loader(backend, index, train=True, image_size=image_size, batch_size=batch_size, ctx=ctx,
                         workers=workers, prefetch=prefetch, interpolation=interpolation,
-                        augmentation=augmentation, magnitude=randaug_magnitude, seed=seed, repeats=repeated_augment)
+                        augmentation=augmentation, magnitude=randaug_magnitude, seed=seed, repeats=repeated_augment,
+                        mean=mean, std=std)
 
 
 def build_val_loader(backend: str, data_dir: str | None, *, image_size: int, batch_size: int,
                      ctx: ExecutionContext, num_classes: int = 1000, workers: int = 5, prefetch: int = 2,
                      interpolation: str = "bilinear", seed: int | None = None, data_format: str = "auto",
-                     crop_pct: float | None = None) -> Loader:
+                     crop_pct: float | None = None, mean: Triple = MEAN, std: Triple = STD) -> Loader:
     """Validation batches: short side to image_size+32 (or round(image_size/crop_pct)), centre crop; dataset
-    order; every image once."""
+    order; every image once; normalised by `mean`/`std` (0..255 scale: ImageNet's, or the model's own)."""
     _check_choices(backend, interpolation)
     _check_sizes(image_size, batch_size, workers)
     seed = _resolve_seed(seed)
@@ -153,23 +156,23 @@ def build_val_loader(backend: str, data_dir: str | None, *, image_size: int, bat
     index = scan_data(data_dir, "val", num_classes, data_format)
     return _file_loader(backend, index, train=False, image_size=image_size, batch_size=batch_size, ctx=ctx,
                         workers=workers, prefetch=prefetch, interpolation=interpolation, augmentation=None,
-                        magnitude=0, seed=seed, crop_pct=crop_pct)
+                        magnitude=0, seed=seed, crop_pct=crop_pct, mean=mean, std=std)
 
 
 def train_loader_of(config: DataConfig, ctx: ExecutionContext, *, num_classes: int, seed: int, image_size: int,
-                    randaug_magnitude: int) -> Loader:
+                    randaug_magnitude: int, mean: Triple = MEAN, std: Triple = STD) -> Loader:
     """build_train_loader with a job's data flags, at a (progressive training stage's) size and magnitude."""
     return build_train_loader(config.data_backend, config.data, image_size=image_size, batch_size=config.batch_size,
                               ctx=ctx, num_classes=num_classes, workers=config.workers, prefetch=config.prefetch,
                               interpolation=config.interpolation, augmentation=config.augmentation,
                               randaug_magnitude=randaug_magnitude, seed=seed, data_format=config.data_format,
-                              repeated_augment=config.repeated_augment)
+                              repeated_augment=config.repeated_augment, mean=mean, std=std)
 
 
-def val_loader_of(config: DataConfig, ctx: ExecutionContext, *, num_classes: int, seed: int, image_size: int
-                  ) -> Loader:
+def val_loader_of(config: DataConfig, ctx: ExecutionContext, *, num_classes: int, seed: int, image_size: int,
+                  mean: Triple = MEAN, std: Triple = STD) -> Loader:
     """build_val_loader with a job's data flags, at `image_size`."""
     return build_val_loader(config.data_backend, config.data, image_size=image_size, batch_size=config.batch_size,
                             ctx=ctx, num_classes=num_classes, workers=config.workers, prefetch=config.prefetch,
                             interpolation=config.interpolation, seed=seed, data_format=config.data_format,
-                            crop_pct=config.eval_crop_pct)
+                            crop_pct=config.eval_crop_pct, mean=mean, std=std)

@@ -59,7 +59,7 @@ from ..cli import UserError
 from ..context import ExecutionContext
 from .folder import (DROPPED, REPLACED, DataError, ImageFolderIndex, UnreadableSample, epoch_samples, epoch_seed,
                      shard_size)
-from .loader import MAGNITUDE_BINS, MEAN, STD, Batch, Loader, device_batches, val_resize_size
+from .loader import MAGNITUDE_BINS, MEAN, STD, Batch, Loader, Triple, device_batches, val_resize_size
 
 log = logging.getLogger(__name__)
 
@@ -193,18 +193,18 @@ def resize_shorter(images, resize_size: int, interp):
     return fn.resize(images, resize_shorter=resize_size, interp_type=interp, antialias=False)
 
 
-def _crop_mirror_normalize(images, *, normalize: bool, layout: str, **crop_and_mirror):
-    """The last step: float32 normalised by MEAN/STD, or (`normalize` off) uint8 for the run's device to
+def _crop_mirror_normalize(images, *, normalize: bool, layout: str, mean: Triple, std: Triple, **crop_and_mirror):
+    """The last step: float32 normalised by `mean`/`std`, or (`normalize` off) uint8 for the run's device to
     normalise; either in `layout` (HWC or CHW)."""
     fn, types, _ = dali_modules()
     if normalize:
-        return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout=layout, mean=list(MEAN),
-                                        std=list(STD), **crop_and_mirror)
+        return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout=layout, mean=list(mean),
+                                        std=list(std), **crop_and_mirror)
     return fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout=layout, **crop_and_mirror)
 
 
 def _train_graph(source: Callable, *, decoder: str, image_size: int, interp, augmentation: str | None,
-                 magnitude: int, layout: str, normalize: bool):
+                 magnitude: int, layout: str, normalize: bool, mean: Triple, std: Triple):
     """The reference's HybridTrainPipe: decode, random-resized crop, flip, normalise; a policy after the flip."""
     fn, types, _ = dali_modules()
     encoded, labels = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
@@ -218,11 +218,12 @@ def _train_graph(source: Callable, *, decoder: str, image_size: int, interp, aug
         images = fn.flip(images, horizontal=fn.random.coin_flip())
         images = _augment(images, augmentation, magnitude, image_size)
         mirror = 0
-    return _crop_mirror_normalize(images, normalize=normalize, layout=layout, mirror=mirror), labels
+    return _crop_mirror_normalize(images, normalize=normalize, layout=layout, mean=mean, std=std,
+                                  mirror=mirror), labels
 
 
 def _val_graph(source: Callable, *, decoder: str, image_size: int, resize_size: int, interp, augmentation: None,
-               magnitude: int, layout: str, normalize: bool):
+               magnitude: int, layout: str, normalize: bool, mean: Triple, std: Triple):
     """The reference's HybridValPipe: decode, resize the short side to `resize_size`, centre-crop S, normalise."""
     fn, types, _ = dali_modules()
     encoded, labels = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
@@ -230,7 +231,8 @@ def _val_graph(source: Callable, *, decoder: str, image_size: int, resize_size: 
     images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
     images = resize_shorter(images, resize_size, interp)
     # DALI's centre crop: offset round((length - S) / 2) with halves rounded up, as the reference's.
-    images = _crop_mirror_normalize(images, normalize=normalize, layout=layout, crop=(image_size, image_size))
+    images = _crop_mirror_normalize(images, normalize=normalize, layout=layout, mean=mean, std=std,
+                                    crop=(image_size, image_size))
     return images, labels
 
 
@@ -277,7 +279,7 @@ class DaliLoader(Loader):
     def __init__(self, index: ImageFolderIndex, *, train: bool, gpu: bool, image_size: int, batch_size: int,
                  ctx: ExecutionContext, workers: int, prefetch: int, interpolation: str,
                  augmentation: str | None, magnitude: int, seed: int, crop_pct: float | None = None,
-                 repeats: int = 1) -> None:
+                 repeats: int = 1, mean: Triple = MEAN, std: Triple = STD) -> None:
         if gpu and not ctx.is_cuda:
             raise UserError("--data-backend dali-gpu needs a CUDA GPU (this run is on "
                                f"{ctx.device.type}); use --data-backend dali-cpu or pytorch")
@@ -288,13 +290,13 @@ class DaliLoader(Loader):
                             f"{', '.join(DALI_AUGMENTATIONS)}")
         num_samples = shard_size(len(index.samples), rank=ctx.rank, world_size=ctx.world_size, equal_shards=train)
         super().__init__(classes=index.classes, batch_size=batch_size, num_samples=num_samples, drop_last=train,
-                         ctx=ctx)
+                         ctx=ctx, mean=mean, std=std)
         self.index, self.train, self.gpu, self.seed, self.repeats = index, train, gpu, seed, repeats
         self.threads, self.prefetch = max(workers, 1), max(prefetch, 1)
         self.graph_options = dict(decoder="mixed" if gpu else "cpu", image_size=image_size,
                                   interp=interp_type(interpolation), augmentation=augmentation,
                                   magnitude=magnitude, layout="HWC" if ctx.channels_last else "CHW",
-                                  normalize=normalizes_in_pipeline(gpu, ctx))
+                                  normalize=normalizes_in_pipeline(gpu, ctx), mean=mean, std=std)
         if not train:
             self.graph_options["resize_size"] = val_resize_size(image_size, crop_pct)
         # (DALI checkpoint after the last batch handed out, the batch its pipeline started at), for state_dict()
@@ -440,7 +442,8 @@ class DaliLoader(Loader):
             # device_batches runs a batch ahead on a GPU, so each batch's count and resume point wait in a queue
             # until that batch is handed out.
             pending: deque[tuple[int, tuple[bytes, int] | None]] = deque()
-            for batch in device_batches(self._host_batches(epoch, skip_batches, pending), self.ctx):
+            for batch in device_batches(self._host_batches(epoch, skip_batches, pending), self.ctx, self.mean,
+                                        self.std):
                 unreadable, self._resume_point = pending.popleft()
                 yield batch, unreadable
         self._resume_point = None  # the epoch is complete: nothing left to resume

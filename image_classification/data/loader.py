@@ -10,13 +10,12 @@ import torch
 
 from ..cli import UserError
 from ..context import ExecutionContext
+from ..preprocessing import IMAGENET_MEAN as MEAN
+from ..preprocessing import IMAGENET_STD as STD
+from ..preprocessing import Triple
 from .folder import BadFiles
 
 log = logging.getLogger(__name__)
-
-# ImageNet statistics on the 0..255 scale: batches stay uint8 until they reach the device.
-MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -50,11 +49,14 @@ class Loader:
     needs beyond (epoch, i + 1); it calls `load_state_dict(state)` on a loader built with the same
     arguments, then `set_epoch(epoch, skip_batches=i + 1)`, and gets the batches the uninterrupted run
     would have had from batch i + 1 on.
+
+    `mean` and `std` (0..255 scale) normalise the images: ImageNet's, or the model's own (EfficientNet-Lite).
     """
 
     def __init__(self, *, classes: list[str], batch_size: int, num_samples: int, drop_last: bool,
-                 ctx: ExecutionContext) -> None:
+                 ctx: ExecutionContext, mean: Triple = MEAN, std: Triple = STD) -> None:
         self.classes = list(classes)
+        self.mean, self.std = mean, std
         self.batch_size = batch_size
         self.num_samples = num_samples
         self.drop_last = drop_last
@@ -153,12 +155,13 @@ class Loader:
 
 
 class Normalizer:
-    """uint8 [B,3,H,W] on the device -> float32, (x - mean) / std, in the run's memory format."""
+    """uint8 [B,3,H,W] on the device -> float32, (x - mean) / std (ImageNet's by default), in the run's memory
+    format."""
 
-    def __init__(self, ctx: ExecutionContext) -> None:
+    def __init__(self, ctx: ExecutionContext, mean: Triple = MEAN, std: Triple = STD) -> None:
         self.memory_format = ctx.memory_format
-        mean = torch.tensor(MEAN, dtype=torch.float64).view(1, 3, 1, 1)
-        std = torch.tensor(STD, dtype=torch.float64).view(1, 3, 1, 1)
+        mean = torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)
+        std = torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
         # x * (1/std) - mean/std: one multiply and one add, about twice as fast as subtract-then-divide on CPU.
         self.scale = (1 / std).float().to(ctx.device)
         self.shift = (-mean / std).float().to(ctx.device)
@@ -169,9 +172,10 @@ class Normalizer:
         return images.float().mul_(self.scale).add_(self.shift)
 
 
-def device_batches(host_batches: Iterable[Batch], ctx: ExecutionContext) -> Iterator[Batch]:
+def device_batches(host_batches: Iterable[Batch], ctx: ExecutionContext, mean: Triple = MEAN, std: Triple = STD
+                   ) -> Iterator[Batch]:
     """Move uint8 host batches to the device and normalise them there (prefetched on a side stream on GPU)."""
-    normalize = Normalizer(ctx)
+    normalize = Normalizer(ctx, mean, std)
     if ctx.is_cuda:
         yield from _cuda_prefetch(host_batches, ctx, normalize)
         return

@@ -30,7 +30,7 @@ from ..cli import UserError
 from ..context import ExecutionContext
 from .autoaugment import PolicyV0
 from .folder import DROPPED, DataError, ImageFolderIndex, UnreadableSample, epoch_samples, epoch_seed, shard_size
-from .loader import MAGNITUDE_BINS, Batch, Loader, device_batches, val_resize_size
+from .loader import MAGNITUDE_BINS, MEAN, STD, Batch, Loader, Triple, device_batches, val_resize_size
 
 # --interpolation -> torchvision mode. On PIL images torchvision resizes with Pillow, whose BILINEAR
 # filter is already a triangle filter widened when downscaling (antialiased), i.e. DALI's "triangular";
@@ -298,12 +298,13 @@ class PytorchLoader(Loader):
     """torch DataLoader over a FolderDataset with a per-epoch shard sampler; normalises on the device."""
 
     def __init__(self, index: ImageFolderIndex, transform: Callable, *, train: bool, batch_size: int,
-                 ctx: ExecutionContext, workers: int, prefetch: int, seed: int, repeats: int = 1) -> None:
+                 ctx: ExecutionContext, workers: int, prefetch: int, seed: int, repeats: int = 1,
+                 mean: Triple = MEAN, std: Triple = STD) -> None:
         self.sampler = EpochShardSampler(index, seed=seed, rank=ctx.rank, world_size=ctx.world_size, train=train,
                                          repeats=repeats)
         super().__init__(classes=index.classes, batch_size=batch_size, drop_last=train, ctx=ctx,
                          num_samples=shard_size(len(index.samples), rank=ctx.rank, world_size=ctx.world_size,
-                                                equal_shards=train))
+                                                equal_shards=train), mean=mean, std=std)
         self.dataset = FolderDataset(index, transform, seed, replace=train)
         worker_options = {}
         if workers > 0:
@@ -335,7 +336,7 @@ class PytorchLoader(Loader):
     def _iterate(self, epoch: int, skip_batches: int) -> Iterator[tuple[Batch, int]]:
         self.sampler.select(epoch, skip_batches * self.batch_size)
         unreadable: deque[int] = deque()  # per host batch, until the device batch made from it is handed out
-        for batch in device_batches(self._host_batches(unreadable), self.ctx):
+        for batch in device_batches(self._host_batches(unreadable), self.ctx, self.mean, self.std):
             yield batch, unreadable.popleft()
 
     def _host_batches(self, unreadable: deque[int]) -> Iterator[Batch]:

@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoint import CLASS_NAMES_FILE
+from ..checkpoint import CLASS_NAMES_FILE, Checkpoint, load_file
 from ..cli import UserError
-from ..models.weights import classifier_classes, extract_state_dict, load_file
+from ..models.weights import classifier_classes
 
 
 @dataclass(frozen=True)
@@ -46,15 +46,16 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
     """The CheckpointInfo of a state dict, training checkpoint or .safetensors file (WeightsError when unreadable)."""
     path = Path(path)
     saved = load_file(path)
-    args = saved.get("args") if isinstance(saved.get("args"), Mapping) else {}
-    classes = saved.get("classes")
+    checkpoint = Checkpoint.from_dict(saved)
+    args = checkpoint.args if isinstance(checkpoint.args, Mapping) else {}
+    classes = checkpoint.classes
     if not (isinstance(classes, (list, tuple)) and all(isinstance(name, str) for name in classes)):
         classes = None
     beside = path.parent / CLASS_NAMES_FILE
     return CheckpointInfo(
         path=path,
-        arch=saved.get("arch") if isinstance(saved.get("arch"), str) else None,
-        num_classes=classifier_classes(extract_state_dict(saved, source=str(path))),
+        arch=checkpoint.arch if isinstance(checkpoint.arch, str) else None,
+        num_classes=classifier_classes(Checkpoint.weights_of(saved, source=str(path))),
         image_size=_number(args.get("eval_image_size"), int) or _number(args.get("image_size"), int),
         crop_pct=_number(args.get("eval_crop_pct"), float),
         interpolation=args.get("interpolation") if isinstance(args.get("interpolation"), str) else None,

@@ -13,25 +13,25 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from ..checkpoint import class_difference
+from ..checkpoint import CLASS_NAMES_FILE, class_difference
 from ..cli import EXIT_ERROR, USER_ERRORS, ArgumentParser, Number, UserError, error_message, print_error
 from ..context import ExecutionContext, create_context
 from ..data.loader import Normalizer
 from ..data.pytorch_backend import load_rgb, val_transform
-from .checkpoint_info import CheckpointInfo, read_checkpoint_info, weights_flag
-from .engines import ENGINES, Engine, TorchEngine, onnx_io_sizes, open_engine
-from ..checkpoint import CLASS_NAMES_FILE
 from ..models import available_models, get_entry, parse_model_flags
 from ..models.quantized import require_ranges
 from ..models.weights import WeightsError
+from ..preprocessing import REFERENCE, Preprocessing
 from ..toolkit.tta import TTA_MODES
+from .checkpoint_info import CheckpointInfo, read_checkpoint_info, weights_flag
+from .engines import ENGINES, Engine, TorchEngine, onnx_io_sizes, onnx_preprocessing, open_engine
 
 PROG = "classify.py"
 TOPK = 5
@@ -131,12 +131,13 @@ class Prediction:
 
 
 class Classifier:
-    """A model (PyTorch, or an ONNX file in an engine) with the validation preprocessing of its input and, with
-    `tta` flip, the mean of the softmax of each image and of its mirror (as tta.py in validation)."""
+    """A model (PyTorch, or an ONNX file in an engine) with the validation preprocessing of its input (the
+    geometry of every arch; `preprocessing`'s normalisation and resize filter, the model's own) and, with `tta`
+    flip, the mean of the softmax of each image and of its mirror (as tta.py in validation)."""
 
     def __init__(self, model: nn.Module | Engine, ctx: ExecutionContext, names: Sequence[str], image_size: int,
-                 interpolation: str = "bilinear", topk: int = TOPK, tta: str = "none", crop_pct: float | None = None
-                 ) -> None:
+                 preprocessing: Preprocessing = REFERENCE, topk: int = TOPK, tta: str = "none",
+                 crop_pct: float | None = None) -> None:
         if tta not in TTA_MODES:
             raise UserError(f"--tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
         self.ctx = ctx
@@ -144,10 +145,10 @@ class Classifier:
         self.tta = tta
         self.names = list(names)
         self.image_size = image_size
-        self.interpolation = interpolation
+        self.interpolation = preprocessing.interpolation
         self.crop_pct = crop_pct
         self.topk = min(topk, len(self.names))
-        self.normalize = Normalizer(ctx)
+        self.normalize = Normalizer(ctx, preprocessing.mean, preprocessing.std)
 
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
@@ -196,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "S+32)")
     p.add_argument("--interpolation", default=None, choices=("bilinear", "bicubic", "triangular"),
                    help="resize interpolation, as main.py's --interpolation (default: a training checkpoint's, else "
-                        "bilinear)")
+                        "the one the model was trained with: bilinear for B0-B7, bicubic for efficientnet-lite*; an "
+                        "--onnx file's recorded one)")
     p.add_argument("--tta", default="none", choices=TTA_MODES,
                    help="test-time augmentation: flip averages the softmax of the image and of its horizontal mirror "
                         "(not in the reference) (default: %(default)s)")
@@ -301,9 +303,14 @@ def build_classifier(args: argparse.Namespace) -> Classifier:
         print(f"{PROG}: warning: {args.arch} has random weights (no --pretrained or --pretrained-from-file)",
               file=sys.stderr)
     image_size = args.image_size or info.image_size or entry.default_eval_image_size
-    crop_pct = args.eval_crop_pct or info.crop_pct
-    return Classifier(model, ctx, names, image_size, args.interpolation or info.interpolation or "bilinear",
-                      tta=args.tta, crop_pct=crop_pct)
+    preprocessing = with_interpolation(entry.preprocessing, args.interpolation or info.interpolation)
+    return Classifier(model, ctx, names, image_size, preprocessing, tta=args.tta,
+                      crop_pct=args.eval_crop_pct or info.crop_pct)
+
+
+def with_interpolation(preprocessing: Preprocessing, interpolation: str | None) -> Preprocessing:
+    """`preprocessing` with --interpolation's filter (or a checkpoint's) when there is one."""
+    return preprocessing if interpolation is None else replace(preprocessing, interpolation=interpolation)
 
 
 def build_engine_classifier(args: argparse.Namespace) -> Classifier:
@@ -315,8 +322,10 @@ def build_engine_classifier(args: argparse.Namespace) -> Classifier:
     beside = Path(args.onnx).parent / CLASS_NAMES_FILE
     names = class_names(num_classes, args.class_names, beside=beside if beside.is_file() else None)
     engine = open_engine(args.engine, args.onnx)
-    return Classifier(engine, create_context(device="cpu", amp=False), names, image_size,
-                      args.interpolation or "bilinear", tta=args.tta, crop_pct=args.eval_crop_pct)
+    # The normalisation model2onnx.py recorded in the file (files without it get the reference's).
+    preprocessing = with_interpolation(onnx_preprocessing(args.onnx), args.interpolation)
+    return Classifier(engine, create_context(device="cpu", amp=False), names, image_size, preprocessing,
+                      tta=args.tta, crop_pct=args.eval_crop_pct)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

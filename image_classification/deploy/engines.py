@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ..context import ExecutionContext
+    from ..preprocessing import Preprocessing
 
 ENGINES = ("torch", "onnxruntime", "openvino")
 ONNX_ENGINES = ("onnxruntime", "openvino")
@@ -236,6 +237,20 @@ def open_engine(name: str, onnx_path: str | Path | None = None, threads: int | N
         raise EngineError(f"--engine {name} runs an ONNX file: give --onnx PATH (written by model2onnx.py)")
     engine_class = OnnxRuntimeEngine if name == "onnxruntime" else OpenVINOEngine
     return engine_class(onnx_path, threads)
+
+
+def onnx_preprocessing(onnx_path: str | Path) -> "Preprocessing":
+    """The preprocessing model2onnx.py recorded in the file's metadata (the reference's for files without it)."""
+    import onnx
+
+    from ..preprocessing import Preprocessing
+    path = _check_file(onnx_path)
+    model = onnx.load(str(path), load_external_data=False)
+    props = {prop.key: prop.value for prop in model.metadata_props}
+    try:
+        return Preprocessing.from_onnx_metadata(props)
+    except ValueError as err:
+        raise EngineError(f"--onnx {path}: unreadable preprocessing metadata ({err})") from None
 
 
 def onnx_io_sizes(onnx_path: str | Path) -> tuple[int, int]:

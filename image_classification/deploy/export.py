@@ -25,8 +25,9 @@ from torch import nn
 from ..cli import USER_ERRORS, ArgumentParser, Number, UserError, error_message, print_error
 from ..models import available_models, get_entry
 from ..models.weights import WeightsError
+from ..preprocessing import Preprocessing
 from .checkpoint_info import CheckpointInfo
-from .classify import checkpoint_defaults, weights_error_line
+from .classify import checkpoint_defaults, weights_error_line, with_interpolation
 
 PROG = "model2onnx.py"
 INPUT_NAME = "input"
@@ -52,11 +53,35 @@ def _is_quantized(model: nn.Module) -> bool:
 
 
 def export_onnx(model: nn.Module, output: str | Path, *, image_size: int, batch_size: int = 1,
-                opset: int = REFERENCE_OPSET, device: str | torch.device = "cpu", dynamo: bool = False) -> Path:
+                opset: int = REFERENCE_OPSET, device: str | torch.device = "cpu", dynamo: bool = False,
+                preprocessing: Preprocessing | None = None) -> Path:
     """Write `model` (eval mode, fp32) as ONNX with input `input` [N,3,S,S] and output `output` [N,C], N dynamic.
 
     Quantized models (efficientnet-quant-*) go through the Q/DQ export of image_classification.quantization.
+    `preprocessing` (the arch's normalisation and resize filter) is recorded in the file's metadata_props, where
+    classify.py's engines read it.
     """
+    output = _export(model, output, image_size=image_size, batch_size=batch_size, opset=opset, device=device,
+                     dynamo=dynamo)
+    if preprocessing is not None:
+        record_preprocessing(output, preprocessing)
+    return output
+
+
+def record_preprocessing(path: Path, preprocessing: Preprocessing) -> None:
+    """Add the preprocessing's keys to the metadata_props of the ONNX file at `path` (rewritten in place)."""
+    import onnx
+    model = onnx.load(str(path))
+    recorded = preprocessing.onnx_metadata()
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key not in recorded]
+    del model.metadata_props[:]
+    for key, value in [*kept, *recorded.items()]:
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))
+
+
+def _export(model: nn.Module, output: str | Path, *, image_size: int, batch_size: int, opset: int,
+            device: str | torch.device, dynamo: bool) -> Path:
     if opset < REFERENCE_OPSET:
         raise ExportError(f"--opset must be at least {REFERENCE_OPSET}, got {opset}")
     if batch_size < 1:
@@ -227,7 +252,7 @@ def _export_and_verify(args: argparse.Namespace) -> Path:
         from .batchnorm_folding import fold_batchnorm
         exported = fold_batchnorm(model)
     export_onnx(exported, output, image_size=image_size, batch_size=args.batch_size, opset=args.opset, device=device,
-                dynamo=args.dynamo)
+                dynamo=args.dynamo, preprocessing=with_interpolation(entry.preprocessing, info.interpolation))
     print(f"exported {args.arch} to {output} (opset {args.opset}, input '{INPUT_NAME}' [batch, 3, {image_size}, "
           f"{image_size}], output '{OUTPUT_NAME}' [batch, {args.model_args.num_classes}], batch dynamic"
           f"{', BatchNorm folded into the convolutions' if args.fold_batchnorm else ''})")

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..checkpoint import atomic_save, atomic_save_safetensors
+from ..checkpoint import Checkpoint, atomic_save, atomic_save_safetensors, load_file
 from ..cli import ArgumentParser, run_cli
-from ..models.weights import extract_state_dict, load_file, remap_reference_keys
+from ..models.weights import remap_reference_keys
 
 PROG = "checkpoint2model.py"
 FORMATS = ("pth", "safetensors")
@@ -26,14 +26,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def checkpoint_to_weights(checkpoint_path: str | Path, weight_path: str | Path, ema: bool = False,
                           weight_format: str | None = None) -> dict:
-    """Write the (EMA) state dict of `checkpoint_path`, without `module.` prefixes; return the checkpoint."""
-    checkpoint = load_file(checkpoint_path)
-    state_dict = remap_reference_keys(extract_state_dict(checkpoint, ema=ema, source=str(checkpoint_path)))
+    """Write the (EMA) state dict of `checkpoint_path`, without `module.` prefixes; return the file's dict."""
+    saved = load_file(checkpoint_path)
+    state_dict = remap_reference_keys(Checkpoint.weights_of(saved, ema=ema, source=str(checkpoint_path)))
     if weight_format is None:
         weight_format = "safetensors" if str(weight_path).endswith(".safetensors") else "pth"
     save = atomic_save_safetensors if weight_format == "safetensors" else atomic_save
     save(state_dict, weight_path)
-    return checkpoint
+    return saved
 
 
 def main(argv: list[str] | None = None) -> int:

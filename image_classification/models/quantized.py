@@ -1,4 +1,4 @@
-"""Quantized EfficientNets (efficientnet-quant-b0…b7) on NVIDIA Model Optimizer.
+"""Quantized EfficientNets (efficientnet-quant-b0…b7, efficientnet-quant-lite0…4) on NVIDIA Model Optimizer.
 
 The float network with INT8 fake-quantizers where the reference (pytorch-quantization) put them:
 per-channel weights and per-tensor inputs of every conv and linear layer, both inputs of the
@@ -19,6 +19,7 @@ import logging
 import re
 import warnings
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from torch import nn
 from ..cli import UserError
 from .common import SqueezeExcitation
 from .efficientnet import EFFICIENTNET_B0, NGC, SCALING, EfficientNet, EfficientNetArch, EfficientNetParams, \
-    MBConvBlock, ModelSpec
+    MBConvBlock, ModelSpec, lite_specs
 from .weights import WeightsError
 
 QUANT_PRETRAINED_URLS = {
@@ -165,12 +166,12 @@ class QuantEfficientNet(EfficientNet):
 
     def __init__(self, arch: EfficientNetArch, dropout: float, survival_prob: float = 1.0, num_classes: int = 1000,
                  conv_init: str = "fan_in", bn_momentum: float = 0.01, bn_epsilon: float = 1e-3, trt: bool = True,
-                 stochastic_depth_mode: str = "batch"):
+                 stochastic_depth_mode: str = "batch", padding: str = "symmetric"):
         if not trt:
             raise UserError("quantized EfficientNets always use the TensorRT form of squeeze-excitation; "
                              "--trt False is not available for efficientnet-quant-*")
         super().__init__(arch, dropout, survival_prob, num_classes, conv_init, bn_momentum, bn_epsilon, trt=True,
-                         stochastic_depth_mode=stochastic_depth_mode)
+                         stochastic_depth_mode=stochastic_depth_mode, padding=padding)
         mtq = modelopt_quantization()
         # Model Optimizer prints a count of inserted quantizers; scripts such as classify.py own stdout.
         with contextlib.redirect_stdout(io.StringIO()):
@@ -249,7 +250,11 @@ def to_pytorch_quantization(state_dict: Mapping[str, torch.Tensor]) -> dict[str,
 
 
 def quantized_specs() -> dict[str, ModelSpec]:
-    """efficientnet-quant-b0…b7: the float members built as QuantEfficientNet."""
+    """efficientnet-quant-b0…b7 and efficientnet-quant-lite0…4: the float members built as QuantEfficientNet.
+
+    Lite has no SE, so quantizers sit on every conv and linear input and the residual inputs; --pretrained of
+    quant-lite0 loads the float weights of efficientnet-lite0's package, for quant_main.py to calibrate.
+    """
     specs = {}
     for member, (width, depth, resolution, dropout, survival) in SCALING.items():
         name = f"efficientnet-quant-{member}"
@@ -259,4 +264,7 @@ def quantized_specs() -> dict[str, ModelSpec]:
             build=QuantEfficientNet,
             pretrained_url=QUANT_PRETRAINED_URLS.get(name),
         )
+    for member, spec in lite_specs().items():
+        specs[f"efficientnet-quant-{member}"] = replace(spec, params=replace(spec.params, trt=True),
+                                                        build=QuantEfficientNet)
     return specs

@@ -25,10 +25,10 @@ from torch import nn
 from .. import checkpoint as ckpt
 from ..cli import ArgumentParser, Number, UserError, run_cli
 from ..context import ExecutionContext, create_context
-from ..models.weights import extract_state_dict, first_non_finite, fit_state_dict, load_file, remap_reference_keys
+from ..models.weights import first_non_finite, fit_state_dict, load_file, remap_reference_keys
 
 PROG = "average_checkpoints.py"
-WEIGHT_KEYS = ("state_dict", "state_dict_ema")
+WEIGHT_KEYS = ("state_dict", ckpt.EMA_KEY)
 
 
 class AveragingError(UserError):
@@ -80,15 +80,14 @@ def average_state_dicts(named: Sequence[tuple[str, dict[str, torch.Tensor]]]) ->
 
 
 def _weights(checkpoint: dict, key: str, source: str) -> dict[str, torch.Tensor] | None:
-    """The `key` weights of a checkpoint (a plain state dict counts as its state_dict), `module.` stripped."""
-    if key == "state_dict":
-        return remap_reference_keys(extract_state_dict(checkpoint, source=source))
-    if checkpoint.get(key) is None:
+    """The `key` weights of a file's dict (a plain state dict counts as its state_dict), `module.` stripped."""
+    ema = key == ckpt.EMA_KEY
+    if ema and checkpoint.get(key) is None:
         return None
-    return remap_reference_keys(extract_state_dict(checkpoint, ema=True, source=source))
+    return remap_reference_keys(ckpt.Checkpoint.weights_of(checkpoint, ema=ema, source=source))
 
 
-def average_checkpoints(paths: Sequence[str | Path]) -> dict:
+def average_checkpoints(paths: Sequence[str | Path]) -> ckpt.Checkpoint:
     """A training checkpoint whose weights (and EMA weights) are the mean of those in `paths`."""
     loaded = [(str(path), load_file(path)) for path in paths]
     out: dict = {}
@@ -101,21 +100,13 @@ def average_checkpoints(paths: Sequence[str | Path]) -> dict:
             lacking = next(source for source, weights in named if weights is None)
             raise AveragingError(f"{lacking} has no {key}, {present[0]} has: average checkpoints of one run")
         out[key] = average_state_dicts(named)
-    last_source, last = loaded[-1]
-    checkpoint = {
-        "epoch": int(last.get("epoch", 0)),
-        "best_prec1": float(last.get("best_prec1", 0.0)),
-        "state_dict": out["state_dict"],
-        # Moments of the last weights mean nothing for their average; --resume from this file trains afresh.
-        "optimizer": {},
-    }
-    if "state_dict_ema" in out:
-        checkpoint["state_dict_ema"] = out["state_dict_ema"]
-    for key in ("arch", "args"):
-        if key in last:
-            checkpoint[key] = last[key]
-    checkpoint["averaged_from"] = [source for source, _ in loaded]
-    return checkpoint
+    last = ckpt.Checkpoint.from_dict(loaded[-1][1])
+    extras = {ckpt.EMA_KEY: out[ckpt.EMA_KEY]} if ckpt.EMA_KEY in out else {}
+    # Moments of the last weights mean nothing for their average (no optimizer state): --resume from this file
+    # trains afresh.
+    return ckpt.Checkpoint(epoch=int(last.epoch), best_prec1=float(last.best_prec1), state_dict=out["state_dict"],
+                           extras={**extras, "averaged_from": [source for source, _ in loaded]}, arch=last.arch,
+                           classes=last.classes, args=last.args)
 
 
 def last_epoch_checkpoints(workspace: str | Path, last: int) -> list[Path]:
@@ -144,39 +135,42 @@ def recompute_bn(model: nn.Module, batches: Iterable, ctx: ExecutionContext) -> 
         torch.optim.swa_utils.update_bn(batches, model)
 
 
-def recompute_bn_of_checkpoint(checkpoint: dict, data: str, batches: int, *, data_backend: str,
+def recompute_bn_of_checkpoint(checkpoint: ckpt.Checkpoint, data: str, batches: int, *, data_backend: str,
                                batch_size: int | None, workers: int, device: str | None) -> None:
     """Recompute the BN statistics of the checkpoint's weights (and EMA weights) over `batches` training batches
     of `data`, with the training pipeline of the run that wrote it (its image size, interpolation, augmentation)."""
     from ..data import build_train_loader
     from ..models import get_entry
-    run = checkpoint.get("args")
-    if not isinstance(run, dict) or "arch" not in checkpoint:
+    run = checkpoint.args
+    if not run or checkpoint.arch is None:
         raise AveragingError("--recompute-bn needs the run's training checkpoints (their arch and flags say which "
                              "model and training pipeline); these are plain state dicts")
-    entry = get_entry(checkpoint["arch"])
+    entry = get_entry(checkpoint.arch)
     model_args = {k: v for k, v in run.get("model_args", {}).items()
                   if k not in ("pretrained", "pretrained_from_file", "reset_classifier")}
     ctx = create_context(device=device)
     model = entry(**model_args).to(ctx.device, memory_format=ctx.memory_format)
     if not has_batchnorm(model):
-        raise AveragingError(f"--recompute-bn: {checkpoint['arch']} has no BatchNorm layers")
+        raise AveragingError(f"--recompute-bn: {checkpoint.arch} has no BatchNorm layers")
     loader = build_train_loader(data_backend, data, image_size=run.get("image_size") or entry.default_image_size,
                                 batch_size=batch_size or run.get("batch_size", 32), ctx=ctx,
                                 num_classes=model_args.get("num_classes", 1000), workers=workers,
                                 interpolation=run.get("interpolation", "bilinear"),
-                                augmentation=run.get("augmentation"), seed=run.get("seed") or 0)
+                                augmentation=run.get("augmentation"), seed=run.get("seed") or 0,
+                                **entry.preprocessing.normalization)
     try:
         if batches > len(loader):
             raise AveragingError(f"--recompute-bn {batches}: {data} has {len(loader)} training batches of "
                                  f"{loader.batch_size}")
-        for key in WEIGHT_KEYS:
-            if key not in checkpoint:
-                continue
-            model.load_state_dict(fit_state_dict(model, checkpoint[key], source=f"the averaged {key}"))
+        for key, weights in _weight_sets(checkpoint):
+            model.load_state_dict(fit_state_dict(model, weights, source=f"the averaged {key}"))
             loader.set_epoch(0)
             recompute_bn(model, itertools.islice(loader, batches), ctx)
-            checkpoint[key] = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
+            recomputed = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
+            if key == ckpt.EMA_KEY:
+                checkpoint.extras[key] = recomputed
+            else:
+                checkpoint.state_dict = recomputed
     finally:
         loader.close()
 
@@ -224,17 +218,23 @@ def input_paths(args: argparse.Namespace, parser: argparse.ArgumentParser) -> li
     return [Path(path) for path in args.checkpoints]
 
 
-def run(args: argparse.Namespace, paths: Sequence[Path]) -> dict:
+def _weight_sets(checkpoint: ckpt.Checkpoint) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    """(key, weights) of the checkpoint's weights and, when it has them, its EMA weights."""
+    ema = checkpoint.state_dict_ema
+    return [("state_dict", checkpoint.state_dict)] + ([(ckpt.EMA_KEY, ema)] if ema is not None else [])
+
+
+def run(args: argparse.Namespace, paths: Sequence[Path]) -> ckpt.Checkpoint:
     """Average, recompute BN statistics when asked, write the output; returns the written checkpoint."""
     checkpoint = average_checkpoints(paths)
     if args.recompute_bn is not None:
         recompute_bn_of_checkpoint(checkpoint, args.data, args.recompute_bn, data_backend=args.data_backend,
                                    batch_size=args.batch_size, workers=args.workers, device=args.device)
-    for key in WEIGHT_KEYS:
-        bad = first_non_finite(checkpoint.get(key) or {})
+    for key, weights in _weight_sets(checkpoint):
+        bad = first_non_finite(weights)
         if bad is not None:
             raise AveragingError(f"not writing {args.output}: {key} {bad} holds NaN or infinite values")
-    ckpt.atomic_save(checkpoint, args.output)
+    ckpt.atomic_save(checkpoint.to_dict(), args.output)
     return checkpoint
 
 
@@ -249,6 +249,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"averaged {len(paths)} checkpoints ({', '.join(p.name for p in paths)}) into {args.output}"
           + (f"; BN statistics recomputed over {args.recompute_bn} batches of {args.data}"
              if args.recompute_bn is not None else ""))
-    if "state_dict_ema" in checkpoint:
+    if checkpoint.state_dict_ema is not None:
         print("the EMA weights (state_dict_ema) were averaged too")
     return 0

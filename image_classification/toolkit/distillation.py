@@ -199,7 +199,7 @@ class Distillation(TrainingFeature):
     def state_dict(self) -> dict:
         return self.identity
 
-    def load_state_dict(self, state: dict | None, checkpoint: dict, source: str) -> None:
+    def load_state_dict(self, state: dict | None, checkpoint, source: str) -> None:
         """Refuse a checkpoint trained with another teacher, or without one: the run would not continue the same
         training."""
         _check_same_teacher(state, self.identity, source)

@@ -171,7 +171,8 @@ class Stages(TrainingFeature):
 def stage_train_loader(config: Config, ctx, settings: StageSettings, seed: int):
     """The training loader of one stage: its image size and RandAugment magnitude, the run's data order."""
     return train_loader_of(config.data, ctx, num_classes=config.model.num_classes, seed=seed,
-                           image_size=settings.image_size, randaug_magnitude=settings.randaug_magnitude)
+                           image_size=settings.image_size, randaug_magnitude=settings.randaug_magnitude,
+                           **get_entry(config.model.arch).preprocessing.normalization)
 
 
 def batch_mixer(settings: StageSettings, schedule: ProgressiveSchedule, num_classes: int) -> Mixup | None:

@@ -14,6 +14,7 @@ SWALR's state), so that --resume continues the average and the LR exactly, also 
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import warnings
 
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import SWALR, AveragedModel
 
-from ..checkpoint import CheckpointError, atomic_save
+from ..checkpoint import EMA_KEY, Checkpoint, CheckpointError, atomic_save
 from ..cli import UserError
 from ..config import Config
 from ..context import ExecutionContext
@@ -104,7 +105,7 @@ class SWA(TrainingFeature):
         job.save_checkpoint(is_best=False)
         if job.writer is not None:
             path = job.writer.workspace / SWA_FILE
-            atomic_save(swa_checkpoint(job.checkpoint_state(), self), path)
+            atomic_save(swa_checkpoint(job.checkpoint(), self).to_dict(), path)
             job.logger.print(f"=> SWA: {self.n_averaged} epochs averaged, BN statistics updated; saved {path}")
         return record
 
@@ -123,9 +124,9 @@ class SWA(TrainingFeature):
         return {"start": self.start, "state_dict": self.module.state_dict(),
                 "n_averaged": self.averaged.n_averaged.clone(), "scheduler": self.scheduler.state_dict()}
 
-    def load_state_dict(self, state: dict | None, checkpoint: dict, source: str) -> None:
+    def load_state_dict(self, state: dict | None, checkpoint: Checkpoint, source: str) -> None:
         """Restore the SWA state of a checkpoint (refusing one that has passed --swa-start without it)."""
-        epoch = int(checkpoint["epoch"])
+        epoch = int(checkpoint.epoch)
         if state is None:
             if epoch > self.start:
                 raise CheckpointError(f"--resume {source}: the checkpoint is at epoch {epoch}, after --swa-start "
@@ -160,9 +161,9 @@ def check_flags(config: Config) -> None:
                         f"(epochs are counted from 0)")
 
 
-def swa_checkpoint(checkpoint: dict, swa: SWA) -> dict:
-    """The model_swa.pth.tar of a run: its checkpoint with the SWA weights as state_dict, no optimizer state."""
-    replaced = {"state_dict": swa.module.state_dict(), "optimizer": {}}
-    out = {key: replaced.get(key, value) for key, value in checkpoint.items() if key not in ("state_dict_ema", "swa")}
-    out["swa_epochs_averaged"] = swa.n_averaged
-    return out
+def swa_checkpoint(checkpoint: Checkpoint, swa: SWA) -> Checkpoint:
+    """The model_swa.pth.tar of a run: its checkpoint with the SWA weights as state_dict, no optimizer state (nor
+    EMA weights or SWA state), and the number of epochs averaged."""
+    extras = {key: value for key, value in checkpoint.extras.items() if key not in (EMA_KEY, SWA.checkpoint_key)}
+    return dataclasses.replace(checkpoint, state_dict=swa.module.state_dict(), optimizer={},
+                               extras={**extras, "swa_epochs_averaged": swa.n_averaged})

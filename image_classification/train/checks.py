@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING
 
+from ..checkpoint import Checkpoint
 from ..cli import UserError
 from ..config import Config
 from ..context import ExecutionContext
@@ -34,7 +35,7 @@ def warn(ctx: ExecutionContext, text: str) -> None:
         print(f"warning: {text}", file=sys.stderr, flush=True)
 
 
-def with_class_count(config: Config, saved: dict | None, ctx: ExecutionContext, logger: Logger) -> Config:
+def with_class_count(config: Config, saved: Checkpoint | None, ctx: ExecutionContext, logger: Logger) -> Config:
     """`config` with the model's class count settled, checked against the data's.
 
     --num_classes given: that number. Otherwise the class count of the weights the job continues from (--resume's
@@ -67,7 +68,7 @@ def with_class_count(config: Config, saved: dict | None, ctx: ExecutionContext, 
 def _weights_classes(params, saved: dict | None, resume: str | None) -> tuple[int | None, str | None]:
     """(class count, flag) of the weights the model will be loaded with, or (None, None)."""
     if saved is not None:
-        return classifier_classes(saved.get("state_dict") or {}), "--resume"
+        return classifier_classes(saved.state_dict), "--resume"
     if params.get("reset_classifier"):
         return None, None
     if params.get("pretrained"):

@@ -54,8 +54,8 @@ class DivergenceGuard(TrainingFeature):
         self.check_loss(record["train.loss"], epoch, min(iterations, len(job.train_loader)))
         self.check_weights(job.trainer.model, epoch, min(iterations, len(job.train_loader)))
 
-    def load_state_dict(self, state: None, checkpoint: dict, source: str) -> None:
-        self.resumed(checkpoint.get("history", []))
+    def load_state_dict(self, state: None, checkpoint, source: str) -> None:
+        self.resumed(checkpoint.history)
 
     def check_loss(self, loss: float, epoch: int, iteration: int) -> None:
         """A loss the loop has synchronised for its log (iteration counted from 1): raise when not finite."""

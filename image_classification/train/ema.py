@@ -12,6 +12,7 @@ import copy
 import torch
 from torch import nn
 
+from ..checkpoint import EMA_KEY
 from ..cli import UserError
 from ..config import Config
 from ..features import Step, TrainingFeature
@@ -28,7 +29,7 @@ class EMA(TrainingFeature):
     """The training feature of --use-ema: a shadow copy of the model whose floating state follows the model's by
     EMA after every iteration, validated as val_ema and kept in checkpoints as state_dict_ema (the reference's)."""
 
-    checkpoint_key = "state_dict_ema"
+    checkpoint_key = EMA_KEY  # the reference's key
 
     def __init__(self, model: nn.Module, mu: float):
         if not 0.0 < mu < 1.0:
@@ -67,7 +68,7 @@ class EMA(TrainingFeature):
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
 
-    def load_state_dict(self, state: dict | None, checkpoint: dict, source: str) -> None:
+    def load_state_dict(self, state: dict | None, checkpoint, source: str) -> None:
         """The checkpoint's EMA weights, or its weights for a checkpoint trained without EMA."""
-        self.module.load_state_dict(fit_state_dict(self.module, state or checkpoint["state_dict"],
+        self.module.load_state_dict(fit_state_dict(self.module, state or checkpoint.state_dict,
                                                    source=f"{source} (EMA)", resuming=True))

@@ -40,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(default: the reference's resize to S+32)")
     p.add_argument("--data-backend", default="pytorch", choices=("pytorch", "dali-cpu", "dali-gpu"),
                    help="input pipeline (default: %(default)s)")
-    p.add_argument("--interpolation", default="bilinear", choices=("bilinear", "bicubic", "triangular"),
-                   help="resize interpolation (default: %(default)s)")
+    p.add_argument("--interpolation", default=None, choices=("bilinear", "bicubic", "triangular"),
+                   help="resize interpolation (default: the arch's: bilinear for B0-B7, bicubic for "
+                        "efficientnet-lite*)")
     p.add_argument("-b", "--batch-size", type=Number(int, low=1), default=64, metavar="N",
                    help="batch size (default: %(default)s)")
     p.add_argument("-j", "--workers", type=Number(int, low=0), default=4, metavar="N",
@@ -98,7 +99,9 @@ def evaluate_sizes(args: argparse.Namespace) -> list[tuple[int, float, float, fl
     for size, crop_pct in product(args.sizes, args.crop_pcts):
         loader = build_val_loader(args.data_backend, args.data, image_size=size, crop_pct=crop_pct,
                                   batch_size=args.batch_size, ctx=ctx, num_classes=args.model_args.num_classes,
-                                  workers=args.workers, interpolation=args.interpolation, seed=0)
+                                  workers=args.workers, seed=0,
+                                  interpolation=args.interpolation or entry.preprocessing.interpolation,
+                                  **entry.preprocessing.normalization)
         try:
             record = validate(model, loader, ctx, Logger(None, enabled=False), options)
         finally:

@@ -55,34 +55,19 @@ class Job:
                 record.update(self.validate(model, prefix=prefix, step=step))
         return record
 
-    def checkpoint_state(self) -> dict:
-        """The checkpoint dict (reference keys first) without the per-rank entries save_checkpoint gathers."""
+    def checkpoint(self, **per_rank) -> ckpt.Checkpoint:
+        """The run as a checkpoint, with the training features' states; `per_rank` as save_checkpoint gathers it."""
         trainer, state, config = self.trainer, self.state, self.config
-        out = {
-            "epoch": state.epoch,
-            "best_prec1": state.best_prec1,
-            "state_dict": trainer.model.state_dict(),
-            "optimizer": trainer.optimizer.state_dict() if trainer.optimizer is not None else {},
-        }
-        for feature in self.features:
-            if feature.checkpoint_key is not None:
-                out[feature.checkpoint_key] = feature.state_dict()
-        out.update({
-            "scaler": trainer.scaler.state_dict(),
-            "iteration": state.iteration,
-            "validated": state.validated,
-            "optimizer_steps": state.optimizer_steps,
-            "accumulated_iterations": state.accumulated,
-            "accumulation": trainer.accumulation,
-            "epochs_without_improvement": state.epochs_without_improvement,
-            "data_seed": state.data_seed,
-            "history": state.history,
-            "world_size": trainer.ctx.world_size,
-            "arch": config.model.arch,
-            "classes": self.classes,
-            "args": config.plain(),
-        })
-        return out
+        return ckpt.Checkpoint(
+            epoch=state.epoch, best_prec1=state.best_prec1, state_dict=trainer.model.state_dict(),
+            optimizer=trainer.optimizer.state_dict() if trainer.optimizer is not None else {},
+            extras={feature.checkpoint_key: feature.state_dict() for feature in self.features
+                    if feature.checkpoint_key is not None},
+            scaler=trainer.scaler.state_dict(), iteration=state.iteration, validated=state.validated,
+            optimizer_steps=state.optimizer_steps, accumulated_iterations=state.accumulated,
+            accumulation=trainer.accumulation, epochs_without_improvement=state.epochs_without_improvement,
+            data_seed=state.data_seed, history=state.history, world_size=trainer.ctx.world_size,
+            arch=config.model.arch, classes=self.classes, args=config.plain(), per_rank=per_rank)
 
     def save_checkpoint(self, *, is_best: bool) -> None:
         """Write the workspace's checkpoints (rank 0) with every rank's RNG state and, mid-epoch, its data position
@@ -99,7 +84,7 @@ class Job:
             per_rank["gradients"] = ckpt.capture_gradients(self.trainer.model)
         per_rank = gather_rank_states(ctx, **per_rank)
         if self.writer is not None:
-            self.writer.save({**self.checkpoint_state(), **per_rank}, is_best=is_best)
+            self.writer.save(self.checkpoint(**per_rank), is_best=is_best)
 
     def __enter__(self) -> "Job":
         return self

@@ -32,65 +32,56 @@ def resume_path(config: Config, ctx: ExecutionContext) -> str | None:
     return str(latest) if found else None
 
 
-def read_resume_checkpoint(path: str, config: Config) -> dict:
+def read_resume_checkpoint(path: str, config: Config) -> ckpt.Checkpoint:
     """The --resume checkpoint, refused when it is another arch's or has already run --epochs epochs."""
     saved = ckpt.load_checkpoint(path)
-    arch, wanted = saved.get("arch"), config.model.arch
+    arch, wanted = saved.arch, config.model.arch
     if arch is not None and arch != wanted:
         raise ckpt.CheckpointError(f"--resume {path}: the checkpoint is {arch}, --arch is {wanted}; resume with "
                                    f"--arch {arch}")
     epochs = config.schedule.epochs
-    if saved["epoch"] >= epochs and not config.runtime.evaluate:
-        raise ckpt.CheckpointError(f"--resume {path}: the checkpoint has already run {saved['epoch']} epochs, "
+    if saved.epoch >= epochs and not config.runtime.evaluate:
+        raise ckpt.CheckpointError(f"--resume {path}: the checkpoint has already run {saved.epoch} epochs, "
                                    f"--epochs is {epochs}; nothing left to train (raise --epochs)")
     return saved
 
 
-def this_rank(saved: dict, key: str, ctx: ExecutionContext):
-    """This process's value of a per-rank checkpoint entry (a list in rank order for distributed runs), or None
-    when the checkpoint lacks it or was written by another number of processes."""
-    value = saved.get(key)
-    if value is None or saved.get("world_size", 1) != ctx.world_size:
-        return None
-    return value[ctx.rank] if isinstance(value, list) else value
-
-
-def resume_from(saved: dict, path: str, job: Job) -> None:
+def resume_from(saved: ckpt.Checkpoint, path: str, job: Job) -> None:
     """Restore model, optimizer, scaler, run state, accumulated gradients, every feature's state, RNG and data
     position from a training checkpoint."""
     trainer, state, ctx = job.trainer, job.state, job.ctx
-    if trainer.optimizer is not None and saved.get("optimizer"):
-        check_optimizer_groups(saved["optimizer"], trainer.optimizer, path)
-    trainer.model.load_state_dict(fit_state_dict(trainer.model, saved["state_dict"], source=str(path), resuming=True))
-    if trainer.optimizer is not None and saved.get("optimizer"):
-        trainer.optimizer.load_state_dict(saved["optimizer"])
-    if saved.get("scaler"):
-        trainer.scaler.load_state_dict(saved["scaler"])
-    state.epoch = int(saved["epoch"])
-    state.iteration = int(saved.get("iteration", 0))
-    state.best_prec1 = float(saved["best_prec1"])
-    state.validated = bool(saved.get("validated", state.epoch > 0))
-    state.optimizer_steps = int(saved.get("optimizer_steps", 0))
+    if trainer.optimizer is not None and saved.optimizer:
+        check_optimizer_groups(saved.optimizer, trainer.optimizer, path)
+    trainer.model.load_state_dict(fit_state_dict(trainer.model, saved.state_dict, source=str(path), resuming=True))
+    if trainer.optimizer is not None and saved.optimizer:
+        trainer.optimizer.load_state_dict(saved.optimizer)
+    if saved.scaler:
+        trainer.scaler.load_state_dict(saved.scaler)
+    state.epoch = int(saved.epoch)
+    state.iteration = int(saved.iteration)
+    state.best_prec1 = float(saved.best_prec1)
+    state.validated = bool(saved.validated if saved.validated is not None else state.epoch > 0)
+    state.optimizer_steps = int(saved.optimizer_steps)
     if trainer.optimizer is not None:
         state.accumulated = resume_accumulation(saved, job)
-    state.epochs_without_improvement = int(saved.get("epochs_without_improvement", 0))
-    state.data_seed = int(saved.get("data_seed", state.data_seed))
-    state.history = list(saved.get("history", []))
+    state.epochs_without_improvement = int(saved.epochs_without_improvement)
+    state.data_seed = int(saved.data_seed if saved.data_seed is not None else state.data_seed)
+    state.history = list(saved.history)
     active = {type(feature) for feature in job.features}
     for feature in job.features:
         key = feature.checkpoint_key
-        feature.load_state_dict(saved.get(key) if key else None, saved, path)
+        feature.load_state_dict(saved.extras.get(key) if key else None, saved, path)
     if trainer.optimizer is not None:  # training goes on: features the checkpoint used may have to go on too
         for name in FEATURES:
             kind = FEATURES.get(name)
-            if kind not in active and kind.checkpoint_key in saved:
-                kind.check_absent(saved[kind.checkpoint_key], path)
-    rng = this_rank(saved, "rng", ctx)
+            if kind not in active and kind.checkpoint_key in saved.extras:
+                kind.check_absent(saved.extras[kind.checkpoint_key], path)
+    rng = saved.this_rank("rng", ctx.rank, ctx.world_size)
     if rng is not None:
         ckpt.restore_rng_state(rng, ctx)
     if state.iteration:
-        state.epoch_meter = this_rank(saved, "epoch_meter", ctx)
-        loader_state = this_rank(saved, "loader", ctx)
+        state.epoch_meter = saved.this_rank("epoch_meter", ctx.rank, ctx.world_size)
+        loader_state = saved.this_rank("loader", ctx.rank, ctx.world_size)
         if job.train_loader is not None and loader_state is not None:
             job.train_loader.load_state_dict(loader_state)
     job.logger.print(f"=> resumed from {path}: epoch {state.epoch}"
@@ -99,19 +90,19 @@ def resume_from(saved: dict, path: str, job: Job) -> None:
                      + f", best top-1 {state.best_prec1:.2f}")
 
 
-def resume_accumulation(saved: dict, job: Job) -> int:
+def resume_accumulation(saved: ckpt.Checkpoint, job: Job) -> int:
     """Restore the gradients a checkpoint written between two optimizer steps holds; returns how many
     iterations they sum. A run that accumulates differently (another --optimizer-batch-size, batch size or number
     of processes) cannot continue that sum: it starts a fresh accumulation and says so."""
     trainer = job.trainer
-    accumulated = int(saved.get("accumulated_iterations", 0))
+    accumulated = int(saved.accumulated_iterations)
     if not accumulated:
         return 0
-    gradients = this_rank(saved, "gradients", trainer.ctx)
-    saved_accumulation = int(saved.get("accumulation", 1))
+    gradients = saved.this_rank("gradients", trainer.ctx.rank, trainer.ctx.world_size)
+    saved_accumulation = int(saved.accumulation)
     if gradients is None or saved_accumulation != trainer.accumulation:
         job.logger.print(f"=> the checkpoint stopped {accumulated} of {saved_accumulation} iterations into an "
-                         f"accumulated step, on {saved.get('world_size', 1)} processes; this run accumulates "
+                         f"accumulated step, on {saved.world_size} processes; this run accumulates "
                          f"{trainer.accumulation} on {trainer.ctx.world_size}, so those gradients are dropped")
         return 0
     ckpt.restore_gradients(trainer.model, gradients)

@@ -64,13 +64,15 @@ def setup_job(config: Config, ctx: ExecutionContext, prepare_model: PrepareModel
     if saved is not None:
         # The data order of a resumed run comes from the checkpoint: its seed is needed by the loaders, and its
         # epoch decides the stage the train loader starts in.
-        state.data_seed = int(saved.get("data_seed", state.data_seed))
-        state.epoch = int(saved["epoch"])
+        state.data_seed = int(saved.data_seed if saved.data_seed is not None else state.data_seed)
+        state.epoch = int(saved.epoch)
     stage = schedule.settings(min(state.epoch, schedule.epochs - 1))
     train_loader = None if config.runtime.evaluate else progressive.stage_train_loader(config, ctx, stage,
                                                                                          state.data_seed)
+    # Normalised as the arch's weights expect (ImageNet statistics, or EfficientNet-Lite's [-1, 1]).
     val_loader = None if config.runtime.training_only and not config.runtime.evaluate else val_loader_of(
-        config.data, ctx, num_classes=config.model.num_classes, seed=state.data_seed, image_size=eval_size)
+        config.data, ctx, num_classes=config.model.num_classes, seed=state.data_seed, image_size=eval_size,
+        **entry.preprocessing.normalization)
     if saved is not None:
         ckpt.check_classes(saved, resume, (train_loader if train_loader is not None else val_loader).classes)
     model = model.to(ctx.device, memory_format=ctx.memory_format)
