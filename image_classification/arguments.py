@@ -87,12 +87,23 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
                    help=f"RandAugment magnitude with --augmentation randaugment, 0-{RANDAUG_MAX_MAGNITUDE} on "
                         f"the scale of torchvision and DALI ({RANDAUG_MAX_MAGNITUDE + 1} bins; TF/timm magnitude m "
                         "is about 3m here); of the last stage with --n-stages (default: %(default)s)")
+    g.add_argument("--random-erasing", type=Number(float, low=0, high=1), default=0.0, metavar="P",
+                   help="erase a random rectangle of each training image with probability P: torchvision's "
+                        "RandomErasing (2-33%% of the area, aspect 0.3-3.3, value 0) on the normalised batch, on "
+                        "every backend; 0 disables (not in the reference) (default: %(default)s)")
+    g.add_argument("--repeated-augment", type=Number(int, low=1), default=1, metavar="N",
+                   help="repeated augmentation (DeiT's RASampler): each epoch reads a 1/N of the training images N "
+                        "times each, differently augmented and dealt to different processes; an epoch keeps its "
+                        "number of images; 1 disables (not in the reference) (default: %(default)s)")
 
     g = p.add_argument_group("model")
     g.add_argument("-a", "--arch", type=_arch, default=DEFAULT_ARCH, metavar="ARCH",
                    help="model architecture, one of: " + ", ".join(sorted(available_models()))
                         + " (default: %(default)s; the reference's default, resnet50, is not an EfficientNet and "
                           "not in this suite)")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="synchronise BatchNorm statistics over the processes of a multi-GPU run "
+                        "(torch.nn.SyncBatchNorm; CUDA only) (not in the reference)")
     g.add_argument("--jit", default="no", choices=("no", "script", "compile"),
                    help="compile the model: torch.jit.script (script) or torch.compile (compile; on CPU it needs "
                         "a C++ compiler; with --evaluate the weights are also frozen into the compiled graph) "
@@ -134,7 +145,10 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
                    help="CutMix alpha (of the last stage with --n-stages), 0 disables; with --mixup too, each batch "
                         "uses one of the two, chosen with probability 0.5 (not in the reference) "
                         "(default: %(default)s)")
-    g.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS.names(), help="optimizer (default: %(default)s)")
+    g.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS.names(),
+                   help="optimizer: sgd, rmsprop (the reference's), adamw (decoupled weight decay), lamb (layer-wise "
+                        "trust ratio for large batches, You et al. 2019) (the last two not in the reference) "
+                        "(default: %(default)s)")
     g.add_argument("--momentum", type=Number(float, low=0, high=1, high_open=True), default=0.9, metavar="M",
                    help="momentum (default: %(default)s)")
     g.add_argument("--weight-decay", "--wd", type=Number(float, low=0), default=1e-4, metavar="W",
@@ -146,6 +160,17 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
     g.add_argument("--rmsprop-eps", type=Number(float, low=0, low_open=True), default=1e-3, metavar="EPS",
                    help="RMSprop epsilon (default: %(default)s)")
     g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD only)")
+    g.add_argument("--adam-betas", type=Number(float, low=0, high=1, high_open=True), nargs=2, default=None,
+                   metavar=("B1", "B2"),
+                   help="--optimizer adamw and lamb: the moving-average factors of the gradient and of its square "
+                        "(not in the reference) (default: 0.9 0.999)")
+    g.add_argument("--adam-eps", type=Number(float, low=0, low_open=True), default=None, metavar="EPS",
+                   help="--optimizer adamw and lamb: the term added to the denominator (not in the reference) "
+                        "(default: 1e-8 for adamw, as torch's AdamW; 1e-6 for lamb, as timm's and NVIDIA's)")
+    g.add_argument("--clip-grad", type=Number(float, low=0, low_open=True), default=None, metavar="NORM",
+                   help="clip the global gradient norm to NORM before each optimizer step (after the fp16 loss scale "
+                        "is taken out; with --optimizer-batch-size, the accumulated gradient) (not in the reference) "
+                        "(default: off)")
     g.add_argument("--use-ema", type=Number(float, low=0, high=1, low_open=True, high_open=True), default=None,
                    metavar="DECAY",
                    help="keep an exponential moving average of the weights with this decay, validated as val_ema "
@@ -216,7 +241,8 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
     g.add_argument("--evaluate", action="store_true", help="only validate the model (no training)")
     g.add_argument("--training-only", action="store_true", help="do not validate during training")
     g.add_argument("--topk", type=Number(int, low=1), default=5, metavar="K",
-                   help="the second accuracy reported beside top-1 (logged as top5) (default: %(default)s)")
+                   help="the second accuracy reported beside top-1 (logged as top5), at most the number of classes "
+                        "(default: %(default)s)")
     g.add_argument("--config", default=None, metavar="FILE.yaml",
                    help="flag values from a YAML mapping, keyed by the flags' long names or dests (weight-decay or "
                         "weight_decay, model flags too), such as the <workspace>/config.yaml every run writes; flags "
@@ -361,7 +387,19 @@ def settings_to_argv(settings: dict, source: str, parsers: list[argparse.Argumen
 
 
 def _model_parser(arch: str) -> argparse.ArgumentParser:
-    return get_entry(arch).parser()
+    parser = get_entry(arch).parser()
+    for action in parser._actions:
+        if action.dest == "num_classes":  # main.py's default comes from the data (train/checks.py)
+            action.help = ("number of output classes (default: the class count of the weights that --resume, "
+                           "--pretrained or --pretrained-from-file load, else of the data: its class folders or "
+                           "shards' classes.txt; 1000 with --data-backend synthetic)")
+    return parser
+
+
+def _given(argv: list[str], parser: argparse.ArgumentParser, dest: str) -> bool:
+    """Whether `argv` gives the flag of `dest` (abbreviations are off, so its spellings are exact)."""
+    options = [option for action in parser._actions if action.dest == dest for option in action.option_strings]
+    return any(token == option or token.startswith(option + "=") for token in argv for option in options)
 
 
 def _option_strings(*parsers: argparse.ArgumentParser) -> list[str]:
@@ -414,12 +452,14 @@ def parse_args(argv: list[str] | None = None, defaults: dict | None = None, prog
     main = build_parser(prog)
     sources = [("settings", settings or {})] + ([(f"--config {known.config}", read_config_file(known.config))]
                                                 if known.config else [])
+    num_classes_set = False  # by the settings or the --config file (configs.yml's 1000 is a default)
     for source, mapping in sources:
         values, unknown = settings_to_values(mapping, source, [main, *extra])
         arch = known.arch or values.get("arch") or defaults.get("arch", DEFAULT_ARCH)
         if arch in available_models():
             model_values, unknown = settings_to_values({k: mapping[k] for k in unknown}, source, [_model_parser(arch)])
             values.update(model_values)
+            num_classes_set |= "num_classes" in model_values
         if unknown:
             raise ConfigFileError(f"{source}: {', '.join(map(repr, unknown))}: not {'a' if len(unknown) == 1 else ''} "
                                   f"{prog} or {arch} model flag{'s' if len(unknown) > 1 else ''}")
@@ -447,6 +487,8 @@ def parse_args(argv: list[str] | None = None, defaults: dict | None = None, prog
     model_dests = {a.dest for a in model._actions}
     args = argparse.Namespace(**{k: v for k, v in vars(parsed).items() if k in main_dests})
     args.model_args = argparse.Namespace(**{k: v for k, v in vars(parsed).items() if k in model_dests})
+    # Without --num_classes the job takes the class count of its weights or data (config.ModelConfig).
+    args.num_classes_given = num_classes_set or _given(argv, model, "num_classes")
     if args.data is None and args.data_backend != "synthetic":
         combined.error(f"the data folder (DIR) is required with --data-backend {args.data_backend}")
     return args

@@ -127,7 +127,8 @@ def check_numbers(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     for action in parser._actions:
         if isinstance(action.type, Number) and hasattr(args, action.dest):
             value = getattr(args, action.dest)
-            if not action.type.admits(value):
+            values = value if isinstance(value, (list, tuple)) and action.nargs not in (None, "?") else [value]
+            if not all(action.type.admits(v) for v in values):
                 parser.error(f"argument {'/'.join(action.option_strings)}: must be {action.type.describe()}, "
                              f"got {value}")
 

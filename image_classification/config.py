@@ -37,6 +37,8 @@ class DataConfig:
     augmentation: str | None
     randaug_magnitude: int
     batch_size: int
+    random_erasing: float = 0.0
+    repeated_augment: int = 1
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,12 @@ class ModelConfig:
     arch: str
     jit: str
     memory_format: str
+    sync_bn: bool = False
     params: Mapping[str, Any] = field(default_factory=dict)
+    # Whether the command line gave --num_classes. When it did not, params["num_classes"] is a default (the
+    # parser's 1000 or configs.yml's) that the job replaces by the class count of the weights it continues from or
+    # of its data (train/checks.py): ImageNet's folders give 1000, a 4-class folder 4.
+    num_classes_given: bool = True
 
     @property
     def num_classes(self) -> int:
@@ -66,6 +73,9 @@ class OptimizerConfig:
     rmsprop_alpha: float = 0.9
     rmsprop_eps: float = 1e-3
     optimizer_batch_size: int = -1
+    adam_betas: tuple[float, float] | None = None
+    adam_eps: float | None = None
+    clip_grad: float | None = None
 
 
 @dataclass(frozen=True)
@@ -185,7 +195,7 @@ SECTIONS: dict[str, type] = {
     "checkpoint": CheckpointConfig, "log": LogConfig, "runtime": RuntimeConfig, "ema": EMAConfig, "swa": SWAConfig,
     "distillation": DistillationConfig, "finetune": FinetuneConfig,
 }
-NOT_FLAGS = {"params", "prefix"}  # section fields that no main.py flag sets
+NOT_FLAGS = {"params", "prefix", "num_classes_given"}  # section fields that no main.py flag sets
 # The resolved flags of a run, written to its workspace: `--config <workspace>/config.yaml` repeats the run.
 CONFIG_FILE = "config.yaml"
 
@@ -212,13 +222,15 @@ class Config:
     @classmethod
     def from_args(cls, args: argparse.Namespace, *, checkpoint_prefix: str = "") -> "Config":
         """The config of parsed flags (arguments.parse_args, with quant_main.py's added for a QAT job)."""
-        flags = {key: value for key, value in vars(args).items() if key != "model_args"}
-        return cls.from_flags(flags, vars(args.model_args), checkpoint_prefix=checkpoint_prefix)
+        flags = {key: value for key, value in vars(args).items() if key not in ("model_args", "num_classes_given")}
+        return cls.from_flags(flags, vars(args.model_args), checkpoint_prefix=checkpoint_prefix,
+                              num_classes_given=getattr(args, "num_classes_given", True))
 
     @classmethod
-    def from_flags(cls, flags: Mapping[str, Any], model_flags: Mapping[str, Any], *, checkpoint_prefix: str = ""
-                   ) -> "Config":
-        """The config of flag values by dest (main.py's, plus quant_main.py's calibration flags for a QAT job)."""
+    def from_flags(cls, flags: Mapping[str, Any], model_flags: Mapping[str, Any], *, checkpoint_prefix: str = "",
+                   num_classes_given: bool = True) -> "Config":
+        """The config of flag values by dest (main.py's, plus quant_main.py's calibration flags for a QAT job);
+        `num_classes_given`: whether model_flags' num_classes came from the command line (see ModelConfig)."""
         flags = dict(flags)
         quantization_flags = {f.name for f in fields(QuantizationConfig)}
         quant = quantization_flags <= flags.keys()
@@ -228,7 +240,8 @@ class Config:
             raise ValueError(f"flags without a config section: {', '.join(stray)}")
         sections = {name: _section(section, flags) for name, section in SECTIONS.items() if name != "model"}
         sections["model"] = ModelConfig(arch=flags["arch"], jit=flags["jit"], memory_format=flags["memory_format"],
-                                        params=MappingProxyType(dict(model_flags)))
+                                        sync_bn=flags["sync_bn"], params=MappingProxyType(dict(model_flags)),
+                                        num_classes_given=num_classes_given)
         sections["checkpoint"] = _section(CheckpointConfig, {**flags, "prefix": checkpoint_prefix})
         return cls(flags=MappingProxyType(flags), quantization=_section(QuantizationConfig, flags) if quant else None,
                    **sections)
@@ -250,8 +263,10 @@ class Config:
         unknown = sorted(flags.keys() - self.flags.keys())
         if unknown:
             raise ValueError(f"not main.py flags: {', '.join(unknown)}")
-        params = {**self.model.params, **(model_params or {})}
-        return Config.from_flags({**self.flags, **flags}, params, checkpoint_prefix=self.checkpoint.prefix)
+        model_params = dict(model_params or {})
+        params = {**self.model.params, **model_params}
+        return Config.from_flags({**self.flags, **flags}, params, checkpoint_prefix=self.checkpoint.prefix,
+                                 num_classes_given=self.model.num_classes_given or "num_classes" in model_params)
 
 
 def write_config_file(config: Config, path: str | Path) -> None:

@@ -71,6 +71,10 @@ class TrainingFeature:
     def end_epoch(self, job: Job, epoch: int, record: dict[str, float]) -> None:
         """After a whole training epoch, before its validation; `record` holds its train.* metrics so far."""
 
+    def epoch_record(self, job: Job, epoch: int, record: dict[str, float]) -> None:
+        """After the epoch's validation: `record` holds its train.* and (unless --training-only) val.* metrics, before
+        it is logged and the epoch's checkpoint written."""
+
     def models_to_validate(self) -> list[tuple[str, nn.Module]]:
         """(report prefix, model) validated after the model itself, every validation (e.g. EMA's val_ema)."""
         return []
@@ -99,6 +103,7 @@ FEATURES: Registry[type[TrainingFeature]] = Registry("training feature")
 FEATURES.register("stages", "image_classification.toolkit.progressive:Stages")
 FEATURES.register("freeze", "image_classification.toolkit.finetune:Freeze")
 FEATURES.register("divergence", "image_classification.train.divergence:DivergenceGuard")
+FEATURES.register("exploding-loss", "image_classification.train.exploding_loss:ExplodingLoss")
 FEATURES.register("ema", "image_classification.train.ema:EMA")
 FEATURES.register("swa", "image_classification.toolkit.swa:SWA")
 FEATURES.register("distillation", "image_classification.toolkit.distillation:Distillation")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from PIL import Image
 
 from image_classification.context import create_context
 from image_classification.data import build_val_loader
+from image_classification.data.loader import Normalizer
 from image_classification.deploy.classify import ImageError, class_names, imagenet_class_names, load_image, main
 from image_classification.models import efficientnet_b0, efficientnet_widese_b0, get_entry
 
@@ -95,7 +97,7 @@ def test_format_names_file_and_validation_preprocessing(files, capsys):
     assert blocks[0][1:] == expected
 
 
-def test_imagenet_names_by_default_and_indices_for_other_class_counts(files, capsys):
+def test_imagenet_names_by_default_and_indices_for_other_class_counts(files, tmp_path, capsys):
     names = imagenet_class_names()
     # The reference's full names (LOC_synset_mapping.json), duplicates of different synsets included.
     assert len(names) == 1000
@@ -112,7 +114,9 @@ def test_imagenet_names_by_default_and_indices_for_other_class_counts(files, cap
     lines = out.splitlines()
     assert lines[0] == image and len(lines) == 6
     assert all(LINE.match(line)["name"] in names for line in lines[1:])
-    code, out, _ = _run(capsys, ["--arch", "efficientnet-b0", "--pretrained-from-file", str(files / "b0_10.pth"),
+    # Plain weights without a classes.txt beside them (`files` has one, which names the classes: see below).
+    shutil.copy(files / "b0_10.pth", tmp_path / "b0_10.pth")
+    code, out, _ = _run(capsys, ["--arch", "efficientnet-b0", "--pretrained-from-file", str(tmp_path / "b0_10.pth"),
                                  "--num-classes", "10", "--image", image, "--image-size", str(SIZE), "--cpu"])
     assert code == 0
     assert all(LINE.match(line)["name"] in {str(i) for i in range(10)} for line in out.splitlines()[1:])
@@ -261,3 +265,58 @@ def test_weights_with_nan_are_refused_naming_file_and_tensor(files, tmp_path, ca
     assert code == 1 and out == ""
     assert err.strip().splitlines() == [f"classify.py: error: {weights}: classifier.fc.bias holds NaN or infinite "
                                         "values (the run that wrote these weights diverged); use an earlier checkpoint"]
+
+
+# --- what a training checkpoint records --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(generated, tmp_path_factory):
+    """A training run's workspace: 3 classes at 40 px, validated with crop 0.8 and bicubic resizing."""
+    from runs import train
+    workspace = tmp_path_factory.mktemp("trained")
+    train([str(generated), "--arch", "efficientnet-b0", "--data-backend", "pytorch", "--image-size", "40",
+           "--eval-crop-pct", "0.8", "--interpolation", "bicubic", "-b", "4", "--workers", "0", "--epochs", "1",
+           "--lr", "0.01", "--bn_momentum", "0.1", "--seed", "0", "--workspace", str(workspace)])
+    return workspace
+
+
+def test_a_training_checkpoint_alone_gives_arch_class_count_size_crop_and_names(trained, generated, capsys):
+    image = generated / "val" / "square" / "square_00001.jpg"
+    code, out, err = _run(capsys, ["--pretrained-from-file", str(trained / "model_best.pth.tar"), "--image",
+                                   str(image), "--precision", "FP32", "--cpu"])
+    assert code == 0 and err == ""
+    model = get_entry("efficientnet-b0")(num_classes=3, pretrained_from_file=str(trained / "model_best.pth.tar"))
+    batch = load_image(image, 40, "bicubic", 0.8).unsqueeze(0)  # the run's validation geometry
+    with torch.no_grad():
+        probs = torch.softmax(model.eval()(Normalizer(create_context(device="cpu"))(batch)), dim=1)[0]
+    values, indices = probs.topk(3)
+    names = ["circle", "square", "triangle"]
+    assert out.splitlines() == [str(image)] + [f"{names[i]}: {100 * v:.1f}%" for v, i in zip(values.tolist(),
+                                                                                          indices.tolist())]
+
+
+def test_a_class_count_the_weights_do_not_have_is_cured_by_num_classes(trained, capsys):
+    checkpoint = trained / "model_best.pth.tar"
+    code, out, err = _run(capsys, ["--pretrained-from-file", str(checkpoint), "--num_classes", "10", "--image",
+                                   str(trained / "x.jpg")])
+    assert code == 1 and out == ""
+    assert err.strip() == (f"classify.py: error: {checkpoint}: the weights score 3 classes, --num_classes is 10; give "
+                           "--num_classes 3 or leave it out (the weights' count is the default)")
+
+
+def test_plain_weights_take_the_names_of_the_classes_txt_beside_them(trained, generated, capsys):
+    import checkpoint2model
+    weights = trained / "model.pth"
+    checkpoint2model.main(["--checkpoint-path", str(trained / "model_best.pth.tar"), "--weight-path", str(weights)])
+    capsys.readouterr()
+    image = str(generated / "val" / "circle" / "circle_00000.jpg")
+    code, out, err = _run(capsys, ["--arch", "efficientnet-b0", "--pretrained-from-file", str(weights), "--image",
+                                   image, "--image-size", "40", "--cpu"])
+    assert code == 0, err
+    assert {LINE.match(line)["name"] for line in out.splitlines()[1:]} == {"circle", "square", "triangle"}
+    # Plain weights record no arch: --arch stays required, and says why.
+    with pytest.raises(SystemExit) as exc:
+        main(["--pretrained-from-file", str(weights), "--image", image])
+    assert exc.value.code == 2
+    assert "--arch is required unless --pretrained-from-file is a training checkpoint of this suite" in \
+        capsys.readouterr().err

@@ -173,3 +173,20 @@ def test_model2onnx_refuses_weights_with_nan_naming_file_and_tensor(tmp_path, ca
         f"model2onnx.py: error: {weights}: layers.2.block1.depsep.bn.running_var holds NaN or infinite values (the "
         "run that wrote these weights diverged); use an earlier checkpoint"]
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_model2onnx_reads_arch_class_count_and_size_from_a_training_checkpoint(tmp_path, capsys):
+    checkpoint = tmp_path / "model_best.pth.tar"
+    torch.save({"epoch": 3, "arch": "efficientnet-widese-b0", "classes": ["a", "b", "c"],
+                "state_dict": get_entry("efficientnet-widese-b0")(num_classes=3).state_dict(),
+                "args": {"image_size": 40, "eval_image_size": 48, "model_args": {"num_classes": 3}}}, checkpoint)
+    code = main(["--pretrained-from-file", str(checkpoint), "--device", "cpu", "-b", "1", "--verify-batch-size", "2"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.startswith(f"exported efficientnet-widese-b0 to {tmp_path / 'model_best.onnx'} (opset 13, input "
+                          "'input' [batch, 3, 48, 48], output 'output' [batch, 3], batch dynamic)")
+    code = main(["--pretrained-from-file", str(checkpoint), "--num_classes", "1000", "--output",
+                 str(tmp_path / "x.onnx")])
+    assert code == 1 and capsys.readouterr().err.strip() == (
+        f"model2onnx.py: error: {checkpoint}: the weights score 3 classes, --num_classes is 1000; give --num_classes 3 "
+        "or leave it out (the weights' count is the default)")

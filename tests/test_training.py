@@ -92,7 +92,8 @@ def test_short_run_writes_report_and_checkpoints(tmp_path):
 
 
 # This suite's metrics beyond the reference's (README, Differences from the reference).
-OUR_METRICS = ("image_size", "bad_files", "compute_latency_at90", "first_batch_latency")
+OUR_METRICS = ("image_size", "bad_files", "compute_latency_at90", "first_batch_latency", "per_class_top1",
+               "confusion_matrix")
 
 
 def _reference_shape(records: list[dict]) -> list[tuple]:

@@ -56,6 +56,7 @@ class LoaderOptions:
     crop_pct: float | None
     mean: Triple
     std: Triple
+    repeats: int = 1  # --repeated-augment: each training image read this many times per epoch
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ DATA_FORMATS = ("auto", *FORMATS.names())
 
 __all__ = ["AUGMENTATIONS", "BACKENDS", "DATA_BACKENDS", "DATA_FORMATS", "FORMATS", "IMG_EXTENSIONS", "INTERPOLATIONS",
            "MAGNITUDE_BINS", "MEAN", "STD", "DataError", "Loader", "LoaderOptions", "build_train_loader",
-           "build_val_loader", "dataset_classes", "scan_data", "train_loader_of", "val_loader_of"]
+           "build_val_loader", "dataset_class_names", "dataset_classes", "scan_data", "train_loader_of", "val_loader_of"]
 
 
 def _check_choices(backend: str, interpolation: str, augmentation: str | None = None) -> Backend:
@@ -126,13 +127,26 @@ def scan_data(data_dir: str | os.PathLike | None, split: str, num_classes: int, 
     return FORMATS.get(resolve_format(data_dir, data_format))(data_dir, split, num_classes)
 
 
+def dataset_class_names(data_dir: str | os.PathLike | None, data_format: str = "auto") -> list[str]:
+    """The classes of a dataset in index order, without indexing its images: the class folders of both splits, or
+    the shards' classes.txt (DataError when neither can be read)."""
+    from .shard_reader import resolve_format, shard_classes
+    if data_dir is None:
+        raise DataError("no data folder given (DIR)")
+    if resolve_format(data_dir, data_format) == "shards":
+        return shard_classes(data_dir)
+    return dataset_classes(data_dir)
+
+
+
 def build_train_loader(backend: str, data_dir: str | None, *, image_size: int, batch_size: int,
                        ctx: ExecutionContext, num_classes: int = 1000, workers: int = 5, prefetch: int = 2,
                        interpolation: str = "bilinear", augmentation: str | None = None,
                        randaug_magnitude: int = 9, seed: int | None = None, data_format: str = "auto",
-                       mean: Triple = MEAN, std: Triple = STD) -> Loader:
-    """Training batches: random-resized crop, flip, optional augmentation policy; shuffled; last partial dropped;
-    normalised by `mean`/`std` (0..255 scale: ImageNet's, or the model's own)."""
+                       repeated_augment: int = 1, mean: Triple = MEAN, std: Triple = STD) -> Loader:
+    """Training batches: random-resized crop, flip, optional augmentation policy; shuffled (each epoch's images read
+    `repeated_augment` times each, folder.repeated_samples); last partial dropped; normalised by `mean`/`std`
+    (0..255 scale: ImageNet's, or the model's own)."""
     kind = _check_choices(backend, interpolation, augmentation)
     _check_sizes(image_size, batch_size, workers)
     if not 0 <= randaug_magnitude < MAGNITUDE_BINS:
@@ -140,8 +154,10 @@ def build_train_loader(backend: str, data_dir: str | None, *, image_size: int, b
     options = LoaderOptions(train=True, image_size=image_size, batch_size=batch_size, ctx=ctx,
                             num_classes=num_classes, workers=workers, prefetch=prefetch, interpolation=interpolation,
                             augmentation=augmentation, magnitude=randaug_magnitude, seed=_resolve_seed(seed),
-                            crop_pct=None, mean=mean, std=std)
+                            crop_pct=None, mean=mean, std=std, repeats=repeated_augment)
     if not kind.reads_files:
+        if repeated_augment > 1:
+            raise UserError("--repeated-augment repeats the images of a dataset; --data-backend synthetic has none")
         return kind.build(None, options)
     index = scan_data(data_dir, "train", num_classes, data_format)
     per_rank = len(index.samples) // ctx.world_size
@@ -174,7 +190,7 @@ def train_loader_of(config: DataConfig, ctx: ExecutionContext, *, num_classes: i
                               ctx=ctx, num_classes=num_classes, workers=config.workers, prefetch=config.prefetch,
                               interpolation=config.interpolation, augmentation=config.augmentation,
                               randaug_magnitude=randaug_magnitude, seed=seed, data_format=config.data_format,
-                              mean=mean, std=std)
+                              repeated_augment=config.repeated_augment, mean=mean, std=std)
 
 
 def val_loader_of(config: DataConfig, ctx: ExecutionContext, *, num_classes: int, seed: int, image_size: int,

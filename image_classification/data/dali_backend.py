@@ -59,7 +59,8 @@ from PIL import Image
 from ..cli import UserError
 from ..context import ExecutionContext
 from .augmentations import POLICIES, available
-from .folder import DROPPED, REPLACED, DataError, ImageFolderIndex, UnreadableSample, epoch_seed, shard_size
+from .folder import (DROPPED, REPLACED, DataError, ImageFolderIndex, UnreadableSample, epoch_samples, epoch_seed,
+                     shard_size)
 from .loader import MAGNITUDE_BINS, MEAN, STD, Batch, Loader, Triple, device_batches, val_resize_size
 
 if TYPE_CHECKING:
@@ -291,7 +292,7 @@ class DaliLoader(Loader):
     def __init__(self, index: ImageFolderIndex, *, train: bool, gpu: bool, image_size: int, batch_size: int,
                  ctx: ExecutionContext, workers: int, prefetch: int, interpolation: str,
                  augmentation: str | None, magnitude: int, seed: int, crop_pct: float | None = None,
-                 mean: Triple = MEAN, std: Triple = STD) -> None:
+                 repeats: int = 1, mean: Triple = MEAN, std: Triple = STD) -> None:
         if gpu and not ctx.is_cuda:
             raise UserError("--data-backend dali-gpu needs a CUDA GPU (this run is on "
                                f"{ctx.device.type}); use --data-backend dali-cpu or pytorch")
@@ -300,7 +301,7 @@ class DaliLoader(Loader):
         num_samples = shard_size(len(index.samples), rank=ctx.rank, world_size=ctx.world_size, equal_shards=train)
         super().__init__(classes=index.classes, batch_size=batch_size, num_samples=num_samples, drop_last=train,
                          ctx=ctx, mean=mean, std=std)
-        self.index, self.train, self.gpu, self.seed = index, train, gpu, seed
+        self.index, self.train, self.gpu, self.seed, self.repeats = index, train, gpu, seed, repeats
         self.threads, self.prefetch = max(workers, 1), max(prefetch, 1)
         self.graph_options = dict(decoder="mixed" if gpu else "cpu", image_size=image_size,
                                   interp=interp_type(interpolation), augmentation=augmentation,
@@ -319,8 +320,10 @@ class DaliLoader(Loader):
 
     def batches(self, epoch: int) -> list[list[int]]:
         """Dataset indices of each batch of the epoch (full batches only when training)."""
-        order = self.index.epoch_order(epoch=epoch, seed=self.seed, rank=self.ctx.rank, world_size=self.ctx.world_size,
-                                       shuffle=self.train, equal_shards=self.train)
+        # The repeats of --repeated-augment differ by DALI's own draws, which go on from sample to sample.
+        order = [index for index, _ in epoch_samples(self.index, epoch=epoch, seed=self.seed, rank=self.ctx.rank,
+                                                     world_size=self.ctx.world_size, train=self.train,
+                                                     repeats=self.repeats)]
         size = self.batch_size
         return [order[start:start + size] for start in range(0, len(self) * size, size) if start < len(order)]
 
@@ -581,5 +584,5 @@ def _build(index: ImageFolderIndex, options: LoaderOptions, gpu: bool) -> DaliLo
     return DaliLoader(index, train=options.train, gpu=gpu, image_size=options.image_size,
                       batch_size=options.batch_size, ctx=options.ctx, workers=options.workers,
                       prefetch=options.prefetch, interpolation=options.interpolation, augmentation=options.augmentation,
-                      magnitude=options.magnitude, seed=options.seed, crop_pct=options.crop_pct, mean=options.mean,
-                      std=options.std)
+                      magnitude=options.magnitude, seed=options.seed, crop_pct=options.crop_pct,
+                      repeats=options.repeats, mean=options.mean, std=options.std)

@@ -205,14 +205,45 @@ def shard_indices(num_items: int, *, epoch: int, seed: int, rank: int, world_siz
     disjoint, and shuffling leaves out different items each epoch). Without it (validation) the shards
     cover every item exactly once and may differ in length by one.
     """
-    if shuffle:
-        generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
-        order = torch.randperm(num_items, generator=generator).tolist()
-    else:
-        order = list(range(num_items))
+    order = _permutation(num_items, epoch, seed) if shuffle else list(range(num_items))
     if equal_shards:
         order = order[: num_items - num_items % world_size]
     return order[rank::world_size]
+
+
+def _permutation(num_items: int, epoch: int, seed: int) -> list[int]:
+    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+    return torch.randperm(num_items, generator=generator).tolist()
+
+
+def repeated_samples(num_items: int, *, epoch: int, seed: int, rank: int, world_size: int, repeats: int
+                     ) -> list[tuple[int, int]]:
+    """This rank's (dataset index, repeat number) pairs for a training `epoch` under repeated augmentation (DeiT's
+    RASampler, timm's RepeatAugSampler).
+
+    The epoch's permutation (shard_indices') with every item written `repeats` times in a row is dealt round-robin
+    over the ranks, so that an image's repeats go to different ranks (to the same rank when there are fewer ranks
+    than repeats); each rank keeps its first num_items // world_size, so an epoch has its usual length and reads
+    about 1/repeats of the images. The same arguments give the same pairs: a resumed epoch continues exactly.
+    """
+    order = _permutation(num_items, epoch, seed)
+    # Position p of the repeated sequence is item order[p // repeats], repeat p % repeats; rank r deals r, r + W, ...
+    positions = range(rank, rank + world_size * (num_items // world_size), world_size)
+    return [(order[p // repeats], p % repeats) for p in positions]
+
+
+def epoch_samples(index: ImageFolderIndex, *, epoch: int, seed: int, rank: int, world_size: int, train: bool,
+                  repeats: int = 1) -> list[tuple[int, int]]:
+    """This rank's (sample number, repeat number) pairs for `epoch`, in order: the index's own order (a training
+    epoch shuffled and split into equal shards, validation in order), every repeat number 0; or, for training with
+    `repeats` > 1, repeated_samples' over every sample of the index (shards too, so that their reading order is then
+    the folders')."""
+    if train and repeats > 1:
+        return repeated_samples(len(index.samples), epoch=epoch, seed=seed, rank=rank, world_size=world_size,
+                                repeats=repeats)
+    order = index.epoch_order(epoch=epoch, seed=seed, rank=rank, world_size=world_size, shuffle=train,
+                              equal_shards=train)
+    return [(position, 0) for position in order]
 
 
 def shard_size(num_items: int, *, rank: int, world_size: int, equal_shards: bool) -> int:

@@ -31,7 +31,7 @@ from ..cli import UserError
 from ..context import ExecutionContext
 from .augmentations import POLICIES
 from .autoaugment import PolicyV0
-from .folder import DROPPED, DataError, ImageFolderIndex, UnreadableSample, epoch_seed, shard_size
+from .folder import DROPPED, DataError, ImageFolderIndex, UnreadableSample, epoch_samples, epoch_seed, shard_size
 from .loader import MAGNITUDE_BINS, MEAN, STD, Batch, Loader, Triple, device_batches, val_resize_size
 
 if TYPE_CHECKING:
@@ -167,8 +167,9 @@ class FolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor | None, int, list[BadRecord]]:
-        epoch, index = key
+    def __getitem__(self, key: tuple[int, ...]) -> tuple[torch.Tensor | None, int, list[BadRecord]]:
+        # (epoch, index), or (epoch, index, repeat) for the repeats after the first of --repeated-augment
+        epoch, index, *repeat = key
         failures: list[tuple[str, str]] = []
         for attempt in range(len(self.samples) if self.replace else 1):
             position = (index + attempt) % len(self.samples)
@@ -182,20 +183,20 @@ class FolderDataset(Dataset):
                 failures.append((path, f"{type(err).__name__}: {err}"))
                 continue
             bad = [(failed, reason, f"replaced by {path}") for failed, reason in failures]
-            return self._augment(image, epoch, index), label, bad
+            return self._augment(image, epoch, index, *repeat), label, bad
         if not self.replace:
             return None, label, [(path, reason, DROPPED) for path, reason in failures]
         raise DataError(f"none of the {len(self.samples)} images could be decoded (first: {failures[0][0]})")
 
-    def _augment(self, image: Image.Image, epoch: int, index: int) -> torch.Tensor:
-        # The random draws of the transforms depend on (seed, epoch, index) only. torchvision's transforms draw
-        # from the CPU default generator, the reference's AutoAugment (autoaugment.PolicyV0) from Python's
-        # `random`: both are seeded here and restored after, so that the process's own draws (dropout, mixup
-        # when workers=0) are untouched. torch.manual_seed would do the same and seed every accelerator
+    def _augment(self, image: Image.Image, epoch: int, index: int, *repeat: int) -> torch.Tensor:
+        # The random draws of the transforms depend on (seed, epoch, index[, repeat]) only. torchvision's
+        # transforms draw from the CPU default generator, the reference's AutoAugment (autoaugment.PolicyV0) from
+        # Python's `random`: both are seeded here and restored after, so that the process's own draws (dropout,
+        # mixup when workers=0) are untouched. torch.manual_seed would do the same and seed every accelerator
         # backend besides: 0.4 ms a call, 40 % of the time of a 64 px sample.
         generator = torch.default_generator
         state, python_state = generator.get_state(), random.getstate()
-        seed = epoch_seed(self.seed, epoch, index)
+        seed = epoch_seed(self.seed, epoch, index, *repeat)
         generator.manual_seed(seed)
         random.seed(seed)
         try:
@@ -206,29 +207,30 @@ class FolderDataset(Dataset):
 
 
 class EpochShardSampler(Sampler):
-    """Yields (epoch, dataset index) keys of this rank's shard for the selected epoch, from a skip offset."""
+    """Yields the (epoch, dataset index) keys of this rank's shard for the selected epoch, from a skip offset; under
+    --repeated-augment (training) a repeat after the first is (epoch, index, repeat), augmented by a seed of its own."""
 
-    def __init__(self, index: ImageFolderIndex, *, seed: int, rank: int, world_size: int, shuffle: bool,
-                 equal_shards: bool) -> None:
+    def __init__(self, index: ImageFolderIndex, *, seed: int, rank: int, world_size: int, train: bool,
+                 repeats: int = 1) -> None:
         self.index, self.num_items = index, len(index.samples)
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.shuffle, self.equal_shards = shuffle, equal_shards
+        self.train, self.repeats = train, repeats
         self.epoch = 0
         self.skip_items = 0
 
     def select(self, epoch: int, skip_items: int) -> None:
         self.epoch, self.skip_items = epoch, skip_items
 
-    def order(self) -> list[int]:
-        """The shard's full order for the selected epoch."""
-        return self.index.epoch_order(epoch=self.epoch, seed=self.seed, rank=self.rank, world_size=self.world_size,
-                                      shuffle=self.shuffle, equal_shards=self.equal_shards)
+    def _samples(self) -> list[tuple[int, int]]:
+        return epoch_samples(self.index, epoch=self.epoch, seed=self.seed, rank=self.rank, world_size=self.world_size,
+                             train=self.train, repeats=self.repeats)
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((self.epoch, index) for index in self.order()[self.skip_items:])
+    def __iter__(self) -> Iterator[tuple[int, ...]]:
+        return ((self.epoch, index, repeat) if repeat else (self.epoch, index)
+                for index, repeat in self._samples()[self.skip_items:])
 
     def __len__(self) -> int:
-        size = shard_size(self.num_items, rank=self.rank, world_size=self.world_size, equal_shards=self.equal_shards)
+        size = shard_size(self.num_items, rank=self.rank, world_size=self.world_size, equal_shards=self.train)
         return max(size - self.skip_items, 0)
 
 
@@ -310,10 +312,10 @@ class PytorchLoader(Loader):
     """torch DataLoader over a FolderDataset with a per-epoch shard sampler; normalises on the device."""
 
     def __init__(self, index: ImageFolderIndex, transform: Callable, *, train: bool, batch_size: int,
-                 ctx: ExecutionContext, workers: int, prefetch: int, seed: int, mean: Triple = MEAN,
-                 std: Triple = STD) -> None:
-        self.sampler = EpochShardSampler(index, seed=seed, rank=ctx.rank, world_size=ctx.world_size,
-                                         shuffle=train, equal_shards=train)
+                 ctx: ExecutionContext, workers: int, prefetch: int, seed: int, repeats: int = 1,
+                 mean: Triple = MEAN, std: Triple = STD) -> None:
+        self.sampler = EpochShardSampler(index, seed=seed, rank=ctx.rank, world_size=ctx.world_size, train=train,
+                                         repeats=repeats)
         super().__init__(classes=index.classes, batch_size=batch_size, drop_last=train, ctx=ctx,
                          num_samples=shard_size(len(index.samples), rank=ctx.rank, world_size=ctx.world_size,
                                                 equal_shards=train), mean=mean, std=std)
@@ -367,5 +369,5 @@ def build_loader(index: ImageFolderIndex, options: LoaderOptions) -> PytorchLoad
     transform = (train_transform(options.image_size, options.interpolation, options.augmentation, options.magnitude)
                  if options.train else val_transform(options.image_size, options.interpolation, options.crop_pct))
     return PytorchLoader(index, transform, train=options.train, batch_size=options.batch_size, ctx=options.ctx,
-                         workers=options.workers, prefetch=options.prefetch, seed=options.seed, mean=options.mean,
-                         std=options.std)
+                         workers=options.workers, prefetch=options.prefetch, seed=options.seed,
+                         repeats=options.repeats, mean=options.mean, std=options.std)

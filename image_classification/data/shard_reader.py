@@ -380,6 +380,12 @@ def _read_classes(root: Path, index: dict) -> list[str]:
     return classes
 
 
+def shard_classes(data_dir: str | os.PathLike) -> list[str]:
+    """The class names of the shards in `data_dir`, in index order (its classes.txt), or DataError."""
+    root = Path(data_dir)
+    return _read_classes(root, read_index(root))
+
+
 def scan_shards(data_dir: str | os.PathLike, split: str, num_classes: int) -> ShardIndex:
     """Index `<data_dir>/<split>-NNNNNN.tar` by its index.json, or raise DataError naming what is wrong."""
     root = Path(data_dir)

@@ -1,11 +1,12 @@
 """classify.py: top-5 classes of images, preprocessed exactly as the validation pipeline does.
 
     python classify.py --arch efficientnet-b0 --pretrained --image cat.jpg dog.png
-    python classify.py --arch efficientnet-b0 --pretrained-from-file ws/model_best.pth.tar --num_classes 10 \\
-        --class-names ws/classes.txt --image flower.jpg --cpu
+    python classify.py --pretrained-from-file ws/model_best.pth.tar --image flower.jpg --cpu   # a training checkpoint
     python classify.py --engine openvino --onnx b0.onnx --image cat.jpg     # model2onnx.py's file, on the CPU
 
-Output per image (the reference's format): the path, then `<class name>: <prob>%` lines, best first.
+A training checkpoint of this suite gives its arch, class count, validation size, crop, interpolation and class
+names (checkpoint_info.py); flags on the command line win. Output per image (the reference's format): the path, then
+`<class name>: <prob>%` lines, best first.
 """
 from __future__ import annotations
 
@@ -19,16 +20,17 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from ..checkpoint import class_difference
+from ..checkpoint import CLASS_NAMES_FILE, class_difference
 from ..cli import EXIT_ERROR, USER_ERRORS, ArgumentParser, Number, UserError, error_message, print_error
 from ..context import ExecutionContext, create_context
 from ..data.loader import Normalizer
 from ..data.pytorch_backend import load_rgb, val_transform
 from ..models import available_models, get_entry, parse_model_flags
 from ..models.quantized import require_ranges
-from ..models.weights import WeightsError, recorded_classes
+from ..models.weights import WeightsError
 from ..preprocessing import REFERENCE, Preprocessing
 from ..toolkit.tta import TTA_MODES
+from .checkpoint_info import CheckpointInfo, read_checkpoint_info, weights_flag
 from .engines import ENGINES, Engine, TorchEngine, onnx_io_sizes, onnx_preprocessing, open_engine
 
 PROG = "classify.py"
@@ -64,10 +66,11 @@ def read_class_names(path: str | Path) -> list[str]:
     return names
 
 
-def class_names(num_classes: int, names_file: str | Path | None = None, recorded: list[str] | None = None
-                ) -> list[str]:
-    """Names for each output: from `names_file`, else those the weights' checkpoint `recorded`, else ImageNet's
-    for 1000 classes, else the class indices. A `names_file` that disagrees with `recorded` is warned about."""
+def class_names(num_classes: int, names_file: str | Path | None = None, recorded: list[str] | None = None,
+                beside: Path | None = None) -> list[str]:
+    """Names for each output: from `names_file`, else those the weights' checkpoint `recorded`, else those of the
+    classes.txt `beside` the weights (when it lists num_classes), else ImageNet's for 1000 classes, else the class
+    indices. A `names_file` that disagrees with `recorded` is warned about, as is a `beside` file of another length."""
     if names_file is not None:
         names = read_class_names(names_file)
         if len(names) != num_classes:
@@ -80,13 +83,21 @@ def class_names(num_classes: int, names_file: str | Path | None = None, recorded
         return names
     if recorded is not None and len(recorded) == num_classes:
         return list(recorded)
+    if beside is not None:
+        names = read_class_names(beside)
+        if len(names) == num_classes:
+            return names
+        print(f"{PROG}: warning: {beside} lists {len(names)} classes, the model has {num_classes}: not using its "
+              "names (--class-names FILE names the classes)", file=sys.stderr)
     if num_classes == IMAGENET_CLASSES:
         return imagenet_class_names()
     return [str(i) for i in range(num_classes)]
 
 
-def load_image(path: str | Path, image_size: int, interpolation: str = "bilinear") -> torch.Tensor:
-    """uint8 [3,S,S] of an image file: short side to S+32, centre crop S (the validation geometry).
+def load_image(path: str | Path, image_size: int, interpolation: str = "bilinear", crop_pct: float | None = None
+               ) -> torch.Tensor:
+    """uint8 [3,S,S] of an image file: short side to S+32 (or round(S/crop_pct)), centre crop S (the validation
+    geometry).
 
     Decoded as the pytorch data backend decodes (16-bit grayscale scaled to 8 bits); a file that cannot be
     used, decompression bombs included, raises ImageError naming it.
@@ -104,7 +115,7 @@ def load_image(path: str | Path, image_size: int, interpolation: str = "bilinear
         raise ImageError(f"{path}: too large to decode ({err})") from None
     except (OSError, ValueError, SyntaxError) as err:  # truncated or corrupt files surface as these from Pillow
         raise ImageError(f"{path}: cannot decode ({err})") from None
-    return val_transform(image_size, interpolation)(image)
+    return val_transform(image_size, interpolation, crop_pct)(image)
 
 
 @dataclass
@@ -125,7 +136,8 @@ class Classifier:
     flip, the mean of the softmax of each image and of its mirror (as tta.py in validation)."""
 
     def __init__(self, model: nn.Module | Engine, ctx: ExecutionContext, names: Sequence[str], image_size: int,
-                 preprocessing: Preprocessing = REFERENCE, topk: int = TOPK, tta: str = "none") -> None:
+                 preprocessing: Preprocessing = REFERENCE, topk: int = TOPK, tta: str = "none",
+                 crop_pct: float | None = None) -> None:
         if tta not in TTA_MODES:
             raise UserError(f"--tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
         self.ctx = ctx
@@ -134,6 +146,7 @@ class Classifier:
         self.names = list(names)
         self.image_size = image_size
         self.interpolation = preprocessing.interpolation
+        self.crop_pct = crop_pct
         self.topk = min(topk, len(self.names))
         self.normalize = Normalizer(ctx, preprocessing.mean, preprocessing.std)
 
@@ -148,7 +161,7 @@ class Classifier:
 
     def predict(self, path: str | Path) -> Prediction:
         """Top-k classes of one image file (raises ImageError for a file that is not a readable image)."""
-        image = load_image(path, self.image_size, self.interpolation)
+        image = load_image(path, self.image_size, self.interpolation, self.crop_pct)
         probs = self.probabilities(image.unsqueeze(0))[0]
         values, indices = probs.topk(self.topk)
         return Prediction(str(path), [(self.names[i], p) for p, i in zip(values.tolist(), indices.tolist())])
@@ -171,15 +184,21 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-h", "--help", action="store_true", help="show this help (and the model flags) and exit")
     p.add_argument("-a", "--arch", default=None, metavar="ARCH",
-                   help="model architecture, one of: " + ", ".join(sorted(available_models())))
+                   help="model architecture, one of: " + ", ".join(sorted(available_models())) + " (default: the "
+                        "arch a training checkpoint given to --pretrained-from-file records)")
     p.add_argument("--image", action="extend", nargs="+", default=[], metavar="PATH",
                    help="image file(s) to classify; repeat the flag or list several paths")
     p.add_argument("--image-size", type=Number(int, low=1), default=None, metavar="N",
-                   help="input size (default: the arch's evaluation size, e.g. 224 for b0, 384 for efficientnet-v2-s; "
-                        "the reference always used 224)")
+                   help="input size (default: the size a training checkpoint's run validated at, else the arch's "
+                        "evaluation size, e.g. 224 for b0, 384 for efficientnet-v2-s; the reference always used 224)")
+    p.add_argument("--eval-crop-pct", type=Number(float, low=0, high=1, low_open=True), default=None, metavar="P",
+                   help="resize the short side to round(S/P) before the centre crop of S, as main.py's --eval-crop-pct "
+                        "(not in the reference) (default: a training checkpoint's, else the reference's resize to "
+                        "S+32)")
     p.add_argument("--interpolation", default=None, choices=("bilinear", "bicubic", "triangular"),
-                   help="resize interpolation, as main.py's --interpolation (default: the one the model was trained "
-                        "with: bilinear for B0-B7, bicubic for efficientnet-lite*; an --onnx file's recorded one)")
+                   help="resize interpolation, as main.py's --interpolation (default: a training checkpoint's, else "
+                        "the one the model was trained with: bilinear for B0-B7, bicubic for efficientnet-lite*; an "
+                        "--onnx file's recorded one)")
     p.add_argument("--tta", default="none", choices=TTA_MODES,
                    help="test-time augmentation: flip averages the softmax of the image and of its horizontal mirror "
                         "(not in the reference) (default: %(default)s)")
@@ -193,8 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "its output the number of classes)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     p.add_argument("--class-names", default=None, metavar="FILE",
-                   help="one class name per line (e.g. <workspace>/classes.txt written by training); default: "
-                        "ImageNet names for 1000 classes, class indices otherwise")
+                   help="one class name per line (e.g. <workspace>/classes.txt written by training); default: a "
+                        "training checkpoint's class names, else the classes.txt beside the weights or --onnx file, "
+                        "else ImageNet names for 1000 classes, class indices otherwise")
     return p
 
 
@@ -215,12 +235,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.onnx is not None:
         parser.error("--onnx runs in --engine onnxruntime or openvino; --engine torch runs --arch")
     args.precision = args.precision or "AMP"
-    if args.arch is None:
-        parser.error("--arch is required; available: " + ", ".join(sorted(available_models())))
-    parse_model_flags(parser, args, rest, PROG)
+    args.checkpoint = checkpoint_defaults(parser, args, rest)
     if not args.image:
         parser.error("give at least one --image PATH")
     return args
+
+
+def checkpoint_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]
+                        ) -> CheckpointInfo | None:
+    """Set args.arch (unless given) and args.model_args from the command line and what its --pretrained-from-file
+    records (the class count a default of --num_classes); returns that record, None without such a file. Shared with
+    model2onnx.py. A file that cannot be read ends the program with one line (status 1)."""
+    weights = weights_flag(rest)
+    info = None
+    if weights is not None:
+        try:
+            info = read_checkpoint_info(weights)
+        except USER_ERRORS as err:
+            raise SystemExit(print_error(parser.prog, error_message(err).splitlines()[0])) from None
+    args.arch = args.arch or (info.arch if info else None)
+    if args.arch is None:
+        parser.error("--arch is required unless --pretrained-from-file is a training checkpoint of this suite, which "
+                     "records it; available: " + ", ".join(sorted(available_models())))
+    parse_model_flags(parser, args, rest, parser.prog,
+                      defaults={"num_classes": info.num_classes} if info and info.num_classes else None)
+    return info
 
 
 def check_engine_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> None:
@@ -252,9 +291,10 @@ def build_classifier(args: argparse.Namespace) -> Classifier:
     if args.engine != "torch":
         return build_engine_classifier(args)
     entry = get_entry(args.arch)
-    weights = args.model_args.pretrained_from_file
-    names = class_names(args.model_args.num_classes, args.class_names,
-                        recorded_classes(weights) if weights else None)
+    info = args.checkpoint or CheckpointInfo()
+    if not args.model_args.reset_classifier:
+        info.check_class_count(args.model_args.num_classes)
+    names = class_names(args.model_args.num_classes, args.class_names, info.classes, info.names_file)
     ctx = create_context(device="cpu" if args.cpu else None, amp=args.precision == "AMP",
                          amp_flags=("--precision AMP (the default)", "pass --precision FP32"))
     model = entry(**vars(args.model_args))
@@ -262,13 +302,14 @@ def build_classifier(args: argparse.Namespace) -> Classifier:
     if not (getattr(args.model_args, "pretrained", False) or args.model_args.pretrained_from_file):
         print(f"{PROG}: warning: {args.arch} has random weights (no --pretrained or --pretrained-from-file)",
               file=sys.stderr)
-    image_size = args.image_size or entry.default_eval_image_size
-    return Classifier(model, ctx, names, image_size, with_interpolation(entry.preprocessing, args.interpolation),
-                      tta=args.tta)
+    image_size = args.image_size or info.image_size or entry.default_eval_image_size
+    preprocessing = with_interpolation(entry.preprocessing, args.interpolation or info.interpolation)
+    return Classifier(model, ctx, names, image_size, preprocessing, tta=args.tta,
+                      crop_pct=args.eval_crop_pct or info.crop_pct)
 
 
 def with_interpolation(preprocessing: Preprocessing, interpolation: str | None) -> Preprocessing:
-    """`preprocessing` with --interpolation's filter when the flag was given."""
+    """`preprocessing` with --interpolation's filter (or a checkpoint's) when there is one."""
     return preprocessing if interpolation is None else replace(preprocessing, interpolation=interpolation)
 
 
@@ -278,12 +319,13 @@ def build_engine_classifier(args: argparse.Namespace) -> Classifier:
     if args.image_size is not None and args.image_size != image_size:
         raise UserError(f"--image-size {args.image_size}: --onnx {args.onnx} takes {image_size} x {image_size} "
                         "images (export another size with model2onnx.py --image-size)")
-    names = class_names(num_classes, args.class_names)
+    beside = Path(args.onnx).parent / CLASS_NAMES_FILE
+    names = class_names(num_classes, args.class_names, beside=beside if beside.is_file() else None)
     engine = open_engine(args.engine, args.onnx)
     # The normalisation model2onnx.py recorded in the file (files without it get the reference's).
     preprocessing = with_interpolation(onnx_preprocessing(args.onnx), args.interpolation)
     return Classifier(engine, create_context(device="cpu", amp=False), names, image_size, preprocessing,
-                      tta=args.tta)
+                      tta=args.tta, crop_pct=args.eval_crop_pct)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,10 +23,11 @@ import torch
 from torch import nn
 
 from ..cli import USER_ERRORS, ArgumentParser, Number, UserError, error_message, print_error
-from ..models import available_models, get_entry, parse_model_flags
+from ..models import available_models, get_entry
 from ..models.weights import WeightsError
 from ..preprocessing import Preprocessing
-from .classify import weights_error_line
+from .checkpoint_info import CheckpointInfo
+from .classify import checkpoint_defaults, weights_error_line, with_interpolation
 
 PROG = "model2onnx.py"
 INPUT_NAME = "input"
@@ -179,12 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
                                             "--num_classes ...) are accepted too.")
     p.add_argument("-h", "--help", action="store_true", help="show this help (and the model flags) and exit")
     p.add_argument("-a", "--arch", default=None, metavar="ARCH",
-                   help="model architecture, one of: " + ", ".join(sorted(available_models())))
+                   help="model architecture, one of: " + ", ".join(sorted(available_models())) + " (default: the "
+                        "arch a training checkpoint given to --pretrained-from-file records)")
     p.add_argument("--device", default=None, choices=("cpu", "cuda"),
                    help="where the model runs during export (default: cuda when present, else cpu)")
     p.add_argument("--image-size", type=Number(int, low=1), default=None, metavar="N",
-                   help="input resolution (default: the arch's evaluation size, e.g. 224 for b0, 384 for "
-                        "efficientnet-v2-s)")
+                   help="input resolution (default: the size a training checkpoint's run validated at, else the "
+                        "arch's evaluation size, e.g. 224 for b0, 384 for efficientnet-v2-s)")
     p.add_argument("--output", default=None, metavar="PATH",
                    help="ONNX file to write (default: the --pretrained-from-file name with .onnx, or <arch>.onnx)")
     p.add_argument("-b", "--batch-size", type=Number(int, low=1), default=256, metavar="N",
@@ -220,9 +222,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             print(f"\nmodel flags of {args.arch}:")
             print(get_entry(args.arch).parser().format_help())
         raise SystemExit(0)
-    if args.arch is None:
-        parser.error("--arch is required; available: " + ", ".join(sorted(available_models())))
-    parse_model_flags(parser, args, rest, PROG)
+    args.checkpoint = checkpoint_defaults(parser, args, rest)
     return args
 
 
@@ -240,16 +240,19 @@ def run(args: argparse.Namespace) -> Path:
 def _export_and_verify(args: argparse.Namespace) -> Path:
     from ..context import select_device
     entry = get_entry(args.arch)
+    info = args.checkpoint or CheckpointInfo()
+    if not args.model_args.reset_classifier:
+        info.check_class_count(args.model_args.num_classes)
     device = select_device(args.device)
     model = entry(**vars(args.model_args)).to(device).eval()
-    image_size = args.image_size or entry.default_eval_image_size
+    image_size = args.image_size or info.image_size or entry.default_eval_image_size
     output = Path(args.output) if args.output else default_output(args.model_args.pretrained_from_file, args.arch)
     exported = model
     if args.fold_batchnorm:
         from .batchnorm_folding import fold_batchnorm
         exported = fold_batchnorm(model)
     export_onnx(exported, output, image_size=image_size, batch_size=args.batch_size, opset=args.opset, device=device,
-                dynamo=args.dynamo, preprocessing=entry.preprocessing)
+                dynamo=args.dynamo, preprocessing=with_interpolation(entry.preprocessing, info.interpolation))
     print(f"exported {args.arch} to {output} (opset {args.opset}, input '{INPUT_NAME}' [batch, 3, {image_size}, "
           f"{image_size}], output '{OUTPUT_NAME}' [batch, {args.model_args.num_classes}], batch dynamic"
           f"{', BatchNorm folded into the convolutions' if args.fold_batchnorm else ''})")

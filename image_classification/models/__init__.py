@@ -36,15 +36,18 @@ def get_entry(arch: str) -> EntryPoint:
     return _REGISTRY[arch]
 
 
-def parse_model_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str], prog: str) -> None:
-    """Set args.model_args from --arch's own flags among `rest` (what `parser` left); a wrong --arch or a flag
-    that neither parser knows is a usage error of `parser`. Shared by the scripts that take an arch's flags."""
+def parse_model_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str], prog: str,
+                      defaults: dict | None = None) -> None:
+    """Set args.model_args from --arch's own flags among `rest` (what `parser` left), `defaults` (dest -> value)
+    replacing the model's; a wrong --arch or a flag that neither parser knows is a usage error of `parser`. Shared by
+    the scripts that take an arch's flags."""
     try:
         entry = get_entry(args.arch)
     except ValueError as err:
         parser.error(str(err))
     model_parser = entry.parser()
     model_parser.prog = prog
+    model_parser.set_defaults(**(defaults or {}))
     args.model_args, rest = model_parser.parse_known_args(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -24,8 +24,8 @@ from torch import nn
 
 from ..checkpoint import Checkpoint, WeightsError, first_non_finite, load_file
 
-__all__ = ["WeightsError", "check_finite", "extract_state_dict", "first_non_finite", "fit_state_dict", "load_file",
-           "load_pretrained", "load_weights", "recorded_classes", "remap_reference_keys"]
+__all__ = ["WeightsError", "check_finite", "classifier_classes", "extract_state_dict", "first_non_finite",
+           "fit_state_dict", "load_file", "load_pretrained", "load_weights", "remap_reference_keys"]
 
 log = logging.getLogger(__name__)
 
@@ -244,12 +244,11 @@ def load_weights(model: nn.Module, path: str | Path, ema: bool = False, reset_cl
     model.load_state_dict(fitted)
 
 
-def recorded_classes(path: str | Path) -> list[str] | None:
-    """The class names a training checkpoint records (index order), or None (plain weights, older files)."""
-    classes = Checkpoint.from_dict(load_file(path)).classes
-    if isinstance(classes, (list, tuple)) and all(isinstance(name, str) for name in classes):
-        return list(classes)
-    return None
+def classifier_classes(state_dict: Mapping[str, torch.Tensor]) -> int | None:
+    """The number of classes the weights score (the rows of classifier.fc.weight, whatever prefix or NGC layout
+    they come in), or None for weights without this suite's classifier."""
+    weight = remap_reference_keys(state_dict).get("classifier.fc.weight")
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() >= 2 else None
 
 
 def packaged_weights(requirement: str) -> Path:

@@ -99,6 +99,8 @@ def epoch_iterations(loader, prof: int) -> int:
 def train_step(trainer: Trainer, images: torch.Tensor, target: torch.Tensor, optimizer_step: bool) -> torch.Tensor:
     """Forward and backward of one batch; the optimizer steps when `optimizer_step` (end of an accumulation).
     Returns [loss, *loss terms] divided by the accumulation: the reference's train.loss (and the terms beside it)."""
+    if trainer.erasing is not None:
+        images = trainer.erasing(images)
     if trainer.mixup is not None:
         images, target = trainer.mixup(images, target)
     # DDP skips the gradient all-reduce on iterations that only accumulate.
@@ -110,11 +112,21 @@ def train_step(trainer: Trainer, images: torch.Tensor, target: torch.Tensor, opt
             loss = trainer.loss(trainer.train_model(images), target, images) / trainer.accumulation
         trainer.scaler.scale(loss).backward()
     if optimizer_step:
+        if trainer.clip_grad is not None:
+            clip_gradients(trainer)
         trainer.scaler.step(trainer.optimizer)
         trainer.scaler.update()
         trainer.optimizer.zero_grad(set_to_none=True)
     terms = [term / trainer.accumulation for term in trainer.loss.last_terms()]
     return torch.stack([loss.detach(), *terms]) if terms else loss.detach().view(1)
+
+
+def clip_gradients(trainer: Trainer) -> torch.Tensor:
+    """--clip-grad: scale the gradients so that their global norm is at most trainer.clip_grad, after taking the
+    fp16 loss scale out (the scaler's step then uses them as they are); returns the norm before clipping."""
+    trainer.scaler.unscale_(trainer.optimizer)
+    return torch.nn.utils.clip_grad_norm_([p for p in trainer.model.parameters() if p.grad is not None],
+                                          trainer.clip_grad)
 
 
 class _Interval:

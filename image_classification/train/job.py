@@ -11,6 +11,7 @@ from ..config import Config
 from ..context import ExecutionContext
 from ..features import TrainingFeature
 from ..logger import Logger
+from .confusion import ConfusionMatrix
 from .state import RunState, Trainer
 from .validate import EvalOptions, validate
 
@@ -38,15 +39,17 @@ class Job:
         loader = self.train_loader if self.train_loader is not None else self.val_loader
         return list(loader.classes)
 
-    def validate(self, model: nn.Module, *, prefix: str = "val", step: tuple[int, ...] = (0, 0)) -> dict[str, float]:
+    def validate(self, model: nn.Module, *, prefix: str = "val", step: tuple[int, ...] = (0, 0),
+                 confusion: ConfusionMatrix | None = None) -> dict[str, float]:
         """The validation record of `model` on the job's val loader, as --tta evaluates, with the training loss's
-        criterion."""
+        criterion; `confusion` collects its predictions per class."""
         return validate(model, self.val_loader, self.ctx, self.logger, EvalOptions.from_config(self.config),
-                        prefix=prefix, step=step, criterion=self.trainer.loss.criterion)
+                        prefix=prefix, step=step, criterion=self.trainer.loss.criterion, confusion=confusion)
 
-    def validate_all(self, step: tuple[int, ...]) -> dict[str, float]:
-        """The model's validation record, then that of every model a feature validates (val_ema, ...)."""
-        record = self.validate(self.trainer.train_model, step=step)
+    def validate_all(self, step: tuple[int, ...], confusion: ConfusionMatrix | None = None) -> dict[str, float]:
+        """The model's validation record (its predictions per class into `confusion`), then that of every model a
+        feature validates (val_ema, ...)."""
+        record = self.validate(self.trainer.train_model, step=step, confusion=confusion)
         for feature in self.features:
             for prefix, model in feature.models_to_validate():
                 record.update(self.validate(model, prefix=prefix, step=step))

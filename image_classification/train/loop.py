@@ -18,6 +18,7 @@ from ..context import create_context, set_cpu_allocator
 from ..gpu_affinity import set_affinity
 from ..models import fused
 from .banner import banner_lines
+from .confusion import ConfusionMatrix, report_confusion
 from .epoch import train_one_epoch
 from .job import Job
 from .schedules import LRSchedule, set_lr
@@ -63,8 +64,10 @@ def run(config: Config, *, prepare_model: PrepareModel | None = None) -> dict:
 def evaluate(job: Job) -> dict:
     """--evaluate: validate the model (and the features' models, e.g. its EMA) once; the summary of that record."""
     epoch = job.state.epoch
-    record = job.validate_all(step=(epoch, 0))
+    confusion = ConfusionMatrix(job.config.model.num_classes, job.ctx)
+    record = job.validate_all(step=(epoch, 0), confusion=confusion)
     job.logger.log((epoch,), record)
+    report_confusion(job, confusion, epoch)
     result = summary([record])
     job.logger.log((), result)
     return result
@@ -78,6 +81,7 @@ def fit(job: Job, stop: StopRequest) -> dict:
     last_epoch = epochs if run_epochs < 0 else min(epochs, state.epoch + run_epochs)
     prof, patience = config.runtime.prof, config.schedule.early_stopping_patience
     interrupted = stopped_early = False
+    validated: tuple[int, ConfusionMatrix] | None = None  # the last validation's epoch and predictions per class
     while state.epoch < last_epoch:
         epoch = state.epoch
         lr = schedule.lr_of(epoch)
@@ -100,7 +104,9 @@ def fit(job: Job, stop: StopRequest) -> dict:
         if job.val_loader is not None:
             # The reference's validation steps carry the epoch's training iteration count (--prof shortens it).
             length = len(job.train_loader)
-            record.update(job.validate_all(step=(epoch, length if prof <= 0 else min(length, prof))))
+            validated = epoch, ConfusionMatrix(config.model.num_classes, trainer.ctx)
+            record.update(job.validate_all(step=(epoch, length if prof <= 0 else min(length, prof)),
+                                           confusion=validated[1]))
             is_best = record["val.top1"] > state.best_prec1 or not state.validated
             if is_best:
                 state.best_prec1 = record["val.top1"]
@@ -108,6 +114,8 @@ def fit(job: Job, stop: StopRequest) -> dict:
                 state.epochs_without_improvement = 0
             else:
                 state.epochs_without_improvement += 1
+        for feature in job.features:
+            feature.epoch_record(job, epoch, record)
         logger.log((epoch,), record)
         state.history.append(record)
         state.epoch = epoch + 1
@@ -122,6 +130,8 @@ def fit(job: Job, stop: StopRequest) -> dict:
             logger.print(f"=> stopped by signal after epoch {epoch}"
                          + (f"; continue with --resume {job.writer.latest}" if job.writer is not None else ""))
             break
+    if not interrupted and validated is not None:
+        report_confusion(job, validated[1], validated[0])
     result = summary(state.history)
     if not interrupted and (stopped_early or state.epoch >= epochs):
         for feature in job.features:

@@ -1,4 +1,5 @@
-"""Optimizers: the reference's SGD and RMSprop over its parameter groups (BatchNorm without weight decay).
+"""Optimizers over the reference's parameter groups (BatchNorm without weight decay): its SGD and RMSprop, and
+AdamW and LAMB (not in the reference).
 
 An optimizer is one entry of OPTIMIZERS: a function of (parameter groups, OptimizerConfig) to a
 torch.optim.Optimizer; --optimizer's choices and its error message come from the registry.
@@ -14,23 +15,53 @@ from ..cli import UserError
 from ..config import Config, OptimizerConfig
 from ..registry import Registry
 from ..toolkit.finetune import lr_scales
+from .lamb import Lamb
 
 OPTIMIZERS: Registry[Callable[[list[dict], OptimizerConfig], torch.optim.Optimizer]] = Registry(
     "optimizer", flag="--optimizer")
 
 
+ADAM_BETAS = (0.9, 0.999)
+
+
 @OPTIMIZERS.register("sgd")
 def sgd(groups: list[dict], config: OptimizerConfig) -> torch.optim.Optimizer:
+    _refuse_other_optimizers_flags(config)
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
                            nesterov=config.nesterov)
 
 
 @OPTIMIZERS.register("rmsprop")
 def rmsprop(groups: list[dict], config: OptimizerConfig) -> torch.optim.Optimizer:
-    if config.nesterov:
-        raise UserError("--nesterov applies to --optimizer sgd only")
+    _refuse_other_optimizers_flags(config)
     return torch.optim.RMSprop(groups, lr=config.lr, alpha=config.rmsprop_alpha, eps=config.rmsprop_eps,
                                momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+@OPTIMIZERS.register("adamw")
+def adamw(groups: list[dict], config: OptimizerConfig) -> torch.optim.Optimizer:
+    """torch's AdamW: weight decay decoupled from the gradient's moments."""
+    _refuse_other_optimizers_flags(config)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.adam_betas or ADAM_BETAS),
+                             eps=1e-8 if config.adam_eps is None else config.adam_eps, weight_decay=config.weight_decay)
+
+
+@OPTIMIZERS.register("lamb")
+def lamb(groups: list[dict], config: OptimizerConfig) -> torch.optim.Optimizer:
+    """LAMB (lamb.py): Adam with a per-tensor trust ratio, for large batches."""
+    _refuse_other_optimizers_flags(config)
+    return Lamb(groups, lr=config.lr, betas=tuple(config.adam_betas or ADAM_BETAS),
+                eps=1e-6 if config.adam_eps is None else config.adam_eps, weight_decay=config.weight_decay)
+
+
+def _refuse_other_optimizers_flags(config: OptimizerConfig) -> None:
+    """A flag of another optimizer would do nothing: refuse it in one line."""
+    if config.nesterov and config.optimizer != "sgd":
+        raise UserError("--nesterov applies to --optimizer sgd only")
+    given = [flag for flag, value in (("--adam-betas", config.adam_betas), ("--adam-eps", config.adam_eps))
+             if value is not None]
+    if given and config.optimizer not in ("adamw", "lamb"):
+        raise UserError(f"{' and '.join(given)} apply to --optimizer adamw and lamb, not {config.optimizer}")
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, bn_weight_decay: bool = False,

@@ -19,12 +19,14 @@ from ..cli import UserError
 from ..config import Config
 from ..context import ExecutionContext
 from ..data import val_loader_of
+from ..data.erasing import RandomErasing
 from ..features import FEATURES
 from ..logger import DEFAULT, Logger
 from ..metrics import TRAIN_METRICS, VAL_METRICS, all_reduce_sum
 from ..models import get_entry
 from ..toolkit import finetune, progressive
 from ..trackers import build_trackers
+from .checks import check_accumulation, check_evaluation, check_sync_bn, with_class_count
 from .epoch import epoch_iterations
 from .job import Job
 from .losses import TrainingLoss, build_loss
@@ -45,6 +47,7 @@ def setup_job(config: Config, ctx: ExecutionContext, prepare_model: PrepareModel
     if resume != config.checkpoint.resume:
         config = config.replace(resume=resume)
     saved = read_resume_checkpoint(resume, config) if resume else None
+    check_sync_bn(config, ctx)
     accumulation = accumulation_steps(config.optim.optimizer_batch_size, config.data.batch_size, ctx.world_size)
     entry = get_entry(config.model.arch)
     schedule = progressive.progressive_schedule(config, entry.default_image_size)
@@ -53,12 +56,15 @@ def setup_job(config: Config, ctx: ExecutionContext, prepare_model: PrepareModel
         if ctx.is_main_process else ()
     logger = Logger(Path(config.checkpoint.workspace) / config.log.raport_file, enabled=ctx.is_main_process,
                     append=bool(resume), deferred=True, trackers=trackers)
+    config = with_class_count(config, saved, ctx, logger)  # before the flags are logged and the model is built
     log_parameters(logger, config, ctx)
     if fresh_auto_start:
         logger.print(f"=> --resume auto: no checkpoint at "
                      f"{Path(config.checkpoint.workspace) / config.checkpoint.filename}; starting fresh")
     model = entry(**config.model.params)
     finetune.prepare(model, config)
+    if config.model.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     state = RunState(data_seed=shared_seed(ctx, config.runtime.seed))
     if saved is not None:
         # The data order of a resumed run comes from the checkpoint: its seed is needed by the loaders, and its
@@ -90,7 +96,9 @@ def setup_job(config: Config, ctx: ExecutionContext, prepare_model: PrepareModel
     criterion = build_loss(config.loss.label_smoothing, schedule.max_mixup, schedule.max_cutmix).to(ctx.device)
     trainer = Trainer(ctx=ctx, model=model, train_model=train_model, loss=TrainingLoss(criterion),
                       scaler=ctx.grad_scaler(config.runtime.static_loss_scale), accumulation=accumulation,
-                      optimizer=None if config.runtime.evaluate else job_optimizer(model, config))
+                      optimizer=None if config.runtime.evaluate else job_optimizer(model, config),
+                      erasing=RandomErasing(config.data.random_erasing) if config.data.random_erasing > 0 else None,
+                      clip_grad=config.optim.clip_grad)
     job = Job(config=config, trainer=trainer, state=state, train_loader=train_loader, val_loader=val_loader,
               logger=logger)
     for name in FEATURES:
@@ -99,6 +107,8 @@ def setup_job(config: Config, ctx: ExecutionContext, prepare_model: PrepareModel
             job.features.append(feature)
     if saved is not None:
         resume_from(saved, resume, job)
+    check_accumulation(job)
+    check_evaluation(job)
     return job
 
 

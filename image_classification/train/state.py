@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..context import ExecutionContext
+from ..data.erasing import RandomErasing
 from ..data.mixup import Mixup
 from ..metrics import all_reduce_sum
 from .losses import TrainingLoss
@@ -79,3 +80,5 @@ class Trainer:
     optimizer: torch.optim.Optimizer | None = None   # None with --evaluate
     accumulation: int = 1            # iterations per optimizer step
     mixup: Mixup | None = None       # the epoch's batch mixing (set by the stages feature)
+    erasing: RandomErasing | None = None   # --random-erasing, before the mixing
+    clip_grad: float | None = None   # --clip-grad: the largest global gradient norm of an optimizer step

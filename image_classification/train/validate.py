@@ -14,6 +14,8 @@ from ..context import ExecutionContext
 from ..logger import Logger, Progress
 from ..metrics import SumMeter, percentile, topk_correct
 from ..toolkit.tta import with_tta
+from .checks import effective_topk
+from .confusion import ConfusionMatrix
 from .epoch import count
 
 
@@ -22,25 +24,26 @@ class EvalOptions:
     """How a validation pass runs and reports."""
 
     prof: int = -1          # at most this many batches (-1: all)
-    topk: int = 5           # the second accuracy, reported as top5
+    topk: int = 5           # the second accuracy, reported as top5 (at most the number of classes)
     print_freq: int = 10    # a record every N batches
     tta: str = "none"       # test-time augmentation
 
     @classmethod
     def from_config(cls, config: Config) -> "EvalOptions":
-        return cls(prof=config.runtime.prof, topk=config.log.topk, print_freq=config.log.print_freq,
+        return cls(prof=config.runtime.prof, topk=effective_topk(config), print_freq=config.log.print_freq,
                    tta=config.data.tta)
 
 
 @torch.no_grad()
 def validate(model: nn.Module, loader, ctx: ExecutionContext, logger: Logger, options: EvalOptions, *,
-             prefix: str = "val", step: tuple[int, ...] = (0, 0), criterion: nn.Module | None = None
-             ) -> dict[str, float]:
+             prefix: str = "val", step: tuple[int, ...] = (0, 0), criterion: nn.Module | None = None,
+             confusion: ConfusionMatrix | None = None) -> dict[str, float]:
     """Loss, top-1 and top-k (all-reduced), throughput and per-batch compute latency (mean and percentiles), of
     `model` as --tta evaluates it.
 
     The loss is `criterion`'s in eval mode, as the reference validates with its training criterion (label smoothing
     kept; mixup's soft-target loss is cross-entropy on the labels there), or cross-entropy without one.
+    `confusion` collects the top-1 predictions per class.
     """
     model = with_tta(model, options.tta)
     model.eval()
@@ -64,6 +67,8 @@ def validate(model: nn.Module, loader, ctx: ExecutionContext, logger: Logger, op
         loss = F.cross_entropy(output.float(), target, reduction="sum") if criterion is None \
             else criterion(output.float(), target) * images.shape[0]
         correct = topk_correct(output, target, (1, options.topk))
+        if confusion is not None:
+            confusion.add(output, target)
         sums = torch.cat([loss.view(1).double(), correct.double()])
         meter.add(sums, images.shape[0])
         interval_meter.add(sums, images.shape[0])

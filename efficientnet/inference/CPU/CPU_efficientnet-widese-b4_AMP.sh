@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Inference benchmark of efficientnet-widese-b4 on the CPU (bf16 autocast), batch sizes 1..64: raport_<bs>.json in $1 (default ./).
+# Inference benchmark of efficientnet-widese-b4 on the CPU (bf16 autocast), batch sizes 1..64: raport_<bs>.json in $1 (default ./); $2: data folder (default /imagenet).
 # Table: python scripts/inference_table.py "${1:-./}"/raport_*.json
 for bs in 1 2 4 8 16 32 64; do
-    python ./launch.py --model efficientnet-widese-b4 --precision AMP --mode benchmark_inference --platform CPU /imagenet -b "${bs}" --workspace "${1:-./}" --raport-file "raport_${bs}.json"
+    python ./launch.py --model efficientnet-widese-b4 --precision AMP --mode benchmark_inference --platform CPU "${2:-/imagenet}" -b "${bs}" --workspace "${1:-./}" --raport-file "raport_${bs}.json"
 done

@@ -1,3 +1,3 @@
 #!/usr/bin/env bash
-# Train efficientnet-widese-b4 on the CPU (float32); $1: workspace (default ./). Slow: meant for small data sets and checks.
-python ./launch.py --model efficientnet-widese-b4 --precision FP32 --mode convergence --platform CPU /imagenet --workspace "${1:-./}" --raport-file raport.json
+# Train efficientnet-widese-b4 on the CPU (float32); $1: workspace (default ./), $2: data folder (default /imagenet). Slow: meant for small data sets and checks.
+python ./launch.py --model efficientnet-widese-b4 --precision FP32 --mode convergence --platform CPU "${2:-/imagenet}" --workspace "${1:-./}" --raport-file raport.json
