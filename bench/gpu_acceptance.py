@@ -781,13 +781,18 @@ def ddp_gloo_step(s: StepRun) -> None:
            "(both ranks)")
 
 
-@step("ddp-nccl", "multiproc.py 1 rank with --dist-backend nccl; a 1-rank NCCL all_reduce", 90, 60)
+@step("ddp-nccl", "multiproc.py 1 rank with --dist-backend nccl and --sync-bn; a 1-rank NCCL all_reduce", 90, 60)
 def ddp_nccl_step(s: StepRun) -> None:
     s.need_gpu("NCCL needs CUDA GPUs")
     z, ws = s.sizes, s.workspace()
+    # --sync-bn (CUDA only; tests/test_training_options.py checks the CPU's refusal): its conversion, forward and
+    # backward on the GPU, and checkpoints of it. Statistics are synchronised between ranks, which NCCL gives only
+    # with a GPU per rank.
     s.command("multiproc.py", "--nproc_per_node", 1, "--master_port", free_port(), "main.py",
-              *_train_flags(s, ws), "--data-backend", "pytorch", *z.amp, "--dist-backend", "nccl", "--epochs", 1)
+              *_train_flags(s, ws), "--data-backend", "pytorch", *z.amp, "--dist-backend", "nccl", "--sync-bn",
+              "--epochs", 1)
     report = read_report(ws / "raport.json")
+    s.expect(parameters(report).get("sync_bn") is True, "the report's parameters do not say sync_bn true")
     epoch = last_epoch(report)
     output = s.command("bench/gpu_checks.py", "nccl")
     nccl = re.search(r"NCCL (\S+): 1-rank all_reduce correct", output)

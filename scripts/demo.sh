@@ -6,7 +6,8 @@
 #   4. classify a validation image with the best checkpoint.
 # Extra arguments go to main.py and override the defaults below. SGD with Nesterov and BN momentum 0.1 rather
 # than the reference's RMSprop/0.01: with ~30 steps per epoch the BN running statistics must follow the weights
-# within an epoch, or validation sits at chance.
+# within an epoch, or validation sits at chance (README.md, "Small data", measures both). The class count is the
+# data's; classify.py reads arch, classes, size and names from the checkpoint.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 "$root/scripts/setup.sh" requirements.txt
@@ -19,7 +20,7 @@ workspace=${WORKSPACE:-runs/demo}
 mkdir -p "$workspace"
 $py main.py "$data" --arch efficientnet-b0 --data-backend pytorch --image-size 64 \
   --epochs 20 --batch-size 32 --optimizer sgd --lr 0.05 --momentum 0.9 --nesterov --wd 5e-5 \
-  --lr-schedule cosine --warmup 1 --label-smoothing 0.1 --num_classes 10 --bn_momentum 0.1 \
+  --lr-schedule cosine --warmup 1 --label-smoothing 0.1 --bn_momentum 0.1 \
   --workers 1 --print-freq 20 --seed 0 --workspace "$workspace" --raport-file raport.json "$@"
 
 # The first validation image, by a glob (sorted by bash): no pipeline whose reader may stop early, which under
@@ -28,6 +29,4 @@ shopt -s nullglob
 images=("$data"/val/*/*.jpg)
 [ ${#images[@]} -gt 0 ] || { echo "demo.sh: no validation image (*.jpg) under $data/val" >&2; exit 1; }
 image=${images[0]}
-$py classify.py --arch efficientnet-b0 --num_classes 10 --image-size 64 \
-  --pretrained-from-file "$workspace/model_best.pth.tar" --class-names "$workspace/classes.txt" --precision FP32 \
-  --image "$image"
+$py classify.py --pretrained-from-file "$workspace/model_best.pth.tar" --precision FP32 --image "$image"

@@ -47,7 +47,7 @@ def with_class_count(config: Config, saved: Checkpoint | None, ctx: ExecutionCon
     params = config.model.params
     data = None if config.data.data_backend == "synthetic" else len(
         dataset_class_names(config.data.data, config.data.data_format))
-    weights, source = _weights_classes(params, saved, config.checkpoint.resume)
+    weights, source = _weights_classes(params, saved)
     count = params["num_classes"]
     if not config.model.num_classes_given:
         count = weights or data or count
@@ -65,7 +65,7 @@ def with_class_count(config: Config, saved: Checkpoint | None, ctx: ExecutionCon
     return config if count == params["num_classes"] else config.replace(model_params={"num_classes": count})
 
 
-def _weights_classes(params, saved: dict | None, resume: str | None) -> tuple[int | None, str | None]:
+def _weights_classes(params, saved: Checkpoint | None) -> tuple[int | None, str | None]:
     """(class count, flag) of the weights the model will be loaded with, or (None, None)."""
     if saved is not None:
         return classifier_classes(saved.state_dict), "--resume"

@@ -1,3 +1,5 @@
 #!/usr/bin/env bash
-# Train efficientnet-widese-b0 on the CPU (float32); $1: workspace (default ./), $2: data folder (default /imagenet). Slow: meant for small data sets and checks.
+# Train efficientnet-widese-b0 on the CPU (float32); $1: workspace (default ./), $2: data folder
+# (default /imagenet). configs.yml's ImageNet recipe (400 epochs, optimizer batch 4096): slow on a CPU; for a
+# small dataset see README.md, "Small data".
 python ./launch.py --model efficientnet-widese-b0 --precision FP32 --mode convergence --platform CPU "${2:-/imagenet}" --workspace "${1:-./}" --raport-file raport.json
