@@ -1,6 +1,6 @@
 """torch.hub entry points: nvidia_efficientnet_b0 … b7, nvidia_efficientnet_widese_b0 … b7,
 nvidia_efficientnet_quant_b0 … b7, nvidia_efficientnet_lite0 … 4, nvidia_efficientnet_quant_lite0 … 4 and
-nvidia_efficientnet_v2_s/m/l, and nvidia_convnets_processing_utils (image_classification/hub_utils.py).
+nvidia_efficientnet_v2_s/m/l, and nvidia_convnets_processing_utils (image_classification/deploy/hub_utils.py).
 
     model = torch.hub.load("/path/to/this/checkout", "nvidia_efficientnet_b0", source="local", pretrained=False)
     model = torch.hub.load("/path/to/this/checkout", "nvidia_efficientnet_b4", source="local")  # NGC weights

@@ -27,7 +27,7 @@ from .registry import Registry
 if TYPE_CHECKING:  # the train package imports this module, not the other way round
     from .checkpoint import Checkpoint
     from .config import Config
-    from .train.state import Job
+    from .train.job import Job
 
 
 @dataclass(frozen=True)

@@ -85,11 +85,12 @@ FORMATS.register("shards", "image_classification.data.shard_reader:scan_shards")
 
 # The flags' choices.
 BACKENDS = DATA_BACKENDS.names()
+FILE_BACKENDS = tuple(name for name in BACKENDS if DATA_BACKENDS.get(name).reads_files)  # those that read a dataset
 AUGMENTATIONS = (None, *POLICIES.names())
 INTERPOLATIONS = ("bilinear", "bicubic", "triangular")
 DATA_FORMATS = ("auto", *FORMATS.names())
 
-__all__ = ["AUGMENTATIONS", "BACKENDS", "DATA_BACKENDS", "DATA_FORMATS", "FORMATS", "IMG_EXTENSIONS", "INTERPOLATIONS",
+__all__ = ["AUGMENTATIONS", "BACKENDS", "DATA_BACKENDS", "DATA_FORMATS", "FILE_BACKENDS", "FORMATS", "IMG_EXTENSIONS", "INTERPOLATIONS",
            "MAGNITUDE_BINS", "MEAN", "STD", "DataError", "Loader", "LoaderOptions", "build_train_loader",
            "build_val_loader", "dataset_class_names", "dataset_classes", "scan_data", "train_loader_of", "val_loader_of"]
 

@@ -23,6 +23,7 @@ from torch import nn
 from ..checkpoint import CLASS_NAMES_FILE, class_difference
 from ..cli import EXIT_ERROR, USER_ERRORS, ArgumentParser, Number, UserError, error_message, print_error
 from ..context import ExecutionContext, create_context
+from ..data import INTERPOLATIONS
 from ..data.loader import Normalizer
 from ..data.pytorch_backend import load_rgb, val_transform
 from ..models import available_models, get_entry, parse_model_flags
@@ -31,7 +32,7 @@ from ..models.weights import WeightsError
 from ..preprocessing import REFERENCE, Preprocessing
 from ..toolkit.tta import TTA_MODES
 from .checkpoint_info import CheckpointInfo, read_checkpoint_info, weights_flag
-from .engines import ENGINES, Engine, TorchEngine, onnx_io_sizes, onnx_preprocessing, open_engine
+from .engines import ENGINES, ONNX_ENGINES, Engine, TorchEngine, onnx_io_sizes, onnx_preprocessing, open_engine
 
 PROG = "classify.py"
 TOPK = 5
@@ -195,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resize the short side to round(S/P) before the centre crop of S, as main.py's --eval-crop-pct "
                         "(not in the reference) (default: a training checkpoint's, else the reference's resize to "
                         "S+32)")
-    p.add_argument("--interpolation", default=None, choices=("bilinear", "bicubic", "triangular"),
+    p.add_argument("--interpolation", default=None, choices=INTERPOLATIONS,
                    help="resize interpolation, as main.py's --interpolation (default: a training checkpoint's, else "
                         "the one the model was trained with: bilinear for B0-B7, bicubic for efficientnet-lite*; an "
                         "--onnx file's recorded one)")
@@ -205,10 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default=None, choices=("AMP", "FP32"),
                    help="AMP: fp16 autocast on GPU, bf16 autocast on CPU (default: AMP; --engine torch only)")
     p.add_argument("--engine", default="torch", choices=ENGINES,
-                   help="torch: the --arch model in PyTorch; onnxruntime, openvino: the --onnx file that "
+                   help=f"torch: the --arch model in PyTorch; {', '.join(ONNX_ENGINES)}: the --onnx file that "
                         "model2onnx.py wrote, on the CPU, in the precision it was exported in (default: %(default)s)")
     p.add_argument("--onnx", default=None, metavar="FILE",
-                   help="with --engine onnxruntime or openvino: the ONNX file to run (its input fixes --image-size, "
+                   help=f"with --engine {' or '.join(ONNX_ENGINES)}: the ONNX file to run (its input fixes --image-size, "
                         "its output the number of classes)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     p.add_argument("--class-names", default=None, metavar="FILE",
@@ -233,7 +234,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         check_engine_flags(parser, args, rest)
         return args
     if args.onnx is not None:
-        parser.error("--onnx runs in --engine onnxruntime or openvino; --engine torch runs --arch")
+        parser.error(f"--onnx runs in --engine {' or '.join(ONNX_ENGINES)}; --engine torch runs --arch")
     args.precision = args.precision or "AMP"
     args.checkpoint = checkpoint_defaults(parser, args, rest)
     if not args.image:
@@ -314,7 +315,7 @@ def with_interpolation(preprocessing: Preprocessing, interpolation: str | None) 
 
 
 def build_engine_classifier(args: argparse.Namespace) -> Classifier:
-    """The --onnx file in --engine onnxruntime or openvino, its size and classes read from the file."""
+    """The --onnx file in an ONNX engine (--engine onnxruntime, openvino, ...), its size and classes read from the file."""
     image_size, num_classes = onnx_io_sizes(args.onnx)
     if args.image_size is not None and args.image_size != image_size:
         raise UserError(f"--image-size {args.image_size}: --onnx {args.onnx} takes {image_size} x {image_size} "

@@ -37,13 +37,14 @@ class EngineError(UserError):
     """An engine that cannot run here (its package is missing) or a file it cannot load."""
 
 
-def import_engine(name: str, requirement: str):
-    """The engine's Python package `name`; EngineError naming the `requirement` to install when it does not
-    import."""
+def import_engine(engine: str, requirement: str, package: str | None = None):
+    """The Python package of --engine `engine` (`package`, by default named as the engine); EngineError naming the
+    `requirement` to install when it does not import."""
+    package = package or engine
     try:
-        return importlib.import_module(name)
+        return importlib.import_module(package)
     except ImportError as err:
-        raise EngineError(f"--engine {name} needs the {name} package, which does not import here ({err}); "
+        raise EngineError(f"--engine {engine} needs the {package} package, which does not import here ({err}); "
                           f"install it: pip install {requirement}") from None
 
 

@@ -25,6 +25,7 @@ from torch import nn
 from .. import checkpoint as ckpt
 from ..cli import ArgumentParser, Number, UserError, run_cli
 from ..context import ExecutionContext, create_context
+from ..data import FILE_BACKENDS
 from ..models.weights import first_non_finite, fit_state_dict, load_file, remap_reference_keys
 
 PROG = "average_checkpoints.py"
@@ -192,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute BN running statistics over K training batches of --data (default: keep the "
                         "average of the inputs' statistics)")
     g.add_argument("--data", default=None, metavar="DIR", help="dataset folder (train/<class>/*) for --recompute-bn")
-    g.add_argument("--data-backend", default="pytorch", choices=("pytorch", "dali-cpu", "dali-gpu"),
+    g.add_argument("--data-backend", default="pytorch", choices=FILE_BACKENDS,
                    help="input pipeline for --recompute-bn (default: %(default)s)")
     g.add_argument("-b", "--batch-size", type=Number(int, low=1), default=None, metavar="N",
                    help="batch size for --recompute-bn (default: the run's --batch-size)")

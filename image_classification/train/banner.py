@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..data import FILE_BACKENDS
 from ..models import get_entry
 from ..toolkit.progressive import progressive_schedule
 from ..trackers import mlflow_tracking_uri
@@ -56,7 +57,7 @@ def banner_lines(job: Job) -> list[str]:
              f"{precision(ctx, config.runtime.static_loss_scale, config.runtime.tf32)}, memory format "
              f"{config.model.memory_format}, --jit {config.model.jit}"]
     data = config.data
-    source = "synthetic data" if data.data_backend == "synthetic" else \
+    source = f"{data.data_backend} data" if data.data_backend not in FILE_BACKENDS else \
         f"{data.data} ({data.data_backend} backend, {count(data.workers, 'worker')} per process)"
     splits = [f"{name} {_images(loader, ctx)}" for name, loader in (("train", job.train_loader),
                                                                      ("val", job.val_loader)) if loader is not None]

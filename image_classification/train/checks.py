@@ -18,7 +18,7 @@ from ..checkpoint import Checkpoint
 from ..cli import UserError
 from ..config import Config
 from ..context import ExecutionContext
-from ..data import dataset_class_names
+from ..data import FILE_BACKENDS, dataset_class_names
 from ..logger import Logger
 from ..models.weights import classifier_classes, extract_state_dict, load_file
 
@@ -45,7 +45,7 @@ def with_class_count(config: Config, saved: Checkpoint | None, ctx: ExecutionCon
     error when nothing but --num_classes asks for them, a warning when the weights bring them.
     """
     params = config.model.params
-    data = None if config.data.data_backend == "synthetic" else len(
+    data = None if config.data.data_backend not in FILE_BACKENDS else len(
         dataset_class_names(config.data.data, config.data.data_format))
     weights, source = _weights_classes(params, saved)
     count = params["num_classes"]

@@ -18,6 +18,7 @@ from itertools import product
 
 from ..cli import ArgumentParser, Number, run_cli
 from ..context import create_context
+from ..data import FILE_BACKENDS, INTERPOLATIONS
 from ..models import available_models, get_entry, parse_model_flags
 from ..toolkit.tta import TTA_MODES
 
@@ -38,9 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-pcts", type=Number(float, low=0, high=1, low_open=True), nargs="+", default=[None],
                    metavar="P", help="crop fractions (main.py's --eval-crop-pct); every size is evaluated with each "
                                      "(default: the reference's resize to S+32)")
-    p.add_argument("--data-backend", default="pytorch", choices=("pytorch", "dali-cpu", "dali-gpu"),
+    p.add_argument("--data-backend", default="pytorch", choices=FILE_BACKENDS,
                    help="input pipeline (default: %(default)s)")
-    p.add_argument("--interpolation", default=None, choices=("bilinear", "bicubic", "triangular"),
+    p.add_argument("--interpolation", default=None, choices=INTERPOLATIONS,
                    help="resize interpolation (default: the arch's: bilinear for B0-B7, bicubic for "
                         "efficientnet-lite*)")
     p.add_argument("-b", "--batch-size", type=Number(int, low=1), default=64, metavar="N",
