@@ -36,7 +36,8 @@ from image_classification.data import AUGMENTATIONS, DATA_FORMATS, build_train_l
 from image_classification.data.generated import generate_dataset  # noqa: E402
 from image_classification.data.loader import MEAN, STD  # noqa: E402
 from image_classification.data.pytorch_backend import augmentation_policy, interpolation_mode  # noqa: E402
-from image_classification.data.shards import convert, read_index  # noqa: E402
+from image_classification.data.shard_format import read_index  # noqa: E402
+from image_classification.data.shards import convert  # noqa: E402
 
 FORMATS = DATA_FORMATS[1:]  # folder, shards
 

@@ -75,7 +75,7 @@ def classify(images: Sequence[str | Path], **flags) -> list:
     image, with classify.py's flags as keywords: arch, pretrained_from_file, pretrained, num_classes, class_names,
     image_size, precision ("FP32" by default here; "AMP"), cpu, tta, engine, onnx, interpolation, and the arch's
     other model flags."""
-    from .arguments import settings_to_argv
+    from .config_file import settings_to_argv
     from .deploy.classify import build_classifier, build_parser, parse_args
     from .models import available_models, get_entry
     flags.setdefault("precision", "FP32")

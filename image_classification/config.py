@@ -272,7 +272,7 @@ class Config:
 def write_config_file(config: Config, path: str | Path) -> None:
     """The job's settings as YAML at `path`, written atomically, for `--config` to repeat the run."""
     import yaml
-    from .checkpoint import atomic_write_text
+    from .atomic import atomic_write_text
     prog = "quant_main.py" if config.quantization is not None else "main.py"
     header = (f"# The flags of a {prog} run, resolved (command line, --config, configs.yml, defaults).\n"
               f"# Repeat it: python {prog} --config {path} [flags that change it, e.g. --workspace]\n")

@@ -125,7 +125,8 @@ def build_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def _build(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict, list[str]]:
     """(main.py's arguments, the configuration's defaults, the command-line flags after launch.py's own)."""
-    from .arguments import ConfigFileError, parse_args
+    from .arguments import parse_args
+    from .config_file import ConfigFileError
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     known, rest = parser.parse_known_args(argv)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from image_classification import api, models
-from image_classification.arguments import ConfigFileError, parse_config
+from image_classification.arguments import parse_config
+from image_classification.config_file import ConfigFileError
 from image_classification.deploy.classify import Prediction
 import tiny_model
 

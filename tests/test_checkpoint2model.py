@@ -74,7 +74,7 @@ def test_safetensors_round_trip_gives_identical_logits_through_every_loader(tmp_
                        "--image-size", "32", "-b", "1", "--output", str(tmp_path / "b0.onnx"), "--device", "cpu"]) == 0
 
     # A safetensors file of another model is refused as any weights file is: the keys that differ are named.
-    from image_classification.checkpoint import atomic_save_safetensors
+    from image_classification.atomic import atomic_save_safetensors
     atomic_save_safetensors({**model.state_dict(), "extra.weight": torch.zeros(2)}, tmp_path / "extra.safetensors")
     with pytest.raises(WeightsError, match=r"unexpected keys \(1\): extra.weight"):
         get_entry("efficientnet-b0")(num_classes=4, pretrained_from_file=str(tmp_path / "extra.safetensors"))

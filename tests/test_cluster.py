@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 import tiny_model as tiny_model_module
-from image_classification import checkpoint as ckpt
+from image_classification.atomic import atomic_save
 from image_classification.cluster import (DEFAULT_MASTER_PORT, ELASTIC_STORE_KEY, ClusterError, Placement,
                                           elastic_store, expand_hostlist, expand_tasks_per_node,
                                           export_slurm_placement, slurm_placement)
@@ -329,10 +329,10 @@ def test_resume_auto_looks_for_the_scripts_own_checkpoint_name(tmp_path):
     args = parse_args(["--data-backend", "synthetic", "--resume", "auto", "--workspace", str(tmp_path),
                        "--checkpoint-filename", "last.pth.tar"])
     config, quantized = Config.from_args(args), Config.from_args(args, checkpoint_prefix="quantized_")
-    ckpt.atomic_save({"epoch": 1}, tmp_path / "last.pth.tar")
+    atomic_save({"epoch": 1}, tmp_path / "last.pth.tar")
     assert resume_path(config, ctx) == str(tmp_path / "last.pth.tar")
     assert resume_path(quantized, ctx) is None   # quant_main.py's is quantized_<name>
-    ckpt.atomic_save({"epoch": 1}, tmp_path / "quantized_last.pth.tar")
+    atomic_save({"epoch": 1}, tmp_path / "quantized_last.pth.tar")
     assert resume_path(quantized, ctx) == str(tmp_path / "quantized_last.pth.tar")
     explicit = config.replace(resume="other.pth.tar")
     assert resume_path(explicit, ctx) == "other.pth.tar"

@@ -9,8 +9,9 @@ import torch
 import yaml
 
 from image_classification import models
-from image_classification.arguments import ConfigFileError, command_line, parse_args, parse_config
+from image_classification.arguments import command_line, parse_args, parse_config
 from image_classification.config import CONFIG_FILE, Config
+from image_classification.config_file import ConfigFileError
 from image_classification.launcher import build_args
 from runs import train
 import tiny_model

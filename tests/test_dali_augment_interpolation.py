@@ -12,7 +12,7 @@ pytest.importorskip("nvidia.dali")
 
 from image_classification.context import ExecutionContext  # noqa: E402
 from image_classification.data import INTERPOLATIONS, build_train_loader  # noqa: E402
-from image_classification.data import dali_backend  # noqa: E402
+from image_classification.data import dali_backend, dali_graph  # noqa: E402
 from image_classification.data.generated import generate_dataset  # noqa: E402
 
 NO_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="dali-gpu needs a CUDA GPU")
@@ -36,7 +36,7 @@ def train_loader(data: Path, backend: str, **options):
 
 
 @pytest.mark.parametrize("interpolation", INTERPOLATIONS)
-@pytest.mark.parametrize("augmentation", (None, *dali_backend.DALI_AUGMENTATIONS), ids=str)
+@pytest.mark.parametrize("augmentation", (None, *dali_graph.DALI_AUGMENTATIONS), ids=str)
 @pytest.mark.parametrize("backend", DALI_BACKENDS)
 def test_every_policy_trains_with_every_interpolation(tiny, backend, augmentation, interpolation):
     loader = train_loader(tiny, backend, augmentation=augmentation, interpolation=interpolation)
@@ -60,7 +60,7 @@ def test_a_failure_no_file_caused_surfaces_without_probing_files(tiny, monkeypat
     def cubic_warp(images, *args, **kwargs):
         return fn.warp_affine(images, matrix=[1.0, 0.0, 0.0, 0.0, 1.0, 0.0], interp_type=types.INTERP_CUBIC)
 
-    monkeypatch.setattr(dali_backend, "_augment", cubic_warp)
+    monkeypatch.setattr(dali_graph, "_augment", cubic_warp)
     calls = []
     for name in ("_pipeline", "_decodes"):  # the epoch's pipelines, and the one-image probes of files
         method = getattr(dali_backend.DaliLoader, name)

@@ -191,7 +191,7 @@ def test_dali_training_crop_draws_the_references_windows(dali):
     # centre crop in other draws) and the same resize (no antialiasing).
     from nvidia.dali import fn, types
 
-    from image_classification.data.dali_backend import random_resized_crop
+    from image_classification.data.dali_graph import random_resized_crop
     want = FIXTURES["train/crops"]
     sources = [np.frombuffer(parity_images.png_bytes(parity_images.structured_image(*size)), dtype=np.uint8)
                for size in parity_images.TRAIN_SIZES]

@@ -23,7 +23,8 @@ from image_classification.arguments import build_parser, parse_args, parse_confi
 from image_classification.context import ExecutionContext
 from image_classification.data import DataError, build_train_loader, build_val_loader, scan_data
 from image_classification.data.folder import scan_split, shard_size
-from image_classification.data.shards import INDEX_FILE, convert, read_index
+from image_classification.data.shard_format import INDEX_FILE, read_index
+from image_classification.data.shards import convert
 from image_classification.data.shard_reader import resolve_format, scan_shards
 from image_classification.launcher import build_args
 

@@ -16,8 +16,8 @@ import pytest
 
 from image_classification.data.folder import DataError, dataset_classes, scan_split
 from image_classification.data.generated import CLASS_NAMES, generate_dataset
-from image_classification.data.shards import (INDEX_FILE, SPLITS, convert, iter_samples, main, read_index,
-                                              summary_lines)
+from image_classification.data.shard_format import INDEX_FILE, SPLITS, iter_samples, read_index
+from image_classification.data.shards import convert, main, summary_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARD_SIZE = 5  # 24 train samples -> 5+5+5+5+4, 15 val -> 5+5+5

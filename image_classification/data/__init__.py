@@ -35,7 +35,7 @@ from .augmentations import POLICIES
 from .folder import IMG_EXTENSIONS, DataError, ImageFolderIndex, dataset_classes
 from .loader import MAGNITUDE_BINS, MEAN, STD, Loader, Triple
 
-if TYPE_CHECKING:  # imported when used: it pulls in the shard writer and torchvision
+if TYPE_CHECKING:  # imported when used: shard_reader imports this package (DATA_FORMATS)
     from .shard_reader import ShardIndex
 
 @dataclass(frozen=True)

@@ -49,9 +49,9 @@ POLICIES.register("autoaugment-paper", Policy("image_classification.data.pytorch
                                               "auto_augment_image_net is policy_v0, which --augmentation autoaugment "
                                               "runs)"))
 POLICIES.register("randaugment", Policy("image_classification.data.pytorch_backend:randaugment",
-                                        "image_classification.data.dali_backend:randaugment"))
+                                        "image_classification.data.dali_graph:randaugment"))
 POLICIES.register("trivialaugment", Policy("image_classification.data.pytorch_backend:trivialaugment",
-                                           "image_classification.data.dali_backend:trivialaugment"))
+                                           "image_classification.data.dali_graph:trivialaugment"))
 
 
 def available(family: str) -> list[str]:

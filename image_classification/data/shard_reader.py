@@ -45,7 +45,7 @@ from ..checkpoint import CLASS_NAMES_FILE
 from ..cli import main_process
 from . import DATA_FORMATS
 from .folder import IMG_EXTENSIONS, DataError, UnreadableSample, epoch_seed
-from .shards import INDEX_FILE, LABEL_EXTENSION, read_index
+from .shard_format import INDEX_FILE, LABEL_EXTENSION, read_index
 
 log = logging.getLogger(__name__)
 

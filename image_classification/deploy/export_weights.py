@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..checkpoint import Checkpoint, atomic_save, atomic_save_safetensors, load_file
+from ..atomic import atomic_save, atomic_save_safetensors
+from ..checkpoint import Checkpoint, load_file
 from ..cli import ArgumentParser, run_cli
 from ..models.weights import remap_reference_keys
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .. import checkpoint as ckpt
+from ..atomic import atomic_save
 from ..cli import ArgumentParser, Number, UserError, run_cli
 from ..context import ExecutionContext, create_context
 from ..data import FILE_BACKENDS
@@ -235,7 +236,7 @@ def run(args: argparse.Namespace, paths: Sequence[Path]) -> ckpt.Checkpoint:
         bad = first_non_finite(weights)
         if bad is not None:
             raise AveragingError(f"not writing {args.output}: {key} {bad} holds NaN or infinite values")
-    ckpt.atomic_save(checkpoint.to_dict(), args.output)
+    atomic_save(checkpoint.to_dict(), args.output)
     return checkpoint
 
 

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import SWALR, AveragedModel
 
-from ..checkpoint import EMA_KEY, Checkpoint, CheckpointError, atomic_save
+from ..atomic import atomic_save
+from ..checkpoint import EMA_KEY, Checkpoint, CheckpointError
 from ..cli import UserError
 from ..config import Config
 from ..context import ExecutionContext
