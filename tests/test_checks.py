@@ -152,7 +152,7 @@ def test_evaluate_without_weights_says_so_in_one_line(generated, tmp_path, capsy
     assert capsys.readouterr().err == ""
 
 
-# --- a loss that explodes in the first epoch -------------------------------------------------------------------
+# --- a loss that explodes -----------------------------------------------------------------------------------
 
 def _explosion_check(record: dict, epoch: int = 0, accumulation: int = 1) -> None:
     job = SimpleNamespace(config=SimpleNamespace(model=SimpleNamespace(num_classes=10)), ctx=CPU,
@@ -164,12 +164,23 @@ def test_exploding_loss_thresholds(capsys):
     chance = math.log(10)
     _explosion_check({"train.loss": 9 * chance, "val.loss": 999.0})
     _explosion_check({"train.loss": 9 * chance})                       # --training-only: no val.loss
-    _explosion_check({"train.loss": 1.0, "val.loss": 1e6}, epoch=1)    # epoch 0 only
     assert capsys.readouterr().err == ""
     _explosion_check({"train.loss": 11 * chance / 4, "val.loss": 2.0}, accumulation=4)  # train.loss is divided
     assert "train.loss 25.3" in capsys.readouterr().err
     _explosion_check({"train.loss": 2.0, "val.loss": float("inf")})
     assert "(val.loss inf; chance is ln(10) = 2.30)" in capsys.readouterr().err
+
+
+def test_exploding_loss_warns_at_the_first_epoch_it_exploded_and_once(capsys):
+    """With -b 256 on 1,000 images the first epochs look normal and validation explodes later."""
+    feature = ExplodingLoss()
+    job = SimpleNamespace(config=SimpleNamespace(model=SimpleNamespace(num_classes=10)), ctx=CPU,
+                          trainer=SimpleNamespace(accumulation=1))
+    feature.epoch_record(job, 0, {"train.loss": 2.4, "val.loss": 2.3})
+    feature.epoch_record(job, 11, {"train.loss": 2.0, "val.loss": 1079.5})
+    feature.epoch_record(job, 15, {"train.loss": 1.8, "val.loss": 23253.7})
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("warning: the loss exploded in epoch 11 (val.loss 1.08e+03; chance is ln(10) = 2.30)")
 
 
 def test_imagenet_defaults_on_small_data_warn_after_epoch_0_and_report_per_class_accuracy(generated, tmp_path,
