@@ -1,7 +1,15 @@
 #!/usr/bin/env bash
-# Install the suite with its test extras into .venv and run the whole test suite on CPU.
+# Install the suite with its test extras into .venv and run the test suite on CPU, printing the 25 slowest tests.
+#   bash scripts/test.sh              everything (what CI runs)
+#   bash scripts/test.sh --fast       the in-process tier only (-m "not slow": no test that starts a process)
+# Other arguments go to pytest (e.g. -k resume, tests/test_data.py).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 "$root/scripts/setup.sh" requirements-dev.txt
 cd "$root"
-exec .venv/bin/python -m pytest -q tests "$@"
+tier=()
+if [ "${1:-}" = "--fast" ]; then
+    shift
+    tier=(-m "not slow")
+fi
+exec .venv/bin/python -m pytest -q --durations=25 "${tier[@]}" "$@"

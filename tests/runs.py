@@ -1,6 +1,9 @@
 """main.py's job run in the test process, deterministically: the in-process twin of a `main.py ...` command."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 
 from image_classification.arguments import parse_config
@@ -14,3 +17,40 @@ def train(argv: list[str]) -> dict:
         return run(parse_config(argv))
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+SIZE = 32  # image size of the tiny runs
+
+
+def run_args(workspace: Path, *extra: str) -> list[str]:
+    """A tiny efficientnet-b0 run on the synthetic backend."""
+    return ["--arch", "efficientnet-b0", "--data-backend", "synthetic", "--image-size", str(SIZE), "-b", "4",
+            "--num_classes", "4", "--workers", "0", "--epochs", "2", "--print-freq", "2", "--seed", "3",
+            "--optimizer", "rmsprop", "--lr", "0.01", "--rmsprop-eps", "0.01", "--lr-schedule", "cosine",
+            "--warmup", "1", "--prof", "3", "--workspace", str(workspace), *extra]
+
+
+def folder_args(data: Path, workspace: Path, *extra: str) -> list[str]:
+    """A tiny efficientnet-b0 run on an image folder with the pytorch backend (8 batches of 4 per epoch on
+    conftest's tiny_data)."""
+    return [str(data), "--arch", "efficientnet-b0", "--data-backend", "pytorch", "--image-size", str(SIZE), "-b",
+            "4", "--num_classes", "4", "--workers", "0", "--epochs", "2", "--print-freq", "2", "--seed", "3",
+            "--optimizer", "rmsprop", "--lr", "0.01", "--rmsprop-eps", "0.01", "--lr-schedule", "cosine",
+            "--warmup", "1", "--workspace", str(workspace), *extra]
+
+
+def needs_data_module():
+    """End-to-end runs use the real data pipelines (synthetic backend)."""
+    pytest.importorskip("image_classification.data", reason="image_classification.data has not landed yet")
+
+
+def float_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every floating-point tensor of a checkpoint: model, EMA and optimizer state."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    out = {f"state_dict.{k}": v for k, v in saved["state_dict"].items() if v.is_floating_point()}
+    out.update({f"state_dict_ema.{k}": v for k, v in (saved.get("state_dict_ema") or {}).items()
+                if v.is_floating_point()})
+    for index, values in saved["optimizer"]["state"].items():
+        out.update({f"optimizer.{index}.{k}": v for k, v in values.items()
+                    if isinstance(v, torch.Tensor) and v.is_floating_point()})
+    return out

@@ -105,6 +105,7 @@ def test_workspace_last_n_with_recomputed_bn_loads_everywhere(run, generated, tm
     assert capsys.readouterr().out.splitlines()[0] == str(image)
 
 
+@pytest.mark.slow
 def test_too_few_epoch_checkpoints_and_bad_flag_combinations(run, tmp_path):
     script = [sys.executable, str(ROOT / "scripts" / "average_checkpoints.py")]
     out = str(tmp_path / "avg.pth.tar")

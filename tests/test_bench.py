@@ -23,6 +23,7 @@ def run_bench(script: str, tmp_path: Path, *flags: str) -> dict:
     return report
 
 
+@pytest.mark.slow
 def test_bench_train_quick(tmp_path):
     report = run_bench("bench_train.py", tmp_path, "--models", "ours,ours+nhwc,timm,torchvision")
     assert report["benchmark"] == "train_step"
@@ -42,18 +43,21 @@ def test_bench_train_quick(tmp_path):
     assert best["ours"] in ("ours", "ours+nhwc") and best["peer"] in ("timm", "torchvision")
 
 
+@pytest.mark.slow
 def test_bench_train_aten_entry_pairs_with_the_peer_in_its_layout(tmp_path):
     report = run_bench("bench_train.py", tmp_path, "--models", "ours+nhwc,ours+nhwc+aten,timm+nhwc")
     assert {(r["ours"], r["peer"]) for r in report["same_config_ratios"]} == {("ours+nhwc", "timm+nhwc"),
                                                                                ("ours+nhwc+aten", "timm+nhwc")}
 
 
+@pytest.mark.slow
 def test_bench_train_quick_bf16(tmp_path):
     report = run_bench("bench_train.py", tmp_path, "--models", "ours,timm", "--precision", "bf16")
     assert report["settings"]["autocast_dtype"] == "bfloat16"
     assert {row["precision"] for row in report["results"]} == {"bf16"}
 
 
+@pytest.mark.slow
 def test_bench_inference_quick(tmp_path):
     report = run_bench("bench_inference.py", tmp_path, "--batch-sizes", "1,2")
     assert report["benchmark"] == "inference"
@@ -64,6 +68,7 @@ def test_bench_inference_quick(tmp_path):
     assert len(report["ratios"]) == 4
 
 
+@pytest.mark.slow
 def test_bench_e2e_quick(tmp_path):
     report = run_bench("bench_e2e.py", tmp_path)
     (row,) = report["results"]
@@ -73,6 +78,7 @@ def test_bench_e2e_quick(tmp_path):
     assert 0 <= row["outside_step"] < 1  # data, metrics and logging take some of the loop, never all
 
 
+@pytest.mark.slow
 def test_bench_rejects_unknown_model(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_train.py"), "--quick", "--models", "resnet"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -100,6 +106,7 @@ def test_cpu_peak_memory_counts_live_tensors_not_the_heap():
     del c
 
 
+@pytest.mark.slow
 def test_bench_inference_quick_engines(tmp_path):
     """Engine entries: ONNX exports in onnxruntime and OpenVINO, INT8 rows, best-vs-best first, peak RSS alone."""
     pytest.importorskip("onnxruntime")
@@ -170,6 +177,7 @@ def test_engine_entries_refuse_options_they_cannot_honour():
         "openvino", True, "ours+openvino+int8", "openvino+int8")
 
 
+@pytest.mark.slow
 def test_toolkit_table_runs_every_row_and_knows_a_finished_run(tmp_path):
     from image_classification.data.generated import generate_dataset
     # Ten classes, as the main job (scripts/demo.sh classifies with --num_classes 10); 20 training images each.

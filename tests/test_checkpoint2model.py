@@ -17,6 +17,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "checkpoint2model.py"), *args], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_extracts_raw_and_ema_weights(tmp_path):
     model = get_entry("efficientnet-b0")(num_classes=4)
     raw = {f"module.{k}": v for k, v in model.state_dict().items()}
@@ -37,6 +38,7 @@ def test_extracts_raw_and_ema_weights(tmp_path):
     get_entry("efficientnet-b0")(num_classes=4, pretrained_from_file=str(tmp_path / "ema.pth"))
 
 
+@pytest.mark.slow
 def test_ema_flag_without_ema_weights_is_a_clear_error(tmp_path):
     ckpt = tmp_path / "checkpoint.pth.tar"
     torch.save({"epoch": 1, "best_prec1": 0.0, "state_dict": {"w": torch.zeros(1)}}, ckpt)
@@ -46,6 +48,7 @@ def test_ema_flag_without_ema_weights_is_a_clear_error(tmp_path):
     assert not (tmp_path / "out.pth").exists()
 
 
+@pytest.mark.slow
 def test_safetensors_round_trip_gives_identical_logits_through_every_loader(tmp_path):
     from image_classification.deploy.export import main as model2onnx
     from image_classification.deploy.classify import main as classify

@@ -201,6 +201,7 @@ def test_quantized_arch_without_ranges_is_one_line(files, capsys):
     assert len(err.strip().splitlines()) == 1 and "no ranges (_amax)" in err and "b0_10.pth" in err
 
 
+@pytest.mark.slow
 def test_script_runs_without_traceback(files):
     result = subprocess.run([sys.executable, str(ROOT / "classify.py"), "--arch", "efficientnet-b0",
                              "--pretrained-from-file", str(files / "missing.pth"), "--image", str(files / "gray.jpg")],

@@ -71,6 +71,7 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
 
 @pytest.mark.parametrize("script,argv,expected", MISSING_FILE, ids=[f"{s}-{i}" for i, (s, *_) in
                                                                      enumerate(MISSING_FILE)])
+@pytest.mark.slow
 def test_a_missing_file_is_one_line_and_status_1(script, argv, expected):
     result = run_script(script, argv)
     assert result.returncode == EXIT_ERROR, result.stderr
@@ -78,12 +79,14 @@ def test_a_missing_file_is_one_line_and_status_1(script, argv, expected):
 
 
 @pytest.mark.parametrize("script,argv,expected", BAD_FLAG, ids=[f"{s}-{i}" for i, (s, *_) in enumerate(BAD_FLAG)])
+@pytest.mark.slow
 def test_a_bad_flag_is_one_line_and_status_2(script, argv, expected):
     result = run_script(script, argv)
     assert result.returncode == EXIT_USAGE, result.stderr
     assert one_error_line(result).startswith(expected)
 
 
+@pytest.mark.slow
 def test_unsafe_weights_file_is_refused_in_one_line(tmp_path):
     unsafe = tmp_path / "unsafe.pth"
     unsafe.write_bytes(pickle.dumps({"state_dict": {"w": torch.zeros(1)}, "hook": Number(int)}))

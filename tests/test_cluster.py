@@ -253,6 +253,7 @@ def parameters(report: Path) -> dict:
     return flags[0]
 
 
+@pytest.mark.slow
 def test_two_srun_tasks_without_torchrun_join_one_gloo_group(tmp_path):
     worker, workspace = write_worker(tmp_path), tmp_path / "ws"
     port = free_port()
@@ -275,6 +276,7 @@ def test_two_srun_tasks_without_torchrun_join_one_gloo_group(tmp_path):
     assert "DLL" in outputs[0][0] and "DLL" not in outputs[1][0]   # rank 1 prints no log lines
 
 
+@pytest.mark.slow
 def test_torchrun_elastic_restart_resumes_from_the_last_checkpoint(tmp_path):
     worker, workspace = write_worker(tmp_path), tmp_path / "ws"
     marker, attempts = tmp_path / "died", tmp_path / "attempts"

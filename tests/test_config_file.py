@@ -61,6 +61,7 @@ def test_a_bad_file_is_one_error_naming_the_file_and_key(tmp_path, text, message
     assert str(err.value).startswith(f"--config {config}: ") and message in str(err.value)
 
 
+@pytest.mark.slow
 def test_main_py_reports_a_bad_config_file_in_one_line(tmp_path):
     import subprocess
     import sys

@@ -349,6 +349,7 @@ def test_pytorch_workers_ignore_stop_signals_and_close_still_stops_them(generate
     assert not closing.is_alive() and not any(worker.is_alive() for worker in workers)
 
 
+@pytest.mark.slow
 def test_a_process_that_fails_with_live_loader_workers_still_exits(generated):
     # The exception's traceback keeps the loader and its workers alive until interpreter exit, where
     # multiprocessing joins its children after a SIGTERM that our workers ignore: without closing the loaders
@@ -582,6 +583,7 @@ def test_transfer_class_set_draws_ten_other_classes(tmp_path, capsys):
     assert exc.value.code == 2 and "--class-set: invalid choice: 'imagenet'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bench_quick_runs():
     result = subprocess.run([sys.executable, "bench/bench_data.py", "--quick"], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)

@@ -100,6 +100,7 @@ def test_the_teacher_is_untouched_by_training_steps(amp):
 
 # --- runs -------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_resume_with_a_teacher_equals_the_uninterrupted_run_and_another_teacher_is_refused(tmp_path):
     teacher = b0_teacher(tmp_path / "teacher.pth", seed=1)
     flags = ("--mixup", "0.2", "--kd-alpha", "0.7", "--kd-temperature", "2", "--use-ema", "0.9")
@@ -216,6 +217,7 @@ def _gloo_run(tmp_path: Path, name: str, nproc: int, batch: int, teacher: Path, 
     return workspace
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_and_accumulation_distil_as_one_process_on_the_same_global_batch(tmp_path):
     teacher = tmp_path / "teacher.pth"
     weights = tiny_model.TinyEntry()(num_classes=3).state_dict()
@@ -238,6 +240,7 @@ def test_two_gloo_processes_and_accumulation_distil_as_one_process_on_the_same_g
             assert ea[epoch][key] == pytest.approx(eb[epoch][key], rel=1e-5, abs=1e-6), (epoch, key)
 
 
+@pytest.mark.slow
 def test_a_distilled_run_stopped_mid_epoch_resumes_exactly(tmp_path, monkeypatch):
     from test_training import float_tensors, stop_at_iteration
     teacher = b0_teacher(tmp_path / "teacher.pth", seed=1)

@@ -111,6 +111,7 @@ def test_float_engines_agree_with_pytorch(engine, float_file):
 
 
 @pytest.mark.parametrize("engine", ONNX_ENGINES)
+@pytest.mark.slow
 def test_int8_file_agrees_with_the_fake_quantized_model(engine, int8_file):
     model, path, images = int8_file
     with torch.no_grad():
@@ -127,6 +128,7 @@ def test_int8_file_agrees_with_the_fake_quantized_model(engine, int8_file):
         assert report["int8_convolutions"] + report["float_convolutions"] == B0_CONVOLUTIONS
 
 
+@pytest.mark.slow
 def test_fold_batchnorm_keeps_the_function_and_the_int8_weights():
     model = _trained_like("efficientnet-b0")
     folded = fold_batchnorm(model)
@@ -190,6 +192,7 @@ def _top5(out: str) -> list[tuple[str, list[tuple[str, float]]]]:
 
 
 @pytest.mark.parametrize("engine", ONNX_ENGINES)
+@pytest.mark.slow
 def test_classify_engine_prints_the_same_top5_as_pytorch(engine, float_file, generated, capsys):
     images = sorted(str(p) for p in (generated / "val").rglob("*.jpg"))[:4]
     weights = float_file[1].with_suffix(".pth")

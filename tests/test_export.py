@@ -39,6 +39,7 @@ def _batch_dim(path: Path) -> str:
 
 @pytest.mark.parametrize("arch,params", [("efficientnet-b0", {}), ("efficientnet-widese-b0", {}),
                                          ("efficientnet-b0", {"trt": True})])
+@pytest.mark.slow
 def test_export_agrees_with_pytorch_on_another_batch_size(arch, params, tmp_path):
     model = _model(arch, **params)
     path = export_onnx(model, tmp_path / "m.onnx", image_size=SIZE, batch_size=1)
@@ -54,6 +55,7 @@ def test_export_agrees_with_pytorch_on_another_batch_size(arch, params, tmp_path
         assert diff <= 1e-4 * largest
 
 
+@pytest.mark.slow
 def test_mismatch_is_an_error(tmp_path):
     model = _model("efficientnet-b0")
     path = export_onnx(model, tmp_path / "b0.onnx", image_size=SIZE)
@@ -62,6 +64,7 @@ def test_mismatch_is_an_error(tmp_path):
         verify_onnx(model, path, torch.randn(2, 3, SIZE, SIZE), tolerance=DEFAULT_TOLERANCE)
 
 
+@pytest.mark.slow
 def test_export_and_verification_run_in_true_fp32(tmp_path, monkeypatch):
     """cuDNN's TF32 convolutions are on by default; onnxruntime's are float32, so the check must compare float32."""
     import image_classification.deploy.export as export
@@ -83,6 +86,7 @@ def test_export_and_verification_run_in_true_fp32(tmp_path, monkeypatch):
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+@pytest.mark.slow
 def test_dynamo_exporter(tmp_path):
     model = _model("efficientnet-b0")
     with pytest.raises(ExportError, match="opset 18"):
@@ -119,6 +123,7 @@ def test_model2onnx_cli(tmp_path, capsys):
     assert exc.value.code == 2 and "efficientnet-b0" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_model2onnx_script_errors_without_traceback(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "model2onnx.py"), "--arch", "efficientnet-b0",
                              "--pretrained-from-file", str(tmp_path / "missing.pth"), "--image-size", str(SIZE)],
@@ -127,6 +132,7 @@ def test_model2onnx_script_errors_without_traceback(tmp_path):
     assert "Traceback" not in result.stderr and "no such file" in result.stderr
 
 
+@pytest.mark.slow
 def test_quantized_export_has_qdq_nodes(tmp_path, capsys):
     from image_classification.toolkit.quantization import calibrate
     model = get_entry("efficientnet-quant-b0")(num_classes=10)
@@ -149,6 +155,7 @@ def test_quantized_export_has_qdq_nodes(tmp_path, capsys):
     assert code == 1 and "no ranges" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_efficientnet_v2_s_exports_and_defaults_to_its_evaluation_size(tmp_path, capsys):
     assert get_entry("efficientnet-v2-s").default_eval_image_size == 384  # trains at 300, evaluated larger
     weights = tmp_path / "v2s.pth"

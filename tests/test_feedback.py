@@ -31,6 +31,7 @@ def folder_run(data: Path, workspace: Path, *extra: str) -> list[str]:
             str(workspace), *extra]
 
 
+@pytest.mark.slow
 def test_banner_progress_and_summary_label(tiny, generated, tmp_path, capsys):
     workspace = tmp_path / "ws"
     train(folder_run(generated, workspace))
@@ -102,6 +103,7 @@ def test_a_log_line_on_a_terminal_clears_the_progress_bar_first():
     assert terminal.getvalue().startswith("\r\x1b[KDLL ")
 
 
+@pytest.mark.slow
 def test_plot_report_says_where_the_png_went_and_draws_the_learning_rate(tmp_path):
     report = tmp_path / "raport.json"
     logger = Logger(report, print_stdout=False)

@@ -82,6 +82,7 @@ def test_groups_keep_bn_without_weight_decay_and_the_schedule_applies_each_facto
     assert [g["lr"] for g in fresh.param_groups] == [g["lr"] for g in optimizer.param_groups]
 
 
+@pytest.mark.slow
 def test_resume_with_layer_decay_and_freezing_equals_the_uninterrupted_run(tmp_path):
     flags = ("--layer-decay", "0.7", "--head-lr-scale", "3", "--freeze-until", "layers.0.block0", "--use-ema",
              "0.9")
@@ -109,6 +110,7 @@ def test_resume_with_layer_decay_and_freezing_equals_the_uninterrupted_run(tmp_p
 
 # --- freezing ---------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_frozen_parameters_and_bn_statistics_do_not_move(tmp_path):
     start = tmp_path / "start.pth"
     initial = b0().state_dict()

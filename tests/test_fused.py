@@ -117,6 +117,7 @@ def test_model_training_step_matches_the_plain_layers():
     assert fast.state_dict().keys() == plain.state_dict().keys()
 
 
+@pytest.mark.slow
 def test_scripted_and_traced_models_run_the_plain_layers():
     model, _ = _b0_pair()
     model.eval()

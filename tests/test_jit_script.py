@@ -46,6 +46,7 @@ def images(size: int, batch: int = 2) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("arch,size", FAMILIES, ids=[arch for arch, _ in FAMILIES])
+@pytest.mark.slow
 def test_scripted_model_computes_the_eager_output(arch, size):
     model = build(arch).eval()
     scripted = compile_model(model, "script")
@@ -58,6 +59,7 @@ def test_scripted_model_computes_the_eager_output(arch, size):
             torch.testing.assert_close(scripted(x), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_tensorrt_squeeze_excitation_is_scripted_too():
     model = build("efficientnet-b0", trt=True).eval()
     x = images(32)
@@ -76,6 +78,7 @@ def train_step(module: nn.Module, params: nn.Module, x: torch.Tensor, seed: int,
     return out.detach(), [p.grad.clone() for p in params.parameters()]
 
 
+@pytest.mark.slow
 def test_scripted_model_trains_with_dropout_and_stochastic_depth():
     model = build("efficientnet-b0", survival_prob=0.5, dropout=0.3).train()
     scripted = compile_model(model, "script")
@@ -107,6 +110,7 @@ def test_scripted_model_trains_with_dropout_and_stochastic_depth():
 
 # Lite: its stride-2 depthwise convolutions pad (TF's SAME) before the fp32 path convolves.
 @pytest.mark.parametrize("arch", ["efficientnet-b0", "efficientnet-lite0"])
+@pytest.mark.slow
 def test_scripted_model_under_cpu_bf16_autocast_casts_as_eager(arch):
     model = build(arch).train()
     scripted = compile_model(model, "script")
@@ -186,6 +190,7 @@ def summary(workspace: Path) -> dict:
     return by_step(read_report(workspace / "experiment_raport.json"))[()]
 
 
+@pytest.mark.slow
 def test_main_py_trains_and_evaluates_with_jit_script(tiny_data, tmp_path):
     trained = main_py(tiny_data, tmp_path / "train")
     assert trained.returncode == 0, trained.stderr
@@ -202,6 +207,7 @@ def test_main_py_trains_and_evaluates_with_jit_script(tiny_data, tmp_path):
     assert again["val.loss"] == pytest.approx(result["val.loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_main_py_jit_script_of_a_quantized_model_is_one_error_line(tiny_data, tmp_path):
     pytest.importorskip("modelopt.torch.quantization")
     result = main_py(tiny_data, tmp_path, "--arch", "efficientnet-quant-b0")

@@ -118,6 +118,7 @@ def _training_engine() -> bool:
 
 
 @pytest.mark.skipif(not _training_engine(), reason="image_classification.train does not exist yet")
+@pytest.mark.slow
 def test_benchmark_runs_on_cpu_and_reports_latency_percentiles(tmp_path):
     small = ["-b", "2", "--image-size", "32", "--prof", "3", "--optimizer-batch-size", "-1", "--workspace",
              str(tmp_path)]

@@ -359,6 +359,7 @@ def test_exported_lite0_gives_the_same_top5_in_the_engines(engine, torch_top5, t
     assert top5(capsys.readouterr().out) == torch_top5
 
 
+@pytest.mark.slow
 def test_frozen_compiled_lite0_agrees_with_eager(lite0):
     from image_classification.train.setup import compile_model
     x = photo_batch(list(PHOTO_CLASSES)).contiguous(memory_format=torch.channels_last)
@@ -384,6 +385,7 @@ def augmented_crops(names: list[str], per_photo: int, size: int = 224, seed: int
     return Normalizer(CPU, INCEPTION.mean, INCEPTION.std)(images)
 
 
+@pytest.mark.slow
 def test_int8_lite0_calibrated_and_after_a_qat_step_runs_in_openvino(lite0, tmp_path):
     """efficientnet-quant-lite0 from the same weights: calibrated on augmented crops of the photos, then one QAT
     step towards the float model's classes (on 128 px crops: fake quantization trains slowly on a CPU); each

@@ -142,6 +142,7 @@ def test_defaults_dict_is_applied_and_checked():
         parse_args(["/data"], defaults={"arch": "efficientnet-b0", "not_a_flag": 1})
 
 
+@pytest.mark.slow
 def test_help_documents_main_and_model_flags():
     result = subprocess.run([sys.executable, "main.py", "-h"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
@@ -150,6 +151,7 @@ def test_help_documents_main_and_model_flags():
         assert flag in result.stdout, flag
 
 
+@pytest.mark.slow
 def test_cpu_run_ignores_gpu_affinity_with_a_warning(tmp_path):
     # A performance hint, as --amp on a CPU: the reference's DGX lines (configs.yml sets the affinity) still run.
     result = subprocess.run([sys.executable, "main.py", "--arch", "efficientnet-b0", "--data-backend", "synthetic",
@@ -219,6 +221,7 @@ def _recipe_commands() -> list[tuple[str, list[str]]]:
     return commands
 
 
+@pytest.mark.slow
 def test_every_recipe_and_config_parses():
     config = _configs()
     commands = _recipe_commands()

@@ -6,9 +6,12 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_demo_script_trains_and_classifies(tmp_path):
     data, workspace = tmp_path / "data", tmp_path / "ws"
     env = {**os.environ, "DATA": str(data), "WORKSPACE": str(workspace)}

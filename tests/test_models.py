@@ -32,7 +32,12 @@ def built(arch: str) -> torch.nn.Module:
     return get_entry(arch)(num_classes=10)
 
 
-@pytest.mark.parametrize("arch", FLOAT_ARCHS)
+# b0 and the first Lite stay in the fast tier; the larger ones (up to 18 s each on 2 cores) run with the slow tier.
+FAST_ARCHS = ("efficientnet-b0", "efficientnet-lite0")
+
+
+@pytest.mark.parametrize("arch", [arch if arch in FAST_ARCHS else pytest.param(arch, marks=pytest.mark.slow)
+                                  for arch in FLOAT_ARCHS])
 def test_forward_backward(arch):
     model = built(arch).train()
     out = model(small_input())
@@ -235,6 +240,7 @@ def test_pickled_object_checkpoint_is_refused(tmp_path):
         get_entry("efficientnet-b0")(pretrained_from_file=str(path), num_classes=10)
 
 
+@pytest.mark.slow
 def test_training_checkpoint_loads_and_misfits_are_explained(tmp_path):
     source = built("efficientnet-b0")
     ckpt = tmp_path / "checkpoint.pth.tar"
@@ -326,6 +332,7 @@ def test_efficientnet_v2_parameter_count_equals_torchvision(v2_model, torchvisio
     assert num_parameters(v2_model) == num_parameters(torchvision_v2_model)
 
 
+@pytest.mark.slow
 def test_efficientnet_v2_stage_resolutions_equal_torchvision(v2_model, torchvision_v2_model):
     # torchvision's `features` is [stem, stage 1 … stage N, head conv], ours stem, layers, features. An odd
     # input size makes every stride-2 stage round, so a stride or padding placed differently would show.

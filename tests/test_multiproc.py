@@ -86,6 +86,7 @@ def _epochs(workspace: Path) -> dict[int, dict]:
     return epoch_summaries(records)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path):
     single = _run(tmp_path, "single", nproc=1, batch=8)
     double = _run(tmp_path, "double", 2, 4, "--dist-backend", "gloo")
@@ -102,6 +103,7 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path)
             assert ea[epoch][key] == pytest.approx(eb[epoch][key], rel=1e-5, abs=1e-6), (epoch, key)
 
 
+@pytest.mark.slow
 def test_evaluation_on_two_processes_equals_one_process_without_ddp(tmp_path):
     single = _epochs(_run(tmp_path, "single", 1, 8, "--evaluate"))
     double = _epochs(_run(tmp_path, "double", 2, 4, "--evaluate"))
@@ -110,6 +112,7 @@ def test_evaluation_on_two_processes_equals_one_process_without_ddp(tmp_path):
         assert single[0][key] == pytest.approx(double[0][key], rel=1e-5, abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_a_failing_worker_is_named_and_the_launcher_exits_non_zero(tmp_path):
     worker = tmp_path / "fail.py"
     worker.write_text("import sys\nsys.exit(3)\n")

@@ -146,6 +146,7 @@ def assert_equal_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
         assert torch.equal(a[name], b[name]), name
 
 
+@pytest.mark.slow
 def test_accumulation_across_the_epoch_boundary_trains_as_the_references_trainer(parity_data, tmp_path):
     expected = FIXTURE["accumulation"]
     train(accumulation_args(tmp_path))
@@ -159,6 +160,7 @@ def test_accumulation_across_the_epoch_boundary_trains_as_the_references_trainer
     assert [epochs[e]["val.loss"] for e in range(parity.ACC_EPOCHS)] == pytest.approx(expected["val_loss"], rel=1e-9)
 
 
+@pytest.mark.slow
 def test_accumulation_across_epochs_equals_one_epoch_of_the_same_iterations(parity_data, tmp_path):
     train(accumulation_args(tmp_path / "two"))
     parity_data["of"] = lambda epoch: parity.train_batches(0) + parity.train_batches(1)
@@ -166,6 +168,7 @@ def test_accumulation_across_epochs_equals_one_epoch_of_the_same_iterations(pari
     assert_equal_weights(weights(tmp_path / "two"), weights(tmp_path / "one"))
 
 
+@pytest.mark.slow
 def test_an_epoch_end_checkpoint_between_two_halves_resumes_exactly(parity_data, tmp_path):
     full, split = tmp_path / "full", tmp_path / "split"
     train(accumulation_args(full))
@@ -177,6 +180,7 @@ def test_an_epoch_end_checkpoint_between_two_halves_resumes_exactly(parity_data,
     assert_equal_weights(weights(full), weights(split))
 
 
+@pytest.mark.slow
 def test_a_signal_between_two_halves_saves_their_gradients_and_resumes_exactly(parity_data, tmp_path, monkeypatch):
     from test_training import float_tensors, stop_at_iteration
     full, split = tmp_path / "full", tmp_path / "split"
@@ -194,6 +198,7 @@ def test_a_signal_between_two_halves_saves_their_gradients_and_resumes_exactly(p
         assert torch.equal(value, resumed[name]), name
 
 
+@pytest.mark.slow
 def test_a_resume_that_accumulates_differently_drops_the_half_step_and_says_so(parity_data, tmp_path, capsys):
     train(accumulation_args(tmp_path, "--run-epochs", "1"))
     summary = train(accumulation_args(tmp_path, "--optimizer-batch-size", str(3 * parity.ACC_BATCH), "--resume",
@@ -203,6 +208,7 @@ def test_a_resume_that_accumulates_differently_drops_the_half_step_and_says_so(p
            "accumulates 3 on 1, so those gradients are dropped" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_b0_run_resumed_between_two_halves_equals_the_uninterrupted_run(tmp_path):
     """The real network (BN, dropout, stochastic depth, mixup, EMA) with --prof 3 and accumulation 2."""
     from test_training import float_tensors, run_args

@@ -69,6 +69,7 @@ def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, tolerance:
     assert error <= tolerance, f"{what}: max difference {error:.2e} of the largest magnitude > {tolerance}"
 
 
+@pytest.mark.slow
 def test_channels_last_matches_nchw():
     model, images, target = model_and_batch()
     nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last)
@@ -83,6 +84,7 @@ def test_channels_last_matches_nchw():
         assert_close_scaled(grads_cl[name], grad, 1e-4, f"grad of {name}", largest(grads))
 
 
+@pytest.mark.slow
 def test_compiled_matches_eager_inference():
     model, images, _ = model_and_batch(small=True)
     model.eval()
@@ -91,6 +93,7 @@ def test_compiled_matches_eager_inference():
         assert_close_scaled(compiled(images), model(images), 1e-3, "logits")
 
 
+@pytest.mark.slow
 def test_frozen_compile_matches_eager_and_compiles_the_weights_in():
     """main.py --evaluate --jit compile: inductor's freezing, which must really happen (torch.compile's
     options={"freezing": True} silently compiles unfrozen), and give the eager logits."""
@@ -110,6 +113,7 @@ def test_frozen_compile_matches_eager_and_compiles_the_weights_in():
             bn.running_var.copy_(saved)
 
 
+@pytest.mark.slow
 def test_compiled_matches_eager_training_step():
     model, images, target = model_and_batch(small=True)
     twin = copy.deepcopy(model)
@@ -126,6 +130,7 @@ def test_compiled_matches_eager_training_step():
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="bf16 autocast on CPU needs oneDNN")
+@pytest.mark.slow
 def test_bf16_autocast_close_to_fp32():
     model, images, target = model_and_batch()
     model.eval()
@@ -178,6 +183,7 @@ def test_silu_works_in_place_only_where_autograd_records_nothing():
         assert SiLU()(h).data_ptr() == h.data_ptr()
 
 
+@pytest.mark.slow
 def test_cpu_allocator_retain_reuses_pages_instead_of_faulting_them_in(tmp_path):
     """Freeing and re-allocating a 64 MiB tensor: glibc's defaults page-fault it in every time; under retain the
     heap stops growing after a few (glibc 2.36's posix_memalign leaves freed blocks unused for a while) and the

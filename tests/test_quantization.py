@@ -166,6 +166,7 @@ def test_other_calibrators(calibrator):
         assert 0 < stem < observed  # the 99th percentile clips the tail
 
 
+@pytest.mark.slow
 def test_qat_step_changes_weights_and_keeps_ranges(calibrated):
     model = copy.deepcopy(calibrated).train()
     ranges = {name: q.amax.clone() for name, q in quantizers(model).items()}
@@ -183,6 +184,7 @@ def test_qat_step_changes_weights_and_keeps_ranges(calibrated):
         assert torch.equal(q.amax, ranges[name]), name
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_through_checkpoint2model(calibrated, tmp_path):
     state = {f"module.{k}": v for k, v in calibrated.state_dict().items()}
     assert sum(k.endswith("._amax") for k in state) == 205
@@ -232,6 +234,7 @@ def ngc_qat_style(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
+@pytest.mark.slow
 def test_ngc_qat_keys_map_onto_model_optimizer(calibrated, tmp_path):
     reference = ngc_qat_style(calibrated.state_dict())
     for key in ("module.stem.conv._input_quantizer._amax", "module.layer1.block0.depsep.conv._weight_quantizer._amax",
@@ -251,6 +254,7 @@ def test_ngc_qat_keys_map_onto_model_optimizer(calibrated, tmp_path):
     assert get_entry("efficientnet-quant-b4").pretrained_url.endswith("nvidia-efficientnet-quant-b4-130421.pth")
 
 
+@pytest.mark.slow
 def test_onnx_export_has_qdq_and_onnxruntime_agrees(calibrated, tmp_path):
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
@@ -286,6 +290,7 @@ def image_folder(root: Path, classes: int = 2, per_class: int = 4) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_quant_main_calibrates_trains_evaluates_and_resumes(tmp_path, capsys):
     pytest.importorskip("image_classification.train")
     import quant_main
@@ -324,6 +329,7 @@ def test_quant_main_calibrates_trains_evaluates_and_resumes(tmp_path, capsys):
     assert exc.value.code == 1 and "stem.conv.input_quantizer" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_calibration_reads_batch_statistics_and_leaves_running_statistics_alone():
     model = build(trt=True).train()
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
@@ -342,6 +348,7 @@ def test_calibration_reads_batch_statistics_and_leaves_running_statistics_alone(
     ("b4", ["--optimizer", "rmsprop", "--lr", "4.09e-06", "--momentum", "0.9", "--weight-decay", "9.714e-04",
             "--lr-schedule", "linear", "--rmsprop-alpha", "0.853", "--rmsprop-eps", "0.00422"]),
 ])
+@pytest.mark.slow
 def test_qat_from_a_briefly_trained_float_model_stays_finite_at_the_recipes_settings(tmp_path, arch, recipe):
     # One epoch of two steps leaves BN's running statistics near their initial 0/1 (momentum 0.01). Ranges
     # calibrated with them (eval mode) were orders of magnitude off the activations QAT trains on (inf in b4,

@@ -452,6 +452,7 @@ def _run_lines(lines: list[str], request, tmp_path: Path, toy_data: Path, toy_en
 
 
 @pytest.mark.parametrize("line", [case for _, case in _readme_cases()], ids=[i for i, _ in _readme_cases()])
+@pytest.mark.slow
 def test_readme_line_runs(line, request, tmp_path, toy_data, toy_env):
     if line.startswith("bash "):  # a recipe: its python lines, as bash runs them
         recipe, arg = re.fullmatch(r"bash (\S+) (.+)", line).groups()
@@ -463,6 +464,7 @@ def test_readme_line_runs(line, request, tmp_path, toy_data, toy_env):
 
 @pytest.mark.parametrize("recipe", RECIPE_FILES, ids=[str(p.relative_to(RECIPES).with_suffix(""))
                                                      for p in RECIPE_FILES])
+@pytest.mark.slow
 def test_recipe_runs(recipe, request, tmp_path, toy_data, toy_env):
     # $1: the workspace; for the quantization recipes, the float weights to start from
     if "quantization" in recipe.parts:

@@ -45,6 +45,7 @@ def quick_run(tmp_path_factory) -> tuple[int, Path]:
     return done.returncode, out
 
 
+@pytest.mark.slow
 def test_quick_mode_passes_every_step_a_cpu_can_run(quick_run):
     status, out = quick_run
     steps = summary(out)["steps"]
@@ -60,6 +61,7 @@ def test_quick_mode_passes_every_step_a_cpu_can_run(quick_run):
     assert status == 0 and summary(out)["result"] == "PASS"
 
 
+@pytest.mark.slow
 def test_quick_mode_records_the_numbers(quick_run):
     _, out = quick_run
     steps = summary(out)["steps"]
@@ -91,6 +93,7 @@ def test_quick_mode_records_the_numbers(quick_run):
     assert '"steady_ips"' in markdown and "launch.py --model efficientnet-b0" in markdown
 
 
+@pytest.mark.slow
 def test_a_failing_step_is_reported_and_the_later_steps_still_run(tmp_path):
     """run_gpu.sh itself (QUICK=1): env killed by its timeout, data still runs, the exit status says FAIL."""
     out = tmp_path / "out"

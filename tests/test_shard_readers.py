@@ -308,6 +308,7 @@ def test_data_format_detection_and_one_line_errors(generated, shards, tmp_path):
         scan_data(broken, "val", 10)
 
 
+@pytest.mark.slow
 def test_data_format_flag_reaches_main_and_launch(shards):
     assert "--data-format {auto,folder,shards}" in build_parser().format_help()  # main.py -h, quant_main.py -h
     assert parse_args([str(shards)]).data_format == "auto"

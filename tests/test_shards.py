@@ -185,6 +185,7 @@ def test_cli_exit_statuses(source, tmp_path, capsys):
         assert status == 2 and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_module_runs_as_a_program(source, tmp_path):
     result = subprocess.run([sys.executable, "-m", "image_classification.data.shards", "--source", str(source),
                              "--output", str(tmp_path / "out"), "--workers", "1"],

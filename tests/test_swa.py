@@ -25,6 +25,7 @@ def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+@pytest.mark.slow
 def test_swa_averages_the_last_epochs_updates_bn_and_reports_swa_metrics(generated, tmp_path):
     summary = train(run_args(generated, tmp_path, "--swa-start", "1", "--swa-lr", "0.004", "--swa-anneal-epochs", "0",
                              "--gather-checkpoints", "3"))
@@ -70,6 +71,7 @@ def stop_during_step(monkeypatch, number: int) -> None:
     monkeypatch.setattr(training, "train_step", step)
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_with_swa_continues_the_average_and_the_lr_exactly(generated, tmp_path, monkeypatch):
     swa = ("--swa-start", "1", "--swa-lr", "0.002", "--swa-anneal-epochs", "3")
     full, split = tmp_path / "full", tmp_path / "split"

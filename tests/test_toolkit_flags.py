@@ -30,6 +30,7 @@ def weights(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.mark.parametrize("nproc", [1, 2])
 @pytest.mark.parametrize("backend", ["pytorch", "dali-cpu"])
+@pytest.mark.slow
 def test_finetune_distil_swa_and_tta_flags_run_together(generated, weights, tmp_path, backend, nproc):
     if backend == "dali-cpu":
         pytest.importorskip("nvidia.dali")

@@ -24,6 +24,7 @@ def tiny_run(workspace, *extra: str) -> list[str]:
             str(workspace), *extra]
 
 
+@pytest.mark.slow
 def test_tensorboard_and_mlflow_receive_the_reports_records(tiny, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

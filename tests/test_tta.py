@@ -116,6 +116,7 @@ def test_eval_crop_pct_geometry_default_unchanged_and_backends_agree(generated):
     assert (next(iter(default))[0] - a).abs().mean() > 3 * (a - b).abs().mean()
 
 
+@pytest.mark.slow
 def test_eval_sizes_prints_one_row_per_size_and_crop_pct(generated, weights):
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "eval_sizes.py"), str(generated),
                              "--arch", "efficientnet-b0", "--num_classes", "3", "--pretrained-from-file", str(weights),

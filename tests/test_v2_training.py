@@ -221,6 +221,7 @@ def test_each_stage_trains_at_its_size_and_validation_stays_at_eval_size(tmp_pat
     assert [epochs[e]["train.image_size"] for e in (0, 1)] == [32, 48]
 
 
+@pytest.mark.slow
 def test_resume_mid_stage_and_at_the_boundary_equals_the_uninterrupted_run(tmp_path, dataset, recorded):
     flags = ["--data-backend", "pytorch", "--epochs", "4", "--augmentation", "randaugment", "--base-randaug-magnitude",
              "5", "--randaug-magnitude", "15", "--mixup", "0.2", "--cutmix", "1.0", "--use-ema", "0.9"]
