@@ -1,6 +1,7 @@
 """main.py's job run in the test process, deterministically: the in-process twin of a `main.py ...` command."""
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,17 @@ def float_tensors(path: Path) -> dict[str, torch.Tensor]:
         out.update({f"optimizer.{index}.{k}": v for k, v in values.items()
                     if isinstance(v, torch.Tensor) and v.is_floating_point()})
     return out
+
+
+def stop_at_iteration(monkeypatch, stop_after: int) -> None:
+    """Deliver SIGTERM to this process during training step number `stop_after` (counted from 1, this run)."""
+    from image_classification.train import epoch as training
+    real_step = training.train_step
+    calls = {"n": 0}
+
+    def step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == stop_after:
+            signal.raise_signal(signal.SIGTERM)  # StopRequest's handler only sets its flag
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(training, "train_step", step)

@@ -242,7 +242,7 @@ def test_two_gloo_processes_and_accumulation_distil_as_one_process_on_the_same_g
 
 @pytest.mark.slow
 def test_a_distilled_run_stopped_mid_epoch_resumes_exactly(tmp_path, monkeypatch):
-    from test_training import float_tensors, stop_at_iteration
+    from runs import float_tensors, stop_at_iteration
     teacher = b0_teacher(tmp_path / "teacher.pth", seed=1)
     full, split = tmp_path / "full", tmp_path / "split"
     train(run_args(full, teacher, "--cutmix", "0.5"))

@@ -14,6 +14,7 @@ from image_classification import models
 from image_classification.data import Loader
 from image_classification.models import fused, get_entry
 from image_classification.models.common import StochasticDepthResidual
+from image_classification.train import checks
 from reports import by_step, epoch_summaries, read_report
 from runs import train
 
@@ -119,6 +120,8 @@ def parity_data(monkeypatch):
     """main.py trains tests/tiny_model.py on parity's batches; returns a setter for the train batches."""
     import image_classification.data as data
     monkeypatch.setitem(models._REGISTRY, tiny_model.NAME, tiny_model.TinyEntry())
+    # The batches stand in for a dataset, so its classes do too (train/checks.py reads them for --num_classes).
+    monkeypatch.setattr(checks, "dataset_class_names", lambda *args: [str(c) for c in range(parity.ACC_CLASSES)])
     train_batches = {"of": parity.train_batches}
     monkeypatch.setattr(data, "build_train_loader",
                         lambda backend, d, *, ctx, **kw: ListLoader(train_batches["of"], ctx))
@@ -153,8 +156,9 @@ def test_accumulation_across_the_epoch_boundary_trains_as_the_references_trainer
     assert_equal_weights(weights(tmp_path), {k: torch.tensor(v) for k, v in expected["state_dict"].items()})
     records = read_report(tmp_path / "experiment_raport.json")
     # train.loss: each iteration's loss divided by the accumulation; val.loss: the label-smoothed loss.
-    logged = [data["train.loss"] for step, data in sorted(by_step(records).items())
-              if len(step) == 2 and "train.loss" in data]
+    iterations = sorted((step, data) for step, data in by_step(records).items()
+                        if len(step) == 2 and isinstance(step[0], int))  # not ["Per class", epoch]
+    logged = [data["train.loss"] for step, data in iterations if "train.loss" in data]
     assert logged == [loss for epoch in expected["train_loss"] for loss in epoch]
     epochs = epoch_summaries(records)
     assert [epochs[e]["val.loss"] for e in range(parity.ACC_EPOCHS)] == pytest.approx(expected["val_loss"], rel=1e-9)
@@ -182,7 +186,7 @@ def test_an_epoch_end_checkpoint_between_two_halves_resumes_exactly(parity_data,
 
 @pytest.mark.slow
 def test_a_signal_between_two_halves_saves_their_gradients_and_resumes_exactly(parity_data, tmp_path, monkeypatch):
-    from test_training import float_tensors, stop_at_iteration
+    from runs import float_tensors, stop_at_iteration
     full, split = tmp_path / "full", tmp_path / "split"
     train(accumulation_args(full))
     with monkeypatch.context() as patch:

@@ -195,7 +195,8 @@ def adapt(line: str, fill: dict[str, str], workspace: Path, data: Path) -> list[
       -b 4, --prof 2, --run-epochs 1 (at most one epoch per invocation; --epochs stays, so the LR schedule and
       --resume's epoch check are the reference's), --workspace a fresh tmp folder (the ./ default would write
       into the checkout), --num_classes 4 to fit the toy dataset (not with --pretrained: NGC weights keep
-      their 1000 ImageNet classes, of which the toy labels 0-3 are valid indices, so no --reset-classifier).
+      their 1000 ImageNet classes, of which the toy labels 0-3 are valid indices; but with --pretrained
+      --reset-classifier, whose new head fits the data, as the fine-tuning recipe's 102 fits Flowers-102).
     classify.py and model2onnx.py: --image-size 32, -b 4, --num_classes 4 but with --pretrained.
     The one change that is not a size: multiproc.py's --nproc_per_node 8 becomes 2 -- 8 processes on 2 cores
     at toy scale are only slower, the code path (torchrun, gloo, all-reduce, rank-0 files) is the same.
@@ -226,7 +227,7 @@ def adapt(line: str, fill: dict[str, str], workspace: Path, data: Path) -> list[
         _set(args, ("--image-size",), str(IMAGE_SIZE))
         if "-b" in args or "--batch-size" in args:
             _set(args, ("-b", "--batch-size"), str(BATCH))
-    if script in TRAINERS | {"classify.py", "model2onnx.py"} and not pretrained:
+    if script in TRAINERS | {"classify.py", "model2onnx.py"} and (not pretrained or "--reset-classifier" in args):
         _set(args, ("--num_classes", "--num-classes"), str(CLASSES))
     return head + args
 

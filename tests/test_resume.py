@@ -1,7 +1,6 @@
 """--resume (train/resume.py): exact continuation after an epoch and mid-epoch, and its refusals."""
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from reports import by_step, epoch_summaries, read_report
-from runs import float_tensors, folder_args, needs_data_module, run_args, train
+from runs import float_tensors, folder_args, needs_data_module, run_args, stop_at_iteration, train
 
 from image_classification import checkpoint as ckpt
 
@@ -54,20 +53,6 @@ def test_resume_refuses_missing_corrupt_and_finished_checkpoints(tmp_path):
     torch.save({"epoch": 2, "best_prec1": 0.0, "state_dict": {}, "optimizer": {}}, finished)
     with pytest.raises(ckpt.CheckpointError, match="already run 2 epochs"):
         train(run_args(tmp_path, "--resume", str(finished)))
-
-
-def stop_at_iteration(monkeypatch, stop_after: int) -> None:
-    """Deliver SIGTERM to this process during training step number `stop_after` (counted from 1, this run)."""
-    from image_classification.train import epoch as training
-    real_step = training.train_step
-    calls = {"n": 0}
-
-    def step(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == stop_after:
-            signal.raise_signal(signal.SIGTERM)  # StopRequest's handler only sets its flag
-        return real_step(*args, **kwargs)
-    monkeypatch.setattr(training, "train_step", step)
 
 
 @pytest.mark.parametrize("backend", ["pytorch", "dali-cpu"])
