@@ -34,13 +34,18 @@ def test_killed_write_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch)
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth.tar"]
 
 
-@pytest.mark.slow
-def test_full_disk_is_one_line_naming_the_file_and_keeps_the_previous_checkpoint(tmp_path):
+def needs_mount_namespace() -> None:
+    """Skip unless this user may mount a small tmpfs in a mount namespace of its own (unshare)."""
     if shutil.which("unshare") is None:
         pytest.skip("needs unshare (util-linux) to mount a small tmpfs")
     probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip(f"cannot create a mount namespace here: {probe.stderr.decode().strip()}")
+
+
+@pytest.mark.slow
+def test_full_disk_is_one_line_naming_the_file_and_keeps_the_previous_checkpoint(tmp_path):
+    needs_mount_namespace()
     # The size of one checkpoint of this run, measured, then a file system with room for it but not for two.
     measure = tmp_path / "measure"
     train(run_args(measure, "--run-epochs", "1", "--training-only"))
@@ -66,11 +71,7 @@ def test_full_disk_is_one_line_naming_the_file_and_keeps_the_previous_checkpoint
 
 @pytest.mark.slow
 def test_a_small_read_only_file_system_is_reported_as_read_only(tmp_path):
-    if shutil.which("unshare") is None:
-        pytest.skip("needs unshare (util-linux) to mount a small tmpfs")
-    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip(f"cannot create a mount namespace here: {probe.stderr.decode().strip()}")
+    needs_mount_namespace()
     train(run_args(tmp_path / "ws", "--run-epochs", "1", "--training-only"))
     small = tmp_path / "small"
     small.mkdir()

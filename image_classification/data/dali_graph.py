@@ -185,13 +185,19 @@ def _crop_mirror_normalize(images, *, normalize: bool, layout: str, mean: Triple
     return fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout=layout, **crop_and_mirror)
 
 
+def _decoded_samples(source: Callable, decoder: str):
+    """(RGB images, labels) of the (encoded image, label) batches that `source` gives."""
+    fn, types, _ = dali_modules()
+    encoded, labels = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
+                                         dtype=[types.UINT8, types.INT64])
+    return fn.decoders.image(encoded, device=decoder, output_type=types.RGB), labels
+
+
 def train_graph(source: Callable, *, decoder: str, image_size: int, interp, augmentation: str | None,
                  magnitude: int, layout: str, normalize: bool, mean: Triple, std: Triple):
     """The reference's HybridTrainPipe: decode, random-resized crop, flip, normalise; a policy after the flip."""
     fn, types, _ = dali_modules()
-    encoded, labels = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
-                                         dtype=[types.UINT8, types.INT64])
-    images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+    images, labels = _decoded_samples(source, decoder)
     images = random_resized_crop(images, image_size, interp)
     if augmentation is None:
         mirror = fn.random.coin_flip()  # in crop_mirror_normalize, as the reference
@@ -208,9 +214,7 @@ def val_graph(source: Callable, *, decoder: str, image_size: int, resize_size: i
                magnitude: int, layout: str, normalize: bool, mean: Triple, std: Triple):
     """The reference's HybridValPipe: decode, resize the short side to `resize_size`, centre-crop S, normalise."""
     fn, types, _ = dali_modules()
-    encoded, labels = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
-                                         dtype=[types.UINT8, types.INT64])
-    images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+    images, labels = _decoded_samples(source, decoder)
     images = resize_shorter(images, resize_size, interp)
     # DALI's centre crop: offset round((length - S) / 2) with halves rounded up, as the reference's.
     images = _crop_mirror_normalize(images, normalize=normalize, layout=layout, mean=mean, std=std,

@@ -219,17 +219,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def print_help_and_exit(parser: argparse.ArgumentParser, arch: str | None) -> None:
+    """-h of classify.py and model2onnx.py: the script's flags, then the model flags of --arch when it names one."""
+    parser.print_help()
+    if arch in available_models():
+        print(f"\nmodel flags of {arch}:")
+        print(get_entry(arch).parser().format_help())
+    raise SystemExit(0)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """classify.py's flags, then the arch's model flags into args.model_args; unknown flags are an error."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.help:
-        parser.print_help()
-        if args.arch in available_models():
-            print(f"\nmodel flags of {args.arch}:")
-            print(get_entry(args.arch).parser().format_help())
-        raise SystemExit(0)
+        print_help_and_exit(parser, args.arch)
     if args.engine != "torch":
         check_engine_flags(parser, args, rest)
         return args

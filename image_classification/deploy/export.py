@@ -27,7 +27,7 @@ from ..models import available_models, get_entry
 from ..models.weights import WeightsError
 from ..preprocessing import Preprocessing
 from .checkpoint_info import CheckpointInfo
-from .classify import checkpoint_defaults, weights_error_line, with_interpolation
+from .classify import checkpoint_defaults, print_help_and_exit, weights_error_line, with_interpolation
 
 PROG = "model2onnx.py"
 INPUT_NAME = "input"
@@ -217,11 +217,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.help:
-        parser.print_help()
-        if args.arch in available_models():
-            print(f"\nmodel flags of {args.arch}:")
-            print(get_entry(args.arch).parser().format_help())
-        raise SystemExit(0)
+        print_help_and_exit(parser, args.arch)
     args.checkpoint = checkpoint_defaults(parser, args, rest)
     return args
 
