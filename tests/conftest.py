@@ -8,6 +8,13 @@ from pathlib import Path
 
 import pytest
 
+# pytest-xdist's workers (scripts/test.sh runs -n auto) share out the cores, one thread each on 2 cores, rather
+# than each starting a thread per core; set before torch is imported, and inherited by the processes a test starts
+# (tests/prefork.py's server among them). A value the caller exported is kept.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
+
 # What a command line starts: this interpreter (a script, `-m module`), a shell (a recipe) or torchrun.
 COMMANDS = {"bash", "sh", "torchrun"}
 # Processes that torch starts for itself inside a test's own process (inductor's compile workers).

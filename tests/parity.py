@@ -20,6 +20,9 @@ LOGITS_SEED = 1     # the global seed before the logits forwards
 LOGITS_FORWARDS = 2
 WEIGHTS_SEED = 2
 INPUT_SEED = 3
+# Intra-op threads the fixture was computed with: a convolution's sums are split among the threads, so another
+# count rounds differently (the tests pin it; pytest-xdist's workers otherwise run with one thread each).
+THREADS = 2
 
 # Accumulation: tests/tiny_model.py's model, batches of 4 accumulated in pairs, epochs of an odd length.
 ACC_CLASSES = 5

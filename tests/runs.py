@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,11 @@ def stop_at_iteration(monkeypatch, stop_after: int) -> None:
             signal.raise_signal(signal.SIGTERM)  # StopRequest's handler only sets its flag
         return real_step(*args, **kwargs)
     monkeypatch.setattr(training, "train_step", step)
+
+
+def free_port() -> int:
+    """A port nobody listens on now, for a process group's rendezvous: other tests (pytest-xdist's other worker,
+    another test run on this machine) start process groups too, so none takes a fixed port such as 29500."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

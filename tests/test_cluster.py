@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 import tiny_model as tiny_model_module
+from runs import free_port
 from image_classification.atomic import atomic_save
 from image_classification.cluster import (DEFAULT_MASTER_PORT, ELASTIC_STORE_KEY, ClusterError, Placement,
                                           elastic_store, expand_hostlist, expand_tasks_per_node,
@@ -230,13 +231,6 @@ def toy_flags(workspace: Path, epochs: int, *extra: str) -> list[str]:
     return ["--arch", "tiny-bn-free", "--data-backend", "synthetic", "-b", "4", "--epochs", str(epochs),
             "--prof", "3", "--lr", "0.1", "--seed", "5", "--print-freq", "1", "--workspace", str(workspace),
             "--device", "cpu", "--dist-backend", "gloo", "-j", "0", *extra]
-
-
-def free_port() -> int:
-    """A port nobody listens on now (other test runs on this machine start process groups too)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def clean_env(**extra: str) -> dict[str, str]:

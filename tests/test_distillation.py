@@ -22,8 +22,7 @@ from image_classification.context import create_context
 from image_classification.models import get_entry
 from image_classification.train.optimizers import build_optimizer
 from reports import by_step, epoch_summaries, read_report
-from runs import train
-from test_cluster import free_port
+from runs import free_port, train
 from test_multiproc import WORKER
 
 ROOT = Path(__file__).resolve().parents[1]

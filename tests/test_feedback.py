@@ -13,7 +13,7 @@ import pytest
 from image_classification import models
 from image_classification.logger import SUMMARY_LABEL, Logger, Progress
 from reports import read_report
-from runs import train
+from runs import free_port, train
 import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,7 +143,7 @@ def test_two_gloo_processes_in_nhwc_amp_print_each_note_once_and_no_ddp_stride_w
     # A DGX recipe line on two CPU processes: channels_last with bf16 autocast is where the depthwise weights'
     # gradients came back with other strides than their DDP bucket views; launch.py's notes, the ignored
     # --gpu-affinity warning and the banner were printed by every rank.
-    command = [sys.executable, "multiproc.py", "--nproc_per_node", "2", "--master_port", "29537", "launch.py",
+    command = [sys.executable, "multiproc.py", "--nproc_per_node", "2", "--master_port", str(free_port()), "launch.py",
                "--model", "efficientnet-b0", "--precision", "AMP", "--mode", "benchmark_training_short", "--platform",
                "DGXA100", "--memory-format", "nhwc", "--image-size", "32", "-b", "2", "--prof", "3", "--num_classes",
                "3", "--device", "cpu", "--workspace", str(tmp_path / "ws"),

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from reports import epoch_summaries, read_report
+from runs import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +72,7 @@ def _run(tmp_path: Path, name: str, nproc: int, batch: int, *extra: str) -> Path
     flags = ["--arch", "tiny-bn-free", "--data-backend", "synthetic", "-b", str(batch), "--epochs", "2",
              "--lr", "0.2", "--momentum", "0.9", "--wd", "1e-3", "--lr-schedule", "cosine", "--seed", "5",
              "--print-freq", "2", "--workspace", str(workspace), "--device", "cpu", "-j", "0", *extra]
-    command = [sys.executable, "multiproc.py", "--nproc_per_node", str(nproc), "--master_port", str(29511 + nproc),
+    command = [sys.executable, "multiproc.py", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
                str(worker), *flags]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240,
                             env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
@@ -116,7 +117,7 @@ def test_evaluation_on_two_processes_equals_one_process_without_ddp(tmp_path):
 def test_a_failing_worker_is_named_and_the_launcher_exits_non_zero(tmp_path):
     worker = tmp_path / "fail.py"
     worker.write_text("import sys\nsys.exit(3)\n")
-    result = subprocess.run([sys.executable, "multiproc.py", "--nproc_per_node", "1", "--master_port", "29519",
+    result = subprocess.run([sys.executable, "multiproc.py", "--nproc_per_node", "1", "--master_port", str(free_port()),
                              str(worker)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert f"multiproc.py: {worker} failed on rank 0 (exit 3)" in result.stderr
@@ -130,7 +131,6 @@ def test_sigterm_saves_every_worker_and_the_launcher_exits_75(tmp_path, target):
     import os
     import signal
     import time
-    from test_cluster import free_port
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER.format(root=str(ROOT), tests=str(ROOT / "tests")))
     workspace = tmp_path / "ws"

@@ -21,6 +21,15 @@ from runs import train
 FIXTURE = parity.load_fixture()
 
 
+@pytest.fixture(autouse=True)
+def _fixture_threads():
+    """Every comparison here runs with the fixture's thread count (parity.THREADS)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(parity.THREADS)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --- stochastic depth --------------------------------------------------------------------------------------------
 
 def seeded(arch: str) -> torch.nn.Module:

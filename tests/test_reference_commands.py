@@ -27,6 +27,7 @@ import pytest
 import torch
 
 import prefork
+from runs import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "efficientnet"
@@ -38,7 +39,11 @@ CLASSES = 4  # the toy dataset: 4 classes, 8 training and 4 validation images ea
 IMAGE_SIZE = 32
 BATCH = 4
 PROF = 2  # iterations per phase (--prof)
-PROCESSES = 2  # --nproc_per_node
+PROCESSES = 2  # --nproc_per_node of the README's multi-GPU lines
+# ... and of the recipes' multiproc.py lines: their settings run through torchrun in one process each (two would
+# start two more interpreters per recipe on 2 cores); the two-process path of the same lines is the README's
+# multi-GPU lines here, and tests/test_feedback.py runs a DGX recipe line on two processes.
+RECIPE_PROCESSES = 1
 
 # --- The reference README's command lines, verbatim. `A|B` alternatives run once each; `<version>` is b0.
 # Left out, not being this suite's interface: `git clone`/`cd` (Quick Start 1), the dataset's
@@ -184,7 +189,8 @@ def _set(args: list[str], names: tuple[str, ...], value: str) -> None:
     args += [names[0], value]
 
 
-def adapt(line: str, fill: dict[str, str], workspace: Path, data: Path) -> list[str]:
+def adapt(line: str, fill: dict[str, str], workspace: Path, data: Path, master_port: int | None = None,
+          processes: int = PROCESSES) -> list[str]:
     """The toy-scale argv of one reference command line; the same rules for every line.
 
     Placeholders take the values in `fill` (`<version>` b0, `<batch size>` 4, files of the session's toy runs,
@@ -198,8 +204,10 @@ def adapt(line: str, fill: dict[str, str], workspace: Path, data: Path) -> list[
       their 1000 ImageNet classes, of which the toy labels 0-3 are valid indices; but with --pretrained
       --reset-classifier, whose new head fits the data, as the fine-tuning recipe's 102 fits Flowers-102).
     classify.py and model2onnx.py: --image-size 32, -b 4, --num_classes 4 but with --pretrained.
-    The one change that is not a size: multiproc.py's --nproc_per_node 8 becomes 2 -- 8 processes on 2 cores
-    at toy scale are only slower, the code path (torchrun, gloo, all-reduce, rank-0 files) is the same.
+    The changes that are not sizes: multiproc.py's --nproc_per_node 8 becomes `processes` (2; a recipe's 1) --
+    8 processes on 2 cores at toy scale are only slower, the code path (torchrun, gloo, all-reduce, rank-0 files)
+    is the same -- and it gets `master_port` when given (a free one: other tests start process groups beside it, and 29500 would
+    be shared).
     """
     for placeholder, value in fill.items():
         line = line.replace(placeholder, value)
@@ -210,8 +218,10 @@ def adapt(line: str, fill: dict[str, str], workspace: Path, data: Path) -> list[
     scripts = [i for i, token in enumerate(argv) if token.endswith(".py")]
     if Path(argv[scripts[0]]).name == "multiproc.py" and "--nproc_per_node" in argv[:scripts[-1]]:
         at = argv.index("--nproc_per_node") + 1
-        argv[at] = str(min(int(argv[at]), PROCESSES))
+        argv[at] = str(min(int(argv[at]), processes))
     head, args = argv[:scripts[-1] + 1], argv[scripts[-1] + 1:]
+    if master_port is not None and Path(head[scripts[0]]).name == "multiproc.py":
+        head[scripts[0] + 1:scripts[0] + 1] = ["--master_port", str(master_port)]
     if "-h" in args or "--help" in args:
         return head + args
     script = Path(head[-1]).name
@@ -436,18 +446,21 @@ def run_line(argv: list[str], env: dict[str, str], mirror: str | None) -> subpro
     return _run(argv, env)
 
 
-def _run_lines(lines: list[str], request, tmp_path: Path, toy_data: Path, toy_env: dict[str, str]) -> None:
+def _run_lines(lines: list[str], request, tmp_path: Path, toy_data: Path, toy_env: dict[str, str],
+               processes: int = PROCESSES) -> None:
     """Adapt and run each line in its own workspace; lines that adaptation makes the same but for their report's
     name (a recipe's sweep over batch sizes, -b 1 ... 256 with raport_<bs>.json) run once."""
     done = set()
     for n, line in enumerate(lines):
         workspace = tmp_path / f"ws{n}"
         workspace.mkdir()
-        argv = adapt(line, _fill(line, request, tmp_path, toy_data), workspace, toy_data)
+        fill = _fill(line, request, tmp_path, toy_data)
+        argv = adapt(line, fill, workspace, toy_data, processes=processes)
         key = tuple(token for token in argv if token != str(workspace) and not token.startswith("raport"))
         if key in done:
             continue
         done.add(key)
+        argv = adapt(line, fill, workspace, toy_data, master_port=free_port(), processes=processes)
         mirror = request.getfixturevalue("ngc_mirror") if "--pretrained" in argv else None
         check_promises(argv, run_line(argv, toy_env, mirror))
 
@@ -473,7 +486,7 @@ def test_recipe_runs(recipe, request, tmp_path, toy_data, toy_env):
         arg = str(request.getfixturevalue("float_runs")(arch)["weights"])
     else:
         arg = str(tmp_path / "ws")
-    _run_lines(recipe_lines(recipe, arg), request, tmp_path, toy_data, toy_env)
+    _run_lines(recipe_lines(recipe, arg), request, tmp_path, toy_data, toy_env, RECIPE_PROCESSES)
 
 
 def test_adapt_changes_only_sizes(tmp_path):
@@ -481,10 +494,10 @@ def test_adapt_changes_only_sizes(tmp_path):
     data, ws = tmp_path / "data", tmp_path / "ws"
     line = ("python ./multiproc.py --nproc_per_node 8 ./launch.py --model efficientnet-b0 --precision AMP --mode "
             "convergence --platform DGXA100 /imagenet -b 256 --workspace ./ --raport-file raport.json")
-    assert adapt(line, {}, ws, data) == [
-        sys.executable, "./multiproc.py", "--nproc_per_node", "2", "./launch.py", "--model", "efficientnet-b0",
-        "--precision", "AMP", "--mode", "convergence", "--platform", "DGXA100", str(data), "-b", "4", "--workspace",
-        str(ws), "--raport-file", "raport.json", "--image-size", "32", "--eval-image-size", "32",
+    assert adapt(line, {}, ws, data, master_port=40000) == [
+        sys.executable, "./multiproc.py", "--master_port", "40000", "--nproc_per_node", "2", "./launch.py", "--model",
+        "efficientnet-b0", "--precision", "AMP", "--mode", "convergence", "--platform", "DGXA100", str(data), "-b",
+        "4", "--workspace", str(ws), "--raport-file", "raport.json", "--image-size", "32", "--eval-image-size", "32",
         "--base-image-size", "32", "--prof", "2", "--run-epochs", "1", "--num_classes", "4"]
     line = "python classify.py --arch efficientnet-<version> --pretrained --precision AMP --image <path to JPEG image>"
     assert adapt(line, {"<version>": "b0", "<path to JPEG image>": "a.jpg"}, ws, data) == [

@@ -12,7 +12,7 @@ import torch
 
 from image_classification.models import get_entry
 from reports import by_step, epoch_summaries, read_report
-from test_cluster import free_port
+from runs import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
