@@ -22,6 +22,16 @@ if [ "$(cat "$venv/.installed-requirements-dev" 2>/dev/null || true)" != "$dev_d
   "$venv/bin/python" -c "import torch, torchvision.ops"
   echo "$digest" > "$stamp"
 fi
-# The fused CPU batch-norm kernels, compiled for this machine now rather than at the first training step (a
-# no-op once built); without a C compiler training falls back to ATen's layers, so a failure is not fatal.
-(cd "$root" && "$venv/bin/python" -c "from image_classification.models import fused; fused.available()") || true
+# The fused CPU batch-norm kernels, compiled for this machine now rather than at the first training step. A stamp
+# (the sources' digest and the library built from them) skips even starting Python once they are built: it imports
+# torch, seconds at every scripts/demo.sh run. Without a C compiler training falls back to ATen's layers, so a
+# failure is not fatal.
+kernels=$(cat "$root"/image_classification/models/csrc/* | sha256sum | cut -d' ' -f1)
+{ read -r built library < "$venv/.fused-built"; } 2>/dev/null || true
+if [ "${built:-}" != "$kernels" ] || [ ! -f "${library:-}" ]; then
+  library=$(cd "$root" && "$venv/bin/python" -c "from image_classification.models import fused
+print(fused.library_path() if fused.available() else '')") || true
+  if [ -n "$library" ]; then
+    echo "$kernels $library" > "$venv/.fused-built"
+  fi
+fi

@@ -15,6 +15,17 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
 
+# The files whose tests take minutes (scripts/test.sh, 2 cores), collected first: pytest-xdist hands out whole
+# files in collection order, and one of these handed out last kept a worker busy while the other stood idle.
+HEAVY_FILES = ("test_reference_commands.py", "test_bench.py", "test_run_gpu.py")
+
+
+def pytest_collection_modifyitems(items):
+    """HEAVY_FILES first, in their order (a stable sort: every other test keeps its order)."""
+    rank = {name: n for n, name in enumerate(HEAVY_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(HEAVY_FILES)))
+
+
 # What a command line starts: this interpreter (a script, `-m module`), a shell (a recipe) or torchrun.
 COMMANDS = {"bash", "sh", "torchrun"}
 # Processes that torch starts for itself inside a test's own process (inductor's compile workers).
