@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import prefork
 from image_classification.models import get_entry
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "checkpoint2model.py"), *args], capture_output=True, text=True)
+    return prefork.run([sys.executable, str(ROOT / "checkpoint2model.py"), *args], cwd=ROOT)
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ from __future__ import annotations
 import re
 import shutil
 import struct
-import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import prefork
 from image_classification.context import create_context
 from image_classification.data import build_val_loader
 from image_classification.data.loader import Normalizer
@@ -203,9 +203,8 @@ def test_quantized_arch_without_ranges_is_one_line(files, capsys):
 
 @pytest.mark.slow
 def test_script_runs_without_traceback(files):
-    result = subprocess.run([sys.executable, str(ROOT / "classify.py"), "--arch", "efficientnet-b0",
-                             "--pretrained-from-file", str(files / "missing.pth"), "--image", str(files / "gray.jpg")],
-                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    result = prefork.run([sys.executable, str(ROOT / "classify.py"), "--arch", "efficientnet-b0",
+                          "--pretrained-from-file", str(files / "missing.pth"), "--image", str(files / "gray.jpg")], cwd=ROOT, timeout=120)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and "no such file" in result.stderr
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+import prefork
 from image_classification import models
 from image_classification.arguments import command_line, parse_args, parse_config
 from image_classification.config import CONFIG_FILE, Config
@@ -63,12 +64,10 @@ def test_a_bad_file_is_one_error_naming_the_file_and_key(tmp_path, text, message
 
 @pytest.mark.slow
 def test_main_py_reports_a_bad_config_file_in_one_line(tmp_path):
-    import subprocess
     import sys
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, "main.py", "--config", str(tmp_path / "missing.yaml")], cwd=root,
-                            capture_output=True, text=True, timeout=120)
+    result = prefork.run([sys.executable, "main.py", "--config", str(tmp_path / "missing.yaml")], cwd=root, timeout=120)
     assert result.returncode == 1
     assert result.stderr == f"main.py: error: --config {tmp_path / 'missing.yaml'}: cannot read (No such file or " \
                             "directory)\n"

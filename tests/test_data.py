@@ -10,7 +10,6 @@ import random
 import re
 import signal
 import struct
-import subprocess
 import sys
 import threading
 import zlib
@@ -21,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+import prefork
 from image_classification.context import ExecutionContext
 from image_classification.data import (BACKENDS, MEAN, STD, DataError, build_train_loader, build_val_loader)
 from image_classification.data.folder import scan_split, shard_indices
@@ -362,7 +362,7 @@ def test_a_process_that_fails_with_live_loader_workers_still_exits(generated):
             "batches = iter(data)\n"
             "next(batches)\n"
             "raise RuntimeError('the run failed')\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = prefork.run([sys.executable, "-c", code], cwd=ROOT, timeout=120)
     assert result.returncode == 1 and "the run failed" in result.stderr
 
 
@@ -585,7 +585,6 @@ def test_transfer_class_set_draws_ten_other_classes(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_bench_quick_runs():
-    result = subprocess.run([sys.executable, "bench/bench_data.py", "--quick"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
+    result = prefork.run([sys.executable, "bench/bench_data.py", "--quick"], cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert '"pytorch"' in result.stdout and '"imagefolder-baseline"' in result.stdout

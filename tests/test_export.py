@@ -1,13 +1,13 @@
 """model2onnx.py / image_classification.deploy.export: opset, dynamic batch, onnxruntime agreement, names, errors."""
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import prefork
 from image_classification.deploy.export import DEFAULT_TOLERANCE, ExportError, default_output, export_onnx, main, \
     verify_onnx
 from image_classification.models import get_entry
@@ -125,9 +125,8 @@ def test_model2onnx_cli(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_model2onnx_script_errors_without_traceback(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "model2onnx.py"), "--arch", "efficientnet-b0",
-                             "--pretrained-from-file", str(tmp_path / "missing.pth"), "--image-size", str(SIZE)],
-                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    result = prefork.run([sys.executable, str(ROOT / "model2onnx.py"), "--arch", "efficientnet-b0",
+                          "--pretrained-from-file", str(tmp_path / "missing.pth"), "--image-size", str(SIZE)], cwd=ROOT, timeout=120)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and "no such file" in result.stderr
 

@@ -1,12 +1,12 @@
 """The DLLogger report: writing it, reading it back, plotting it (logger.py, scripts/plot_report.py)."""
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import prefork
 from reports import read_report
 
 from image_classification.logger import Logger
@@ -60,8 +60,7 @@ def test_plot_report_writes_png(tmp_path):
         logger.log((epoch,), {"train.loss": 2.0 - epoch * 0.5, "val.loss": 2.1 - epoch * 0.4,
                               "val.top1": 30.0 + 10 * epoch, "val.top5": 80.0 + epoch})
     logger.close()
-    result = subprocess.run([sys.executable, "scripts/plot_report.py", str(report)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+    result = prefork.run([sys.executable, "scripts/plot_report.py", str(report)], cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     png = tmp_path / "raport.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

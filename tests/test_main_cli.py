@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+import prefork
 from image_classification.arguments import build_parser, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,7 +144,7 @@ def test_defaults_dict_is_applied_and_checked():
 
 @pytest.mark.slow
 def test_help_documents_main_and_model_flags():
-    result = subprocess.run([sys.executable, "main.py", "-h"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = prefork.run([sys.executable, "main.py", "-h"], cwd=ROOT, timeout=120)
     assert result.returncode == 0
     for flag in ("--data-backend", "--raport-file", "--jit", "--lr-decay", "--device", "--no-tf32", "--num_classes",
                  "--survival_prob", "--pretrained-from-file", "compile", "exponential"):
@@ -154,10 +154,10 @@ def test_help_documents_main_and_model_flags():
 @pytest.mark.slow
 def test_cpu_run_ignores_gpu_affinity_with_a_warning(tmp_path):
     # A performance hint, as --amp on a CPU: the reference's DGX lines (configs.yml sets the affinity) still run.
-    result = subprocess.run([sys.executable, "main.py", "--arch", "efficientnet-b0", "--data-backend", "synthetic",
-                             "--image-size", "32", "-b", "2", "--num_classes", "2", "--device", "cpu", "--epochs", "1",
-                             "--prof", "1", "--gpu-affinity", "socket", "--workspace", str(tmp_path)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = prefork.run([sys.executable, "main.py", "--arch", "efficientnet-b0", "--data-backend", "synthetic",
+                          "--image-size", "32", "-b", "2", "--num_classes", "2", "--device", "cpu", "--epochs", "1",
+                          "--prof", "1", "--gpu-affinity", "socket", "--workspace", str(tmp_path)],
+                         cwd=ROOT, timeout=120)
     assert result.returncode == 0 and "Traceback" not in result.stderr
     assert "--gpu-affinity socket pins processes to the cores near their GPU; this run is on cpu, so it is " \
            "ignored" in result.stderr

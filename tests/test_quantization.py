@@ -6,7 +6,6 @@ import json
 import itertools
 import math
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import prefork
 from image_classification.cli import UserError
 from image_classification.models import WeightsError, get_entry
 from image_classification.models.quantized import QUANT_PRETRAINED_URLS, from_pytorch_quantization, \
@@ -191,8 +191,8 @@ def test_checkpoint_round_trip_through_checkpoint2model(calibrated, tmp_path):
     checkpoint = tmp_path / "quantized_checkpoint.pth.tar"
     torch.save({"epoch": 1, "best_prec1": 12.5, "state_dict": state, "optimizer": {}}, checkpoint)
     weights = tmp_path / "quant.pth"
-    result = subprocess.run([sys.executable, str(ROOT / "checkpoint2model.py"), "--checkpoint-path", str(checkpoint),
-                             "--weight-path", str(weights)], capture_output=True, text=True, cwd=ROOT)
+    result = prefork.run([sys.executable, str(ROOT / "checkpoint2model.py"), "--checkpoint-path", str(checkpoint),
+                          "--weight-path", str(weights)], cwd=ROOT)
     assert result.returncode == 0, result.stderr
     loaded = get_entry("efficientnet-quant-b0")(num_classes=CLASSES, pretrained_from_file=str(weights)).eval()
     assert missing_ranges(loaded) == []

@@ -1,12 +1,12 @@
 """--resume (train/resume.py): exact continuation after an epoch and mid-epoch, and its refusals."""
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import prefork
 from reports import by_step, epoch_summaries, read_report
 from runs import float_tensors, folder_args, needs_data_module, run_args, stop_at_iteration, train
 
@@ -89,8 +89,7 @@ def test_resume_mid_epoch_equals_the_uninterrupted_run(tiny_data, tmp_path, monk
 def test_resume_mismatch_names_the_architecture_and_the_class_count(tmp_path):
     train(run_args(tmp_path, "--run-epochs", "1", "--arch", "efficientnet-b1"))
     path = str(tmp_path / "checkpoint.pth.tar")
-    result = subprocess.run([sys.executable, "main.py", *run_args(tmp_path, "--resume", path)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = prefork.run([sys.executable, "main.py", *run_args(tmp_path, "--resume", path)], cwd=ROOT, timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"main.py: error: --resume {path}: the checkpoint is efficientnet-b1, --arch is efficientnet-b0; resume "

@@ -9,7 +9,6 @@ import json
 import logging
 import shutil
 import signal
-import subprocess
 import sys
 import tarfile
 from collections import Counter
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import prefork
 from image_classification import models
 from image_classification.arguments import build_parser, parse_args, parse_config
 from image_classification.context import ExecutionContext
@@ -316,9 +316,9 @@ def test_data_format_flag_reaches_main_and_launch(shards):
     launched = build_args(["--model", "efficientnet-b0", "--precision", "FP32", "--mode", "convergence",
                            "--platform", "CPU", str(shards), "--data-format", "shards"])
     assert launched.data_format == "shards"
-    result = subprocess.run([sys.executable, "main.py", str(ROOT / "no-such-data"), "--data-format", "shards",
-                             "--data-backend", "pytorch", "--epochs", "1"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=300)
+    result = prefork.run([sys.executable, "main.py", str(ROOT / "no-such-data"), "--data-format", "shards",
+                          "--data-backend", "pytorch", "--epochs", "1"], cwd=ROOT,
+                         timeout=300)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"main.py: error: data folder {ROOT / 'no-such-data'} does not exist"]
 

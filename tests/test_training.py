@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import prefork
 from reports import by_step, epoch_summaries, read_report
 from runs import SIZE, float_tensors, folder_args, needs_data_module, run_args, train
 
@@ -107,12 +108,12 @@ def test_report_matches_the_references_record_for_record(tmp_path):
 
 @pytest.mark.slow
 def test_main_py_prints_one_line_errors(tmp_path):
-    result = subprocess.run([sys.executable, "main.py", *run_args(tmp_path, "--resume", str(tmp_path / "nope"))],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = prefork.run([sys.executable, "main.py", *run_args(tmp_path, "--resume", str(tmp_path / "nope"))],
+                         cwd=ROOT, timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"main.py: error: --resume {tmp_path / 'nope'}: no such file"]
-    result = subprocess.run([sys.executable, "main.py", *run_args(tmp_path, "--optimizer-batch-size", "6")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = prefork.run([sys.executable, "main.py", *run_args(tmp_path, "--optimizer-batch-size", "6")],
+                         cwd=ROOT, timeout=120)
     assert result.returncode == 1 and "multiple of world size x batch size" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -170,9 +171,9 @@ def test_diverging_run_stops_with_one_line_and_keeps_the_finite_checkpoint(tmp_p
     # One finite epoch, then the same run resumed at a learning rate no network survives.
     train(run_args(tmp_path, "--run-epochs", "1"))
     finite = float_tensors(tmp_path / "checkpoint.pth.tar")
-    result = subprocess.run([sys.executable, "main.py", *run_args(tmp_path, "--lr", "1e30", "--resume",
-                                                                  str(tmp_path / "checkpoint.pth.tar"))],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = prefork.run([sys.executable, "main.py", *run_args(tmp_path, "--lr", "1e30", "--resume",
+                                                               str(tmp_path / "checkpoint.pth.tar"))],
+                         cwd=ROOT, timeout=300)
     assert result.returncode == 1, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("main.py: error: training diverged at epoch 1, iteration "), lines

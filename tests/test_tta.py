@@ -3,7 +3,6 @@ scripts/eval_sizes.py's table. CPU only, tiny sizes."""
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torchvision import transforms as T
 
+import prefork
 from image_classification.arguments import parse_args, parse_config
 from image_classification.context import create_context
 from image_classification.data import build_val_loader
@@ -118,10 +118,10 @@ def test_eval_crop_pct_geometry_default_unchanged_and_backends_agree(generated):
 
 @pytest.mark.slow
 def test_eval_sizes_prints_one_row_per_size_and_crop_pct(generated, weights):
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "eval_sizes.py"), str(generated),
-                             "--arch", "efficientnet-b0", "--num_classes", "3", "--pretrained-from-file", str(weights),
-                             "--sizes", "32", "40", "--crop-pcts", "0.875", "1.0", "-b", "8", "-j", "0",
-                             "--device", "cpu"], capture_output=True, text=True, cwd=ROOT)
+    result = prefork.run([sys.executable, str(ROOT / "scripts" / "eval_sizes.py"), str(generated),
+                          "--arch", "efficientnet-b0", "--num_classes", "3", "--pretrained-from-file", str(weights),
+                          "--sizes", "32", "40", "--crop-pcts", "0.875", "1.0", "-b", "8", "-j", "0",
+                          "--device", "cpu"], cwd=ROOT)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines[0] == "| size | crop pct | top1 | top5 | img/s |"
@@ -134,15 +134,15 @@ def test_eval_sizes_prints_one_row_per_size_and_crop_pct(generated, weights):
         == ["eval_sizes.py: 1/4: size 32, crop pct 0.875", "eval_sizes.py: 2/4: size 32, crop pct 1.000",
             "eval_sizes.py: 3/4: size 40, crop pct 0.875", "eval_sizes.py: 4/4: size 40, crop pct 1.000"]
 
-    default = subprocess.run([sys.executable, str(ROOT / "scripts" / "eval_sizes.py"), str(generated),
-                              "--arch", "efficientnet-b0", "--num_classes", "3", "--sizes", "32", "-b", "8", "-j", "0",
-                              "--device", "cpu", "--prof", "1"], capture_output=True, text=True, cwd=ROOT)
+    default = prefork.run([sys.executable, str(ROOT / "scripts" / "eval_sizes.py"), str(generated),
+                           "--arch", "efficientnet-b0", "--num_classes", "3", "--sizes", "32", "-b", "8", "-j", "0",
+                           "--device", "cpu", "--prof", "1"], cwd=ROOT)
     assert default.returncode == 0 and "random weights" in default.stderr
     assert default.stdout.strip().splitlines()[2].startswith("| 32 | 0.500 |")  # 32 / (32 + 32)
 
-    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "eval_sizes.py"), str(generated), "--arch",
-                          "efficientnet-b0", "--sizes", "32", "--crop-pcts", "1.5"], capture_output=True, text=True,
-                         cwd=ROOT)
+    bad = prefork.run([sys.executable, str(ROOT / "scripts" / "eval_sizes.py"), str(generated), "--arch",
+                       "efficientnet-b0", "--sizes", "32", "--crop-pcts", "1.5"],
+                      cwd=ROOT)
     assert bad.returncode == 2 and bad.stderr.startswith("eval_sizes.py: error: argument --crop-pcts")
 
 
