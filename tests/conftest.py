@@ -55,8 +55,9 @@ def _in_process_unless_slow(request, monkeypatch):
 
     def guarded(self, args, *rest, **kwargs):
         if _is_command_line(args):
-            pytest.fail(f"{request.node.nodeid} starts a process ({args if isinstance(args, str) else ' '.join(map(os.fsdecode, args))[:120]}): "
-                        "mark it @pytest.mark.slow, or run the job in-process (tests/runs.py)", pytrace=False)
+            shown = args if isinstance(args, str) else " ".join(map(os.fsdecode, args))[:120]
+            pytest.fail(f"{request.node.nodeid} starts a process ({shown}): mark it @pytest.mark.slow, or run the job "
+                        "in-process (tests/runs.py)", pytrace=False)
         popen_init(self, args, *rest, **kwargs)
 
     monkeypatch.setattr(subprocess.Popen, "__init__", guarded)

@@ -204,7 +204,8 @@ def test_quantized_arch_without_ranges_is_one_line(files, capsys):
 @pytest.mark.slow
 def test_script_runs_without_traceback(files):
     result = prefork.run([sys.executable, str(ROOT / "classify.py"), "--arch", "efficientnet-b0",
-                          "--pretrained-from-file", str(files / "missing.pth"), "--image", str(files / "gray.jpg")], cwd=ROOT, timeout=120)
+                          "--pretrained-from-file", str(files / "missing.pth"), "--image", str(files / "gray.jpg")],
+                         cwd=ROOT, timeout=120)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and "no such file" in result.stderr
 

@@ -10,6 +10,7 @@ import random
 import re
 import signal
 import struct
+import subprocess
 import sys
 import threading
 import zlib
@@ -362,7 +363,8 @@ def test_a_process_that_fails_with_live_loader_workers_still_exits(generated):
             "batches = iter(data)\n"
             "next(batches)\n"
             "raise RuntimeError('the run failed')\n")
-    result = prefork.run([sys.executable, "-c", code], cwd=ROOT, timeout=120)
+    # A process of its own, not a tests/prefork.py child: the exit under test is the interpreter's.
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "the run failed" in result.stderr
 
 

@@ -126,7 +126,8 @@ def test_model2onnx_cli(tmp_path, capsys):
 @pytest.mark.slow
 def test_model2onnx_script_errors_without_traceback(tmp_path):
     result = prefork.run([sys.executable, str(ROOT / "model2onnx.py"), "--arch", "efficientnet-b0",
-                          "--pretrained-from-file", str(tmp_path / "missing.pth"), "--image-size", str(SIZE)], cwd=ROOT, timeout=120)
+                          "--pretrained-from-file", str(tmp_path / "missing.pth"), "--image-size", str(SIZE)],
+                         cwd=ROOT, timeout=120)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and "no such file" in result.stderr
 

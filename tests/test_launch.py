@@ -125,8 +125,7 @@ def test_benchmark_runs_on_cpu_and_reports_latency_percentiles(tmp_path):
              str(tmp_path)]
     train = prefork.run([sys.executable, str(ROOT / "launch.py"), "--model", "efficientnet-b0", "--precision",
                          "FP32", "--mode", "benchmark_training_short", "--platform", "CPU", *small,
-                         "--raport-file", "train.json"], cwd=tmp_path,
-                        timeout=300)
+                         "--raport-file", "train.json"], cwd=tmp_path, timeout=300)
     assert train.returncode == 0, train.stderr[-2000:]
     summary = _summary(tmp_path / "train.json")
     assert summary["train.total_ips"] > 0

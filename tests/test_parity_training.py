@@ -224,7 +224,7 @@ def test_a_resume_that_accumulates_differently_drops_the_half_step_and_says_so(p
 @pytest.mark.slow
 def test_a_b0_run_resumed_between_two_halves_equals_the_uninterrupted_run(tmp_path):
     """The real network (BN, dropout, stochastic depth, mixup, EMA) with --prof 3 and accumulation 2."""
-    from test_training import float_tensors, run_args
+    from runs import float_tensors, run_args
     extra = ("--optimizer-batch-size", "8", "--survival_prob", "0.8", "--mixup", "0.2", "--use-ema", "0.9")
     full, split = tmp_path / "full", tmp_path / "split"
     train(run_args(full, *extra))

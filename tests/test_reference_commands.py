@@ -189,8 +189,7 @@ def _set(args: list[str], names: tuple[str, ...], value: str) -> None:
     args += [names[0], value]
 
 
-def adapt(line: str, fill: dict[str, str], workspace: Path, data: Path, master_port: int | None = None,
-          processes: int = PROCESSES) -> list[str]:
+def adapt(line: str, fill: dict[str, str], workspace: Path, data: Path, processes: int = PROCESSES) -> list[str]:
     """The toy-scale argv of one reference command line; the same rules for every line.
 
     Placeholders take the values in `fill` (`<version>` b0, `<batch size>` 4, files of the session's toy runs,
@@ -204,10 +203,9 @@ def adapt(line: str, fill: dict[str, str], workspace: Path, data: Path, master_p
       their 1000 ImageNet classes, of which the toy labels 0-3 are valid indices; but with --pretrained
       --reset-classifier, whose new head fits the data, as the fine-tuning recipe's 102 fits Flowers-102).
     classify.py and model2onnx.py: --image-size 32, -b 4, --num_classes 4 but with --pretrained.
-    The changes that are not sizes: multiproc.py's --nproc_per_node 8 becomes `processes` (2; a recipe's 1) --
-    8 processes on 2 cores at toy scale are only slower, the code path (torchrun, gloo, all-reduce, rank-0 files)
-    is the same -- and it gets `master_port` when given (a free one: other tests start process groups beside it, and 29500 would
-    be shared).
+    The one change that is not a size: multiproc.py's --nproc_per_node 8 becomes `processes` (2; a recipe's 1)
+    -- 8 processes on 2 cores at toy scale are only slower, the code path (torchrun, gloo, all-reduce, rank-0
+    files) is the same. (Running it, `with_master_port` gives multiproc.py a free port.)
     """
     for placeholder, value in fill.items():
         line = line.replace(placeholder, value)
@@ -220,8 +218,6 @@ def adapt(line: str, fill: dict[str, str], workspace: Path, data: Path, master_p
         at = argv.index("--nproc_per_node") + 1
         argv[at] = str(min(int(argv[at]), processes))
     head, args = argv[:scripts[-1] + 1], argv[scripts[-1] + 1:]
-    if master_port is not None and Path(head[scripts[0]]).name == "multiproc.py":
-        head[scripts[0] + 1:scripts[0] + 1] = ["--master_port", str(master_port)]
     if "-h" in args or "--help" in args:
         return head + args
     script = Path(head[-1]).name
@@ -446,6 +442,15 @@ def run_line(argv: list[str], env: dict[str, str], mirror: str | None) -> subpro
     return _run(argv, env)
 
 
+def with_master_port(argv: list[str], port: int) -> list[str]:
+    """argv with `--master_port port` for its multiproc.py: other tests start process groups beside it (xdist's
+    other worker), so the default 29500 could be taken."""
+    scripts = [i for i, token in enumerate(argv) if token.endswith(".py")]
+    if not scripts or Path(argv[scripts[0]]).name != "multiproc.py":
+        return argv
+    return [*argv[:scripts[0] + 1], "--master_port", str(port), *argv[scripts[0] + 1:]]
+
+
 def _run_lines(lines: list[str], request, tmp_path: Path, toy_data: Path, toy_env: dict[str, str],
                processes: int = PROCESSES) -> None:
     """Adapt and run each line in its own workspace; lines that adaptation makes the same but for their report's
@@ -454,13 +459,12 @@ def _run_lines(lines: list[str], request, tmp_path: Path, toy_data: Path, toy_en
     for n, line in enumerate(lines):
         workspace = tmp_path / f"ws{n}"
         workspace.mkdir()
-        fill = _fill(line, request, tmp_path, toy_data)
-        argv = adapt(line, fill, workspace, toy_data, processes=processes)
+        argv = adapt(line, _fill(line, request, tmp_path, toy_data), workspace, toy_data, processes)
         key = tuple(token for token in argv if token != str(workspace) and not token.startswith("raport"))
         if key in done:
             continue
         done.add(key)
-        argv = adapt(line, fill, workspace, toy_data, master_port=free_port(), processes=processes)
+        argv = with_master_port(argv, free_port())
         mirror = request.getfixturevalue("ngc_mirror") if "--pretrained" in argv else None
         check_promises(argv, run_line(argv, toy_env, mirror))
 
@@ -494,7 +498,7 @@ def test_adapt_changes_only_sizes(tmp_path):
     data, ws = tmp_path / "data", tmp_path / "ws"
     line = ("python ./multiproc.py --nproc_per_node 8 ./launch.py --model efficientnet-b0 --precision AMP --mode "
             "convergence --platform DGXA100 /imagenet -b 256 --workspace ./ --raport-file raport.json")
-    assert adapt(line, {}, ws, data, master_port=40000) == [
+    assert with_master_port(adapt(line, {}, ws, data), 40000) == [
         sys.executable, "./multiproc.py", "--master_port", "40000", "--nproc_per_node", "2", "./launch.py", "--model",
         "efficientnet-b0", "--precision", "AMP", "--mode", "convergence", "--platform", "DGXA100", str(data), "-b",
         "4", "--workspace", str(ws), "--raport-file", "raport.json", "--image-size", "32", "--eval-image-size", "32",
@@ -504,5 +508,6 @@ def test_adapt_changes_only_sizes(tmp_path):
         sys.executable, "classify.py", "--arch", "efficientnet-b0", "--pretrained", "--precision", "AMP",
         "--image", "a.jpg", "--image-size", "32"]
     assert adapt("python main.py -h", {}, ws, data) == [sys.executable, "main.py", "-h"]
+    assert with_master_port([sys.executable, "main.py", "-h"], 40000) == [sys.executable, "main.py", "-h"]
     assert [case_id for case_id, _ in _expand("x", "--platform <DGX1V|DGXA100> --precision AMP|FP32")] == [
         "x-DGX1V-AMP", "x-DGX1V-FP32", "x-DGXA100-AMP", "x-DGXA100-FP32"]

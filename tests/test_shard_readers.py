@@ -317,8 +317,7 @@ def test_data_format_flag_reaches_main_and_launch(shards):
                            "--platform", "CPU", str(shards), "--data-format", "shards"])
     assert launched.data_format == "shards"
     result = prefork.run([sys.executable, "main.py", str(ROOT / "no-such-data"), "--data-format", "shards",
-                          "--data-backend", "pytorch", "--epochs", "1"], cwd=ROOT,
-                         timeout=300)
+                          "--data-backend", "pytorch", "--epochs", "1"], cwd=ROOT, timeout=300)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"main.py: error: data folder {ROOT / 'no-such-data'} does not exist"]
 

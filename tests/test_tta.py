@@ -141,8 +141,7 @@ def test_eval_sizes_prints_one_row_per_size_and_crop_pct(generated, weights):
     assert default.stdout.strip().splitlines()[2].startswith("| 32 | 0.500 |")  # 32 / (32 + 32)
 
     bad = prefork.run([sys.executable, str(ROOT / "scripts" / "eval_sizes.py"), str(generated), "--arch",
-                       "efficientnet-b0", "--sizes", "32", "--crop-pcts", "1.5"],
-                      cwd=ROOT)
+                       "efficientnet-b0", "--sizes", "32", "--crop-pcts", "1.5"], cwd=ROOT)
     assert bad.returncode == 2 and bad.stderr.startswith("eval_sizes.py: error: argument --crop-pcts")
 
 
