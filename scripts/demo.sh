@@ -7,12 +7,13 @@
 # Extra arguments go to main.py and override the defaults below. SGD with Nesterov and BN momentum 0.1 rather
 # than the reference's RMSprop/0.01: with ~30 steps per epoch the BN running statistics must follow the weights
 # within an epoch, or validation sits at chance (README.md, "Small data", measures both). The class count is the
-# data's; classify.py reads arch, classes, size and names from the checkpoint.
+# data's; classify.py reads arch, classes, size and names from the checkpoint. Python: $PYTHON, else .venv/bin/python
+# (as bench/run_gpu.sh).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 "$root/scripts/setup.sh" requirements.txt
 cd "$root"
-py=.venv/bin/python
+py=${PYTHON:-.venv/bin/python}
 data=${DATA:-data/generated}
 workspace=${WORKSPACE:-runs/demo}
 

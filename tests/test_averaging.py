@@ -2,7 +2,6 @@
 statistics recomputed, and an output that every loader of the suite reads. CPU only, tiny sizes."""
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import prefork
 from image_classification.arguments import parse_config
 from image_classification.toolkit.averaging import main as average
 from image_classification.deploy.classify import main as classify
@@ -115,7 +115,7 @@ def test_too_few_epoch_checkpoints_and_bad_flag_combinations(run, tmp_path):
             ([str(run / "checkpoint_0003.pth.tar")], 2, "give at least two CKPT files"),
             (["--workspace", str(run), "--last", "2", "--recompute-bn", "2"], 2, "--recompute-bn K and --data DIR"),
     ):
-        result = subprocess.run([*script, *argv, "--output", out], capture_output=True, text=True, cwd=ROOT)
+        result = prefork.run([*script, *argv, "--output", out], cwd=ROOT, timeout=120)
         assert result.returncode == status, result.stderr
         assert result.stderr.startswith("average_checkpoints.py: error: ") and message in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1

@@ -2,20 +2,23 @@
 from __future__ import annotations
 
 import json
-import subprocess
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+import prefork
 
 ROOT = Path(__file__).resolve().parents[1]
 MACHINE_FIELDS = {"cpu", "cpu_count", "torch_threads", "device", "torch", "torchvision", "timm"}
 
 
 def run_bench(script: str, tmp_path: Path, *flags: str) -> dict:
+    """The script's quick run, forked from tests/prefork.py's server (as are the processes it starts itself)."""
     out = tmp_path / f"{script}.json"
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--quick", "--json", str(out), *flags],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = prefork.run([sys.executable, str(ROOT / "bench" / script), "--quick", "--json", str(out), *flags],
+                         cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert MACHINE_FIELDS <= set(report["machine"])
@@ -80,8 +83,8 @@ def test_bench_e2e_quick(tmp_path):
 
 @pytest.mark.slow
 def test_bench_rejects_unknown_model(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_train.py"), "--quick", "--models", "resnet"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = prefork.run([sys.executable, str(ROOT / "bench" / "bench_train.py"), "--quick", "--models", "resnet"],
+                         cwd=ROOT, timeout=120)
     assert result.returncode == 2
     assert "ours, timm or torchvision" in result.stderr
 
@@ -186,7 +189,9 @@ def test_toolkit_table_runs_every_row_and_knows_a_finished_run(tmp_path):
     command = [sys.executable, "bench/toolkit_table.py", "--data", str(default), "--transfer-data", str(transfer),
                "--workspace", str(tmp_path / "runs"), "--epochs", "2", "--teacher-epochs", "2",
                "--transfer-epochs", "1", "--average-last", "2", "--bn-batches", "1", "--eval-sizes", "48", "56", "--", "-b", "4"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    # Its 27 Python processes (scripts/demo.sh's main.py and classify.py per training row, eval_sizes.py, ...) forked
+    # from tests/prefork.py's server: demo.sh runs $PYTHON.
+    result = prefork.run(command, cwd=ROOT, env={**os.environ, "PYTHON": prefork.python()}, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     rows = json.loads((tmp_path / "runs" / "toolkit.json").read_text())["rows"]
     assert [r["group"] for r in rows].count("transfer") == 5 and len(rows) == 17  # 2 rows of --eval-sizes

@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import prefork
 import tiny_model as tiny_model_module
 from runs import free_port
 from image_classification.atomic import atomic_save
@@ -277,8 +278,8 @@ def test_torchrun_elastic_restart_resumes_from_the_last_checkpoint(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
                "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--max-restarts", "1", str(worker),
                *toy_flags(workspace, 3, "--resume", "auto")]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240,
-                            env=clean_env(DIE_ONCE_MARKER=str(marker), ATTEMPTS_FILE=str(attempts)))
+    result = prefork.run(command, cwd=ROOT, timeout=240,
+                         env=clean_env(DIE_ONCE_MARKER=str(marker), ATTEMPTS_FILE=str(attempts)))
     assert result.returncode == 0, result.stderr[-3000:]
     assert marker.exists()   # a worker did die
     assert sorted(attempts.read_text().split("\n")[:-1]) == ["0 0", "0 1", "1 0", "1 1"]   # the group restarted once

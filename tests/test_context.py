@@ -44,10 +44,11 @@ def _ranks_per_gpu_worker(rank: int, store_file: str, identities: list[str], out
 @pytest.mark.slow
 def test_ranks_sharing_a_gpu_are_counted_by_the_gpus_identity(tmp_path, identities, expected):
     # Each rank may see its own GPU as cuda:0 (a GPU per process): only the UUIDs tell whether they share one.
+    # The ranks are forked (a spawned interpreter imports torch again, seconds each, for a few bytes of gloo).
     import torch.multiprocessing as mp
     (tmp_path / "out").mkdir()
-    mp.spawn(_ranks_per_gpu_worker, args=(str(tmp_path / "store"), identities, str(tmp_path / "out")),
-             nprocs=len(identities))
+    mp.start_processes(_ranks_per_gpu_worker, args=(str(tmp_path / "store"), identities, str(tmp_path / "out")),
+                       nprocs=len(identities), start_method="fork")
     assert [int((tmp_path / "out" / str(r)).read_text()) for r in range(len(identities))] == [expected] * 2
 
 

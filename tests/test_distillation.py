@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+import prefork
 import tiny_model
 from image_classification.toolkit import distillation
 from image_classification.arguments import parse_args, parse_config
@@ -210,8 +210,7 @@ def _gloo_run(tmp_path: Path, name: str, nproc: int, batch: int, teacher: Path, 
              "--kd-temperature", "3", "--dist-backend", "gloo", *extra]
     command = [sys.executable, "multiproc.py", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
                str(worker), *flags]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = prefork.run(command, cwd=ROOT, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     return workspace
 

@@ -3,8 +3,8 @@ the labelled summary line, and the scripts that say where their files went. CPU 
 from __future__ import annotations
 
 import io
+import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +12,7 @@ import pytest
 
 from image_classification import models
 from image_classification.logger import SUMMARY_LABEL, Logger, Progress
+import prefork
 from reports import read_report
 from runs import free_port, train
 import tiny_model
@@ -113,8 +114,8 @@ def test_plot_report_says_where_the_png_went_and_draws_the_learning_rate(tmp_pat
                               "val.top5": 80.0, "train.lr": 0.1 * (epoch + 1)})
     logger.close()
     output = tmp_path / "plots" / "curves.png"
-    result = subprocess.run([sys.executable, "scripts/plot_report.py", str(report), "--output", str(output)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = prefork.run([sys.executable, "scripts/plot_report.py", str(report), "--output", str(output)], cwd=ROOT,
+                         timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout == (f"plot_report.py: wrote the loss, top-1, top-5 and learning-rate curves of 3 epochs to "
                              f"{output}\n")
@@ -148,8 +149,7 @@ def test_two_gloo_processes_in_nhwc_amp_print_each_note_once_and_no_ddp_stride_w
                "DGXA100", "--memory-format", "nhwc", "--image-size", "32", "-b", "2", "--prof", "3", "--num_classes",
                "3", "--device", "cpu", "--workspace", str(tmp_path / "ws"),
                "--optimizer-batch-size", "4"]  # a step every iteration: DDP's reducer runs (the recipe's 4096 never)
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=400,
-                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    result = prefork.run(command, cwd=ROOT, timeout=400, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Grad strides do not match bucket view strides" not in result.stderr
     assert result.stderr.count("launch.py: note: workers 10 of this platform") == 1, result.stderr

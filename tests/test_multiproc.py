@@ -8,6 +8,7 @@ averaging, metric all-reduce, rank-0-only files, torchrun launch) is the real en
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from reports import epoch_summaries, read_report
+import prefork
 from runs import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,8 +76,7 @@ def _run(tmp_path: Path, name: str, nproc: int, batch: int, *extra: str) -> Path
              "--print-freq", "2", "--workspace", str(workspace), "--device", "cpu", "-j", "0", *extra]
     command = [sys.executable, "multiproc.py", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
                str(worker), *flags]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240,
-                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    result = prefork.run(command, cwd=ROOT, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     return workspace
 
@@ -117,8 +118,8 @@ def test_evaluation_on_two_processes_equals_one_process_without_ddp(tmp_path):
 def test_a_failing_worker_is_named_and_the_launcher_exits_non_zero(tmp_path):
     worker = tmp_path / "fail.py"
     worker.write_text("import sys\nsys.exit(3)\n")
-    result = subprocess.run([sys.executable, "multiproc.py", "--nproc_per_node", "1", "--master_port", str(free_port()),
-                             str(worker)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = prefork.run([sys.executable, "multiproc.py", "--nproc_per_node", "1", "--master_port", str(free_port()),
+                          str(worker)], cwd=ROOT, timeout=120)
     assert result.returncode == 1
     assert f"multiproc.py: {worker} failed on rank 0 (exit 3)" in result.stderr
 

@@ -6,8 +6,8 @@ recipes are run through bash itself; `adapt` is the only change made to any of t
 line: placeholders get toy values and sizes shrink (dataset, image size, batch, iterations, processes).
 A line that fails here fails for a user too, so none is skipped or marked expected to fail.
 
-About 85 subprocess runs of a few seconds to half a minute each on 2 CPU cores (over ten minutes in all);
-each test has a timeout. Deselect with `--deselect tests/test_reference_commands.py` for a quick run.
+About 85 command lines of a second to a quarter of a minute each on 2 CPU cores (about 4 minutes in all), each
+forked from tests/prefork.py's server with torchrun's workers; each test has a timeout. Deselect with `--deselect tests/test_reference_commands.py` for a quick run.
 """
 from __future__ import annotations
 
@@ -243,9 +243,9 @@ def adapt(line: str, fill: dict[str, str], workspace: Path, data: Path, processe
 
 def _run(argv: list[str], env: dict[str, str], timeout: int = LINE_TIMEOUT) -> subprocess.CompletedProcess:
     """Run argv from the checkout's root, as its own process forked from a server that has imported torch,
-    torchvision and Model Optimizer once (tests/prefork.py: ~5 s less per line); past `timeout` its whole
-    process group (torchrun's ranks and data workers included) is killed and the test fails, naming the hang
-    and showing the end of the output."""
+    torchvision and Model Optimizer once, as are multiproc.py's workers (tests/prefork.py: ~5 s less per
+    process); past `timeout` its whole process group (torchrun's ranks and data workers included) is killed
+    and the test fails, naming the hang and showing the end of the output."""
     try:
         return prefork.run(argv, cwd=ROOT, env=env, timeout=timeout)
     except subprocess.TimeoutExpired as err:

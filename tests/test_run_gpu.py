@@ -1,8 +1,9 @@
 """bench/run_gpu.sh, the GPU acceptance run: its quick (CPU) mode passes, a failing step is a FAIL that does not stop
 the run, and a command that exits 0 without its outputs does not pass. No timings are checked.
 
-The quick mode runs once, as a user runs it (bash bench/run_gpu.sh --quick OUT_DIR, about 1.5-2 minutes on 2 cores);
-the failing step runs through run_gpu.sh too, with only two steps. The last two tests drive
+The quick mode runs once, as a user runs it (bash bench/run_gpu.sh --quick OUT_DIR, about 1.5 minutes on 2 cores),
+with its Python processes forked from tests/prefork.py's server (under 30 s); the failing step runs through
+run_gpu.sh too, with only two steps and a Python of its own. The last two tests drive
 bench/gpu_acceptance.py's `main` in-process with a stand-in runner (no process at all): they check GPU mode's
 command lines and that nothing passes without its outputs.
 """
@@ -17,6 +18,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+import prefork
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("gpu_acceptance", ROOT / "bench" / "gpu_acceptance.py")
@@ -38,9 +41,12 @@ def summary(out: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory) -> tuple[int, Path]:
+    """run_gpu.sh --quick, its Python (PYTHON, which run_gpu.sh honours) forked from tests/prefork.py's server, and
+    so every step's command lines too."""
     out = tmp_path_factory.mktemp("acceptance")
     done = subprocess.run(["bash", str(ROOT / "bench" / "run_gpu.sh"), "--quick", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+                          env={**os.environ, "PYTHON": prefork.python()}, capture_output=True, text=True,
+                          timeout=900)
     assert "PASS" in done.stdout or "FAIL" in done.stdout, done.stdout + done.stderr
     return done.returncode, out
 

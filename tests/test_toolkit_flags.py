@@ -3,7 +3,6 @@ one process and in two gloo processes (multiproc.py), each run a real main.py jo
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 
 from image_classification.models import get_entry
 from reports import by_step, epoch_summaries, read_report
+import prefork
 from runs import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,8 +50,7 @@ def test_finetune_distil_swa_and_tta_flags_run_together(generated, weights, tmp_
     else:
         command = [sys.executable, "multiproc.py", "--nproc_per_node", str(nproc), "--master_port",
                    str(free_port()), "main.py", *flags, "--dist-backend", "gloo"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = prefork.run(command, cwd=ROOT, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
 
     records = read_report(workspace / "experiment_raport.json")
