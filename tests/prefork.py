@@ -261,14 +261,19 @@ def _supervise(conn: socket.socket, executable: str) -> int:
     for fd in fds:
         os.close(fd)
     _message(conn, pid=pid)
-    ended = os.pidfd_open(pid)
+    try:
+        ended = [os.pidfd_open(pid)]  # readable once the command has ended
+    except (AttributeError, OSError):  # no pidfd (Linux before 5.3): look again every 0.1 s
+        ended = []
     lines = _Lines(conn)
     while True:
-        ready, _, _ = select.select([conn, ended], [], [])
-        if ended in ready:
-            _, wait_status = os.waitpid(pid, 0)
+        ready, _, _ = select.select([conn, *ended], [], [], None if ended else 0.1)
+        done, wait_status = os.waitpid(pid, os.WNOHANG)
+        if done:
             _message(conn, status=os.waitstatus_to_exitcode(wait_status))
             return 0
+        if conn not in ready:
+            continue
         message = lines.next()
         if message is None:
             try:
