@@ -39,11 +39,7 @@ CLASSES = 4  # the toy dataset: 4 classes, 8 training and 4 validation images ea
 IMAGE_SIZE = 32
 BATCH = 4
 PROF = 2  # iterations per phase (--prof)
-PROCESSES = 2  # --nproc_per_node of the README's multi-GPU lines
-# ... and of the recipes' multiproc.py lines: their settings run through torchrun in one process each (two would
-# start two more interpreters per recipe on 2 cores); the two-process path of the same lines is the README's
-# multi-GPU lines here, and tests/test_feedback.py runs a DGX recipe line on two processes.
-RECIPE_PROCESSES = 1
+PROCESSES = 2  # --nproc_per_node of the README's multi-GPU lines and of the recipes' multiproc.py lines
 
 # --- The reference README's command lines, verbatim. `A|B` alternatives run once each; `<version>` is b0.
 # Left out, not being this suite's interface: `git clone`/`cd` (Quick Start 1), the dataset's
@@ -189,7 +185,7 @@ def _set(args: list[str], names: tuple[str, ...], value: str) -> None:
     args += [names[0], value]
 
 
-def adapt(line: str, fill: dict[str, str], workspace: Path, data: Path, processes: int = PROCESSES) -> list[str]:
+def adapt(line: str, fill: dict[str, str], workspace: Path, data: Path) -> list[str]:
     """The toy-scale argv of one reference command line; the same rules for every line.
 
     Placeholders take the values in `fill` (`<version>` b0, `<batch size>` 4, files of the session's toy runs,
@@ -203,7 +199,7 @@ def adapt(line: str, fill: dict[str, str], workspace: Path, data: Path, processe
       their 1000 ImageNet classes, of which the toy labels 0-3 are valid indices; but with --pretrained
       --reset-classifier, whose new head fits the data, as the fine-tuning recipe's 102 fits Flowers-102).
     classify.py and model2onnx.py: --image-size 32, -b 4, --num_classes 4 but with --pretrained.
-    The one change that is not a size: multiproc.py's --nproc_per_node 8 becomes `processes` (2; a recipe's 1)
+    The one change that is not a size: multiproc.py's --nproc_per_node 8 becomes PROCESSES (2)
     -- 8 processes on 2 cores at toy scale are only slower, the code path (torchrun, gloo, all-reduce, rank-0
     files) is the same. (Running it, `with_master_port` gives multiproc.py a free port.)
     """
@@ -216,7 +212,7 @@ def adapt(line: str, fill: dict[str, str], workspace: Path, data: Path, processe
     scripts = [i for i, token in enumerate(argv) if token.endswith(".py")]
     if Path(argv[scripts[0]]).name == "multiproc.py" and "--nproc_per_node" in argv[:scripts[-1]]:
         at = argv.index("--nproc_per_node") + 1
-        argv[at] = str(min(int(argv[at]), processes))
+        argv[at] = str(min(int(argv[at]), PROCESSES))
     head, args = argv[:scripts[-1] + 1], argv[scripts[-1] + 1:]
     if "-h" in args or "--help" in args:
         return head + args
@@ -451,15 +447,14 @@ def with_master_port(argv: list[str], port: int) -> list[str]:
     return [*argv[:scripts[0] + 1], "--master_port", str(port), *argv[scripts[0] + 1:]]
 
 
-def _run_lines(lines: list[str], request, tmp_path: Path, toy_data: Path, toy_env: dict[str, str],
-               processes: int = PROCESSES) -> None:
+def _run_lines(lines: list[str], request, tmp_path: Path, toy_data: Path, toy_env: dict[str, str]) -> None:
     """Adapt and run each line in its own workspace; lines that adaptation makes the same but for their report's
     name (a recipe's sweep over batch sizes, -b 1 ... 256 with raport_<bs>.json) run once."""
     done = set()
     for n, line in enumerate(lines):
         workspace = tmp_path / f"ws{n}"
         workspace.mkdir()
-        argv = adapt(line, _fill(line, request, tmp_path, toy_data), workspace, toy_data, processes)
+        argv = adapt(line, _fill(line, request, tmp_path, toy_data), workspace, toy_data)
         key = tuple(token for token in argv if token != str(workspace) and not token.startswith("raport"))
         if key in done:
             continue
@@ -490,7 +485,7 @@ def test_recipe_runs(recipe, request, tmp_path, toy_data, toy_env):
         arg = str(request.getfixturevalue("float_runs")(arch)["weights"])
     else:
         arg = str(tmp_path / "ws")
-    _run_lines(recipe_lines(recipe, arg), request, tmp_path, toy_data, toy_env, RECIPE_PROCESSES)
+    _run_lines(recipe_lines(recipe, arg), request, tmp_path, toy_data, toy_env)
 
 
 def test_adapt_changes_only_sizes(tmp_path):
