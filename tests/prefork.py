@@ -120,11 +120,17 @@ class PreforkServer:
             sock.connect(str(self.socket))
             _send_request(sock, argv[1:], str(cwd), env, [stdin.fileno(), stdout.fileno(), stderr.fileno()], [0, 1, 2])
             lines = _Lines(sock)
-            pid = lines.next()["pid"]
+            started = lines.next()
+            if started is None:
+                raise RuntimeError(f"the prefork server did not start {argv}")
+            pid = started["pid"]
             try:
                 status, timed_out = lines.next(timeout)["status"], False
             except TimeoutError:
-                os.killpg(pid, signal.SIGKILL)  # the command's session: its workers, and its own commands' clients
+                try:
+                    os.killpg(pid, signal.SIGKILL)  # the command's session: its workers, its own commands' clients
+                except ProcessLookupError:  # it ended just now
+                    pass
                 status, timed_out = lines.next()["status"], True
             result = subprocess.CompletedProcess(argv, status, _read(stdout), _read(stderr))
         if timed_out:
@@ -186,7 +192,8 @@ def client(server_socket: str, interpreter: str) -> int:
     except OSError:  # no server (any more): an interpreter of its own
         os.execv(interpreter, [interpreter, *argv])
     lines = _Lines(sock)
-    lines.next()  # {"pid": ...}: the command runs
+    if lines.next() is None:  # the server could not start it: an interpreter of its own
+        os.execv(interpreter, [interpreter, *argv])
 
     def forward(signum: int, frame) -> None:
         _message(sock, signal=signum)
@@ -241,13 +248,14 @@ def _serve(server_socket: str, executable: str, preload: list[str]) -> None:
             except ChildProcessError:
                 break
         if sys.stdin in ready and not sys.stdin.readline():
-            return  # the test session closed the pipe: it has ended
+            break  # the test session closed the pipe: it has ended (or was killed)
         if listener in ready:
             conn, _ = listener.accept()
             if os.fork() == 0:
                 listener.close()
                 os._exit(_supervise(conn, executable))
             conn.close()
+    shutil.rmtree(Path(server_socket).parent, ignore_errors=True)  # the socket and the client
 
 
 def _supervise(conn: socket.socket, executable: str) -> int:
