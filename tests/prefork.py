@@ -35,6 +35,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 # Imported by the server before it forks (what every command line of the suite imports anyway).
@@ -205,10 +206,15 @@ def client(server_socket: str, interpreter: str) -> int:
         return 1
     status = ended["status"]
     if status < 0:  # the command died of a signal: so does its stand-in
-        signal.signal(-status, signal.SIG_DFL)
-        os.kill(os.getpid(), -status)
+        _die_of(-status)
         return 128 - status
     return status
+
+
+def _die_of(signum: int) -> None:
+    """End this process by the signal `signum`, as a process without a handler for it ends."""
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 def _open_fds() -> list[int]:
@@ -235,8 +241,9 @@ def _serve(server_socket: str, executable: str, preload: list[str]) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(server_socket)
     listener.listen(64)
-    Path(executable).write_text(f"#!{sys.executable} -S\nimport sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-                                f"from prefork import client\nsys.exit(client({server_socket!r}, {sys.executable!r}))\n")
+    tests = str(Path(__file__).parent)
+    Path(executable).write_text(f"#!{sys.executable} -S\nimport sys\nsys.path.insert(0, {tests!r})\nfrom prefork import "
+                                f"client\nsys.exit(client({server_socket!r}, {sys.executable!r}))\n")
     os.chmod(executable, 0o755)
     print("ready", flush=True)
     while True:
@@ -319,7 +326,7 @@ def _command(request: dict, fds: list[int], executable: str) -> int:
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")
     threads = os.environ.get("OMP_NUM_THREADS", "")
-    if threads.isdigit() and int(threads) > 0 and "torch" in sys.modules:  # read by torch's import in a fresh interpreter, here set after it
+    if threads.isdigit() and int(threads) > 0 and "torch" in sys.modules:  # a fresh torch reads it at import
         sys.modules["torch"].set_num_threads(int(threads))
     sys.executable = executable  # the Python processes this command starts are forked as well
     sys.path[1:1] = [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry]
@@ -345,21 +352,14 @@ def _command(request: dict, fds: list[int], executable: str) -> int:
         else:  # SystemExit("message"), as Python itself reports it
             print(code, file=sys.stderr)
             status = 1
-    except KeyboardInterrupt:  # as Python ends on an uncaught one: the traceback, then death by SIGINT
-        import traceback
+    except BaseException as error:  # noqa: BLE001 - reported as Python reports an uncaught exception
         traceback.print_exc()
-        status = -signal.SIGINT
-    except BaseException:  # noqa: BLE001 - reported as Python reports an uncaught exception
-        import traceback
-        traceback.print_exc()
-        status = 1
-    import atexit
+        status = -signal.SIGINT if isinstance(error, KeyboardInterrupt) else 1  # Python dies of an uncaught ^C
     atexit._run_exitfuncs()  # what interpreter exit would run (multiprocessing's, the loaders' close)
     sys.stdout.flush()
     sys.stderr.flush()
     if status < 0:
-        signal.signal(-status, signal.SIG_DFL)
-        os.kill(os.getpid(), -status)
+        _die_of(-status)
     return status
 
 

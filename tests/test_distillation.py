@@ -4,15 +4,12 @@ touches, train.kd_loss in the report, exact --resume and the refusal of another 
 from __future__ import annotations
 
 import math
-import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-import prefork
 import tiny_model
 from image_classification.toolkit import distillation
 from image_classification.arguments import parse_args, parse_config
@@ -22,10 +19,9 @@ from image_classification.context import create_context
 from image_classification.models import get_entry
 from image_classification.train.optimizers import build_optimizer
 from reports import by_step, epoch_summaries, read_report
-from runs import free_port, train
-from test_multiproc import WORKER
+from runs import train
+from test_multiproc import _run
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32
 
 
@@ -199,20 +195,9 @@ def test_flags_are_in_the_help(capsys):
 # --- two processes ----------------------------------------------------------------------------------------------
 
 def _gloo_run(tmp_path: Path, name: str, nproc: int, batch: int, teacher: Path, *extra: str) -> Path:
-    """test_multiproc's worker (BN-free tiny model, rank-sharded in-memory data), distilled from `teacher`."""
-    worker = tmp_path / "worker.py"
-    worker.write_text(WORKER.format(root=str(ROOT), tests=str(ROOT / "tests")))
-    workspace = tmp_path / name
-    flags = ["--arch", "tiny-bn-free", "--data-backend", "synthetic", "-b", str(batch), "--epochs", "2",
-             "--lr", "0.2", "--momentum", "0.9", "--wd", "1e-3", "--lr-schedule", "cosine", "--seed", "5",
-             "--print-freq", "2", "--workspace", str(workspace), "--device", "cpu", "-j", "0",
-             "--teacher-arch", "tiny-bn-free", "--teacher-weights", str(teacher), "--kd-alpha", "0.6",
-             "--kd-temperature", "3", "--dist-backend", "gloo", *extra]
-    command = [sys.executable, "multiproc.py", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-               str(worker), *flags]
-    result = prefork.run(command, cwd=ROOT, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workspace
+    """test_multiproc's run (BN-free tiny model, rank-sharded in-memory data), distilled from `teacher`."""
+    return _run(tmp_path, name, nproc, batch, "--teacher-arch", "tiny-bn-free", "--teacher-weights", str(teacher),
+                "--kd-alpha", "0.6", "--kd-temperature", "3", "--dist-backend", "gloo", *extra)
 
 
 @pytest.mark.slow
